@@ -1,0 +1,161 @@
+"""Longformer encoder: pre-LayerNorm transformer blocks over `banded_attention`.
+
+Each layer has its own one-sided window and dilation (the Longformer paper's scheme: small
+windows in low layers, larger ones higher up, dilation on some heads of the upper layers).
+Global tokens (e.g. a CLS token) attend to, and are attended by, every position; as in
+Longformer, their rows can use separate query/key/value projections (`global_projections`),
+which leaves every non-global row untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cmvt_jax.models import attention
+
+Dtype = Any
+
+
+class LongformerSelfAttention(nn.Module):
+  """Multi-head banded self-attention with optional separate global projections.
+
+  Attributes:
+    num_heads: heads; the model width must divide by it.
+    window: one-sided window (Longformer paper convention).
+    dilation: an int, or one int per head.
+    max_global: static bound on global tokens per row (None: read from a concrete mask).
+    global_projections: give global rows their own query/key/value projections.
+  """
+
+  num_heads: int
+  window: int
+  dilation: int | Sequence[int] = 1
+  max_global: int | None = None
+  global_projections: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, global_mask=None, kv_mask=None):
+    """x `[B, T, D]`, global_mask and kv_mask `[B, T]` bool or None → `[B, T, D]`."""
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(
+          f"model width {width} must be divisible by num_heads={self.num_heads}.")
+    head_dim = width // self.num_heads
+    project = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q, k, v = (project(name)(x) for name in ("query", "key", "value"))
+    dilation = self.dilation if isinstance(self.dilation, int) else tuple(self.dilation)
+    out = attention.banded_attention(
+        q, k, v, window=self.window, dilation=dilation, global_mask=global_mask,
+        max_global=self.max_global, kv_mask=kv_mask)
+
+    if self.global_projections and global_mask is not None:
+      max_global = self.max_global
+      if max_global is None:
+        max_global = attention.resolve_max_global(global_mask, None)
+      positions, present = attention.global_positions(global_mask, max_global)
+      q_global = project("query_global")(attention.take_rows(x, positions))
+      k_global, v_global = project("key_global")(x), project("value_global")(x)
+      key_valid = jnp.ones(x.shape[:2], bool) if kv_mask is None else kv_mask
+      out = attention.replace_global_rows(
+          out, q_global, k_global, v_global, positions, present, key_valid=key_valid,
+          scale=head_dim**-0.5)
+
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="out")(out)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x)))."""
+
+  num_heads: int
+  mlp_dim: int
+  window: int
+  dilation: int | Sequence[int] = 1
+  max_global: int | None = None
+  global_projections: bool = True
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, global_mask, kv_mask, deterministic):
+    """x `[B, T, D]` → `[B, T, D]`."""
+    norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dropout = nn.Dropout(self.dropout_rate)
+
+    y = LongformerSelfAttention(
+        num_heads=self.num_heads, window=self.window, dilation=self.dilation,
+        max_global=self.max_global, global_projections=self.global_projections,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="attention",
+    )(norm("attention_norm")(x), global_mask, kv_mask)
+    x = x + dropout(y, deterministic=deterministic)
+
+    y = dense(self.mlp_dim, "mlp_in")(norm("mlp_norm")(x))
+    y = dropout(nn.gelu(y), deterministic=deterministic)
+    y = dense(x.shape[-1], "mlp_out")(y)
+    return x + dropout(y, deterministic=deterministic)
+
+
+class LongformerEncoder(nn.Module):
+  """A stack of `EncoderBlock`s with per-layer windows and dilations, then a final LayerNorm.
+
+  Attributes:
+    num_layers: blocks.
+    num_heads: attention heads per block.
+    mlp_dim: hidden width of each block's MLP.
+    windows: one-sided window per layer (a single int applies to all layers).
+    dilations: per layer, an int or a per-head tuple (a single int applies to all layers).
+    max_global: static bound on global tokens per row, needed under jit with a global mask.
+    global_projections: separate q/k/v projections for global rows (Longformer).
+    dropout_rate: dropout after attention and in the MLP (the banded kernel has no dropout
+      on attention probabilities).
+    remat: recompute each block's activations in the backward pass (`nn.remat`).
+  """
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  windows: int | Sequence[int]
+  dilations: int | Sequence[int | Sequence[int]] = 1
+  max_global: int | None = None
+  global_projections: bool = True
+  dropout_rate: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, global_mask=None, kv_mask=None, deterministic=True):
+    """x `[B, T, D]`, global_mask and kv_mask `[B, T]` bool (or None) → `[B, T, D]`."""
+    windows = _per_layer("windows", self.windows, self.num_layers)
+    dilations = _per_layer("dilations", self.dilations, self.num_layers)
+    block_cls = nn.remat(EncoderBlock, static_argnums=(4,)) if self.remat else EncoderBlock
+    for layer, (window, dilation) in enumerate(zip(windows, dilations)):
+      x = block_cls(
+          num_heads=self.num_heads, mlp_dim=self.mlp_dim, window=window, dilation=dilation,
+          max_global=self.max_global, global_projections=self.global_projections,
+          dropout_rate=self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f"layer_{layer}",
+      )(x, global_mask, kv_mask, deterministic)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
+
+
+def _per_layer(name: str, value, num_layers: int) -> list:
+  """An int (or a per-head tuple, for dilations) for every layer, or a list of one per layer."""
+  if isinstance(value, int):
+    return [value] * num_layers
+  value = list(value)
+  if len(value) != num_layers:
+    raise ValueError(
+        f"{name} must be an int or a list of {num_layers} entries (one per layer); "
+        f"got {len(value)}: {value!r}.")
+  return [v if isinstance(v, int) else tuple(v) for v in value]
