@@ -1,0 +1,119 @@
+"""Orbax checkpoints of a run: train state, every process's data-iterator state, run metadata.
+
+A checkpoint is `WORKDIR/checkpoints/STEP/` with three items:
+  state  the TrainState pytree (sharded arrays; restored onto any mesh, e.g. 8 → 2 devices)
+  data   grain's iterator state, one `process_I-of-N.json` per process
+  meta   JSON: the resolved config, the normalisation statistics, the step
+Saves are asynchronous; orbax writes into a temporary folder and renames it when every item
+is committed, so an interrupted save never looks complete. Restoring walks back from the
+newest step and skips (with a warning that says why) any checkpoint that fails to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """The workdir holds checkpoints, but none of them could be restored."""
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  meta: dict
+
+
+def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def manager(workdir: epath.PathLike, *, max_to_keep: int, create: bool = True,
+            asynchronous: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=create, enable_async_checkpointing=asynchronous)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=("state", "data", "meta"))
+
+
+def holds_run(workdir: epath.PathLike) -> bool:
+  """True when the workdir has at least one complete checkpoint."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return False
+  return bool(ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True)).all_steps())
+
+
+def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict) -> None:
+  """Starts an asynchronous save of step `step` (returns once the arrays are copied)."""
+  checkpoints.save(step, force=True, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state,
+                   *, check_meta: Callable[[dict], None] = lambda meta: None,
+                   step: int | None = None) -> Restored | None:
+  """Restores the newest checkpoint that loads (or exactly `step`); None if there are none.
+
+  `abstract_state`: the state's ShapeDtypeStructs with the target shardings. `check_meta`
+  may raise to refuse a checkpoint (e.g. a model config that does not match); such an error
+  is not a damaged checkpoint and propagates.
+  """
+  steps = sorted(checkpoints.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise ValueError(f"No complete checkpoint at step {step} in {checkpoints.directory}; "
+                       f"the complete ones are {sorted(steps)}.")
+    steps = [step]
+  if not steps:
+    return None
+  problems = []
+  for candidate in steps:
+    try:
+      meta = checkpoints.restore(candidate, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as error:  # pylint: disable=broad-except
+      problems.append(_skip(candidate, "its metadata", error))
+      continue
+    check_meta(meta)
+    try:
+      state = checkpoints.restore(candidate, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as error:  # pylint: disable=broad-except
+      problems.append(_skip(candidate, "its train state", error))
+      continue
+    return Restored(step=candidate, state=state, meta=meta)
+  raise NoUsableCheckpointError(
+      f"None of the checkpoints in {checkpoints.directory} could be restored:\n  "
+      + "\n  ".join(problems)
+      + "\nMove the damaged checkpoints away to keep them, or start over in a new --workdir.")
+
+
+def restore_data(checkpoints: ocp.CheckpointManager, step: int, data_iterator) -> bool:
+  """Sets `data_iterator` to its state saved at `step`; False when there is none for us."""
+  try:
+    checkpoints.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return True
+  except (ValueError, FileNotFoundError) as error:
+    # grain keys its files by process index and count: another count has no file for us.
+    logging.warning("Checkpoint %d has no data-iterator state for process %d of %d (%s).",
+                    step, jax.process_index(), jax.process_count(), error)
+    return False
+
+
+def _skip(step: int, what: str, error: Exception) -> str:
+  problem = f"checkpoint {step}: {what} failed to load ({type(error).__name__}: {error})"
+  logging.warning("Skipping %s; trying the one before.", problem)
+  return problem

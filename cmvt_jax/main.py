@@ -1,0 +1,86 @@
+"""Entry point: `python -m cmvt_jax.main --config configs/X.py --workdir DIR [--mode M]`.
+
+Parses flags, joins the multi-host runtime, and dispatches on `--mode`; the work itself lives
+in train.py, evaluate.py, export.py and plots.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/default.py; override keys with --config.KEY=VALUE.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and exports go.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "export", "plots"],
+    "train (then evaluate and export), eval (latest checkpoint), export (embeddings), plots.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs on machines "
+    "that JAX cannot detect (TPU VMs, SLURM and Open MPI are detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_MODES = {"train": ("train", "train_and_evaluate"), "eval": ("evaluate", "evaluate_latest"),
+          "export": ("export", "export_embeddings"), "plots": ("plots", "make_plots")}
+
+# Environment variables that mean a scheduler started one process per host: then
+# `jax.distributed.initialize()` finds the coordinator, process count and index by itself.
+_CLUSTER_MARKERS = {
+    "SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI",
+    "TPU_WORKER_HOSTNAMES": "TPU VM", "MEGASCALE_NUM_SLICES": "TPU multi-slice",
+}
+
+
+def initialize_distributed(config) -> None:
+  """Joins the multi-host runtime when this is one process of several."""
+  import jax  # after absl has parsed flags, before any computation
+
+  # Collectives between CPU processes (localhost rehearsals) go through gloo; the setting
+  # is ignored by GPU and TPU backends.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  timeouts = dict(
+      initialization_timeout=config.distributed.initialization_timeout_seconds,
+      heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds)
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(value is not None for value in explicit):
+    if any(value is None for value in explicit):
+      raise app.UsageError(
+          "--coordinator_address, --num_processes and --process_id go together; got "
+          f"{explicit}.")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               **timeouts)
+    return
+  detected = [name for var, name in _CLUSTER_MARKERS.items() if _more_than_one(var)]
+  if detected:
+    logging.info("Detected a %s cluster; joining it.", detected[0])
+    jax.distributed.initialize(**timeouts)
+
+
+def _more_than_one(variable: str) -> bool:
+  value = os.environ.get(variable, "")
+  if variable == "TPU_WORKER_HOSTNAMES":
+    return "," in value
+  return value.isdigit() and int(value) > 1
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  initialize_distributed(config)
+  # Imported here, so that no backend starts before the distributed runtime is joined.
+  module_name, function = _MODES[_MODE.value]
+  module = importlib.import_module(f"cmvt_jax.{module_name}")
+  getattr(module, function)(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,124 @@
+"""Run metrics: `metrics.jsonl`, TensorBoard event files, and progress lines with an ETA.
+
+Only process 0 writes (every process may call; the others do nothing). `metrics.jsonl` holds
+one JSON object per line; `step` counts optimiser updates completed. A resumed run first
+drops the lines past its checkpoint, so each step keeps exactly one train line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+# Keys that measure the machine, not the model; the only ones allowed to differ between two
+# runs with the same seed.
+TIMING_KEYS = ("clips_per_s", "step_time_s", "mfu")
+
+
+class MetricsWriter:
+  """Appends metric lines to WORKDIR/metrics.jsonl and TensorBoard (tensorboardX)."""
+
+  def __init__(self, workdir: epath.PathLike, *, is_primary: bool):
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._is_primary = is_primary
+    self._tensorboard = None
+    if is_primary:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+  def drop_after(self, step: int) -> None:
+    """Removes lines with `step` beyond the step a resumed run starts from."""
+    if not self._is_primary or not self.path.exists():
+      return
+    lines = [line for line in self.path.read_text().splitlines()
+             if line.strip() and json.loads(line)["step"] <= step]
+    self.path.write_text("".join(line + "\n" for line in lines))
+
+  def write(self, step: int, values: Mapping[str, Any]) -> None:
+    if not self._is_primary:
+      return
+    record = {"step": int(step)}
+    record.update({key: _plain(value) for key, value in values.items()})
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        self._tensorboard.add_scalar(key, value, step)
+    self._tensorboard.flush()
+
+  def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
+    """TensorBoard only (e.g. input-pipeline timing, which metrics.jsonl leaves out)."""
+    if self._tensorboard is not None:
+      for key, value in values.items():
+        self._tensorboard.add_scalar(key, float(value), step)
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def read(workdir: epath.PathLike) -> list[dict]:
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(value):
+  value = np.asarray(value)
+  if value.dtype.kind in "iu":
+    return int(value)
+  if value.dtype.kind == "b":
+    return bool(value)
+  if value.dtype.kind == "f":
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class Progress:
+  """Steps per second and an ETA over training time only (evaluations are paused out)."""
+
+  def __init__(self, first_step: int, total_steps: int):
+    self.first_step, self.total_steps = first_step, total_steps
+    self._training_seconds = 0.0
+    self._started = None
+    self.resume()
+
+  def pause(self) -> None:
+    if self._started is not None:
+      self._training_seconds += time.perf_counter() - self._started
+      self._started = None
+
+  def resume(self) -> None:
+    if self._started is None:
+      self._started = time.perf_counter()
+
+  def training_seconds(self) -> float:
+    running = 0.0 if self._started is None else time.perf_counter() - self._started
+    return self._training_seconds + running
+
+  def line(self, step: int) -> str:
+    done = step - self.first_step
+    seconds = self.training_seconds()
+    if done <= 0 or seconds <= 0:
+      return f"step {step}/{self.total_steps}"
+    rate = done / seconds
+    eta = (self.total_steps - step) / rate
+    return (f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%), "
+            f"{rate:.2f} steps/s, ETA {_duration(eta)} (training time, evals excluded)")
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
