@@ -7,6 +7,7 @@ in train.py, evaluate.py, export.py and plots.py.
 from __future__ import annotations
 
 import importlib
+import logging as logging_lib
 import os
 
 from absl import app
@@ -71,9 +72,18 @@ def _more_than_one(variable: str) -> bool:
   return value.isdigit() and int(value) > 1
 
 
+class _OwnInfoOnly(logging_lib.Filter):
+  """Keeps cmvt_jax's INFO lines and every library's warnings; drops libraries' INFO chatter."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return record.levelno >= logging_lib.WARNING or "cmvt_jax" in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if flags.FLAGS.verbosity < 1:  # --verbosity=1 shows the libraries' INFO logs too
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
   config = _CONFIG.value
   initialize_distributed(config)
   # Imported here, so that no backend starts before the distributed runtime is joined.

@@ -13,7 +13,6 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
-from absl import logging
 from etils import epath
 
 # Keys that measure the machine, not the model; the only ones allowed to differ between two

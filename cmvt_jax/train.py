@@ -446,6 +446,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> TrainSta
   manager = checkpoints.manager(workdir, max_to_keep=config.checkpoint.keep)
   stop = StopSignal()
   writer = metrics_lib.MetricsWriter(workdir, is_primary=is_primary)
+  data_iterator = None
   try:
     state, data_iterator, stats, first_step = _start_or_resume(run, manager, holds_run, writer)
     if is_primary:
@@ -455,6 +456,8 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> TrainSta
     state = _loop(run, state, data_iterator, stats, first_step, train_step, manager, writer,
                   stop, evaluator)
   finally:
+    if data_iterator is not None:
+      data_iterator.close()  # stops grain's worker processes
     manager.wait_until_finished()
     manager.close()
     writer.close()
