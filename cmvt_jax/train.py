@@ -160,15 +160,26 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def optimizer(config) -> optax.GradientTransformation:
-  """AdamW with warmup-cosine, global-norm clipping; no decay on biases, norms, temperature."""
+  """AdamW with warmup-cosine, global-norm clipping; no decay on biases, norms, temperature.
+
+  Attention key biases are frozen: softmax ignores a shift shared by a whole row of scores,
+  so their true gradient is zero and what arrives is rounding noise, which Adam would scale
+  up to full-size updates (and which differs between device layouts).
+  """
   optim = config.optim
-  decay = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim >= 2 and "log_temperature" not in jax.tree_util.keystr(path),
-      params)
-  return optax.chain(
+  keyed = lambda fn: lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: fn(jax.tree_util.keystr(path), p), params)
+  decay = keyed(lambda path, p: p.ndim >= 2 and "log_temperature" not in path)
+  frozen = keyed(lambda path, p: "frozen" if _is_key_bias(path) else "trained")
+  adamw = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                   weight_decay=optim.weight_decay, mask=decay))
+  return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, frozen)
+
+
+def _is_key_bias(path: str) -> bool:
+  return "['key']['bias']" in path or "['key_global']['bias']" in path
 
 
 # ----------------------------------------------------------------------------- the run

@@ -47,8 +47,11 @@ class LongformerSelfAttention(nn.Module):
       raise ValueError(
           f"model width {width} must be divisible by num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
+    # Keys get no bias: it would add the same q·b to every score of a row, which softmax
+    # ignores, so its gradient is rounding noise that Adam would amplify into updates.
     project = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        (self.num_heads, head_dim), use_bias=not name.startswith("key"), dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
     q, k, v = (project(name)(x) for name in ("query", "key", "value"))
     dilation = self.dilation if isinstance(self.dilation, int) else tuple(self.dilation)
     out = attention.banded_attention(

@@ -1,0 +1,100 @@
+"""The same global batch gives the same training on 1 device, 8 devices, and 2 hosts."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+from ml_collections import config_dict
+
+from cmvt_jax import sharding
+from tests import helpers
+
+STEPS = ("--config.total_steps=3", "--config.checkpoint_every_steps=0")
+TIGHT = dict(rtol=2e-5, atol=2e-6)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, micro_data_dir):
+  workdir = tmp_path_factory.mktemp("one_device") / "run"
+  helpers.run_main(workdir, *STEPS, devices=1, data_dir=micro_data_dir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory, micro_data_dir):
+  workdir = tmp_path_factory.mktemp("eight_devices") / "run"
+  helpers.run_main(workdir, *STEPS, devices=8, data_dir=micro_data_dir)
+  return workdir
+
+
+def assert_same_training(a, b, step=3):
+  losses_a, losses_b = helpers.losses(a), helpers.losses(b)
+  assert sorted(losses_a) == sorted(losses_b) == list(range(1, step + 1))
+  np.testing.assert_allclose([losses_a[s] for s in sorted(losses_a)],
+                             [losses_b[s] for s in sorted(losses_b)], **TIGHT)
+  helpers.assert_trees_equal(helpers.load_state(a, step)["params"],
+                             helpers.load_state(b, step)["params"], **TIGHT)
+
+
+def test_eight_devices_match_one(one_device_run, eight_device_run):
+  assert_same_training(one_device_run, eight_device_run)
+
+
+def test_two_hosts_of_two_devices_match_one_host_of_four(tmp_path, micro_data_dir):
+  single = tmp_path / "single"
+  helpers.run_main(single, *STEPS, devices=4, data_dir=micro_data_dir)
+  multi = tmp_path / "multi"
+  helpers.finish_all(helpers.start_processes(multi, 2, *STEPS, devices=2,
+                                             data_dir=micro_data_dir))
+  assert_same_training(single, multi)
+
+
+def test_eight_device_checkpoint_resumes_on_two(tmp_path, micro_data_dir, eight_device_run,
+                                                one_device_run):
+  workdir = tmp_path / "run"
+  shutil.copytree(eight_device_run, workdir)
+  result = helpers.run_main(workdir, "--config.total_steps=5", devices=2,
+                            data_dir=micro_data_dir)
+  assert "Resuming from the checkpoint at step 3" in result.stderr
+  continued = tmp_path / "one_device_continued"
+  shutil.copytree(one_device_run, continued)
+  helpers.run_main(continued, "--config.total_steps=5", devices=1, data_dir=micro_data_dir)
+  assert_same_training(workdir, continued, step=5)
+
+
+# ----------------------------------------------------------------------------- mesh rules
+
+
+def mesh_config(axes, num_slices=1):
+  config = config_dict.ConfigDict()
+  config.axes, config.num_slices = axes, num_slices
+  return config
+
+
+def test_mesh_shape_resolves_the_free_axis_and_refuses_impossible_shapes():
+  assert sharding.mesh_shape((("data", -1), ("fsdp", 2)), 8) == {"data": 4, "fsdp": 2}
+  with pytest.raises(ValueError, match=r"fixed axes multiply to 3, which does not divide 8"):
+    sharding.mesh_shape((("data", -1), ("fsdp", 3)), 8)
+  with pytest.raises(ValueError, match=r"has 4 positions but there are 8 devices"):
+    sharding.mesh_shape((("data", 2), ("fsdp", 2)), 8)
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.mesh_shape((("data", -1), ("fsdp", -1)), 8)
+
+
+def test_parameters_split_over_fsdp_along_their_largest_divisible_dimension():
+  mesh = sharding.create_mesh(mesh_config((("data", -1), ("fsdp", 1))))
+  assert sharding.parameter_sharding(mesh, (512, 256)).spec == PartitionSpec()
+  grid = np.array(jax.devices() * 2).reshape(1, 2)  # the spec rule only reads the axis sizes
+  two = jax.sharding.Mesh(grid, ("data", "fsdp"))
+  assert sharding.parameter_sharding(two, (300, 512)).spec == PartitionSpec(None, "fsdp")
+  assert sharding.parameter_sharding(two, (513, 64)).spec == PartitionSpec(None, "fsdp")
+  assert sharding.parameter_sharding(two, (64,)).spec == PartitionSpec()  # small: replicated
+
+
+def test_batch_size_must_split_over_devices():
+  grid = np.array(jax.devices() * 4).reshape(4, 1)
+  mesh = jax.sharding.Mesh(grid, ("data", "fsdp"))
+  with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by the 4 devices"):
+    sharding.check_batch_size(6, mesh)
