@@ -22,12 +22,192 @@ from ml_collections import config_dict
 def get_config() -> config_dict.ConfigDict:
   config = config_dict.ConfigDict()
   config.seed = 0
+  # The schedule (train.py). `step` counts optimiser updates; 0 = only at the end.
+  config.total_steps = 600
+  config.batch_size = 64  # global: split over every device and process
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 200
+  config.eval_every_steps = 0
+  config.objective = 'contrastive'  # 'contrastive' | 'supervised' (classifier head, labels)
+  # A non-finite loss stops the run (False) or skips that batch and counts it (True).
+  config.skip_nonfinite_batches = False
 
+  # Where the prepared dataset is and how its clips were stored (cmvt_jax/data/prepared.py).
+  # name 'cmvt_synthetic' = the generated dataset, made on first use under data_dir; any
+  # other name = DATA_DIR/NAME/VERSION written by `python -m cmvt_jax.prepare`.
   config.dataset = config_dict.ConfigDict()
+  config.dataset.name = 'cmvt_synthetic'
+  config.dataset.data_dir = config_dict.placeholder(str)  # unset: ~/.cache/cmvt_jax
+  # Storage (prepare's defaults; the synthetic dataset is prepared with these).
+  config.dataset.clip_seconds = 2.
+  config.dataset.stride_seconds = 2.
+  config.dataset.fps = 8.
+  config.dataset.short_side = 32
+  config.dataset.sample_rate = 16000
+  config.dataset.keep_audioless = False
+  # The generator (cmvt_jax/data/synthetic.py): 512/32/64 files of 4 two-second segments
+  # give 2048/128/256 clips.
+  config.dataset.synthetic = config_dict.ConfigDict()
+  config.dataset.synthetic.seed = 0
+  config.dataset.synthetic.train_files = 512
+  config.dataset.synthetic.validation_files = 32
+  config.dataset.synthetic.test_files = 64
+  config.dataset.synthetic.segments_per_file = 4
+  config.dataset.synthetic.segment_seconds = 2.
+  config.dataset.synthetic.fps = 12
+  config.dataset.synthetic.frame_size = 48
+  config.dataset.synthetic.sample_rate = 22050
+
+  # What the input pipeline hands the model (cmvt_jax/data/pipeline.py): 8 frames of 32x32 at
+  # 4 fps (2 s) and a 64-frame x 64-mel log-mel of the same 2 s.
   config.input = config_dict.ConfigDict()
+  config.input.num_frames = 8
+  config.input.fps = 4.
+  config.input.frame_size = 32
+  config.input.sample_rate = 16000
+  config.input.n_fft = 1024
+  config.input.hop_length = 500
+  config.input.n_mels = 64
+  config.input.fmin = 60.
+  config.input.fmax = 7800.
+  # Augmentation (train only): random resized crop (area fraction, aspect ratio), flip,
+  # SpecAugment masks (count and widest width, in log-mel frames / mel bins).
+  config.input.crop_scale = (.8, 1.)
+  config.input.crop_ratio = (3 / 4, 4 / 3)
+  config.input.flip = True
+  config.input.num_time_masks = 1
+  config.input.max_time_mask = 4
+  config.input.num_freq_masks = 1
+  config.input.max_freq_mask = 8
+  # A second, independently augmented view per modality (for an intra-modal loss term).
+  config.input.two_views = False
+  # grain: worker processes (0 = preprocess in this process), batches each worker buffers,
+  # reader threads per process and their element buffer.
+  config.input.num_workers = 1
+  config.input.worker_buffer_size = 2
+  config.input.read_threads = 1
+  config.input.read_buffer_size = 4
+
+  # The two towers and heads (cmvt_jax/models/cmvt.py: from_config). Input sizes come from
+  # config.input (frame_size sizes the ViT's position table). Tiny, for a 2-core CPU.
   config.model = config_dict.ConfigDict()
+  config.model.dtype = 'float32'  # compute dtype ('bfloat16' on GPU/TPU); params stay float32
+  config.model.remat = False  # recompute every block in the backward pass (nn.remat)
+  config.model.embed_dim = 128  # the shared video-audio embedding space
+  config.model.projection_hidden_dim = 256
+  # > 0 adds VTN's classifier head on the video features (the supervised objective).
+  config.model.num_classes = 0
+  config.model.classifier_hidden_dim = 256
+  config.model.classifier_dropout = 0.5
+
+  video = config.model.video = config_dict.ConfigDict()
+  video.frame_encoder = 'vit'  # 'vit' | 'resnet'
+  video.vit = config_dict.ConfigDict()
+  video.vit.patch_size = 8
+  video.vit.width = 64
+  video.vit.depth = 2
+  video.vit.num_heads = 2
+  video.vit.mlp_dim = 128
+  video.vit.dropout_rate = 0.0
+  # A local ViT .npz (Google ViT/AugReg layout) to start the frame encoder from.
+  video.vit.checkpoint = config_dict.placeholder(str)
+  video.resnet = _resnet(stem_width=16, stem_strides=(2, 2), stage_widths=(32, 64),
+                         stage_strides=((1, 1), (2, 2)))
+  # Longformer over frame time; windows/dilations: one entry for all layers, or one per layer.
+  video.temporal = _temporal(width=128, num_layers=2, num_heads=4, mlp_dim=256, windows=(4,))
+
+  audio = config.model.audio = config_dict.ConfigDict()
+  audio.backbone = 'cnn'  # 'cnn' (ResNet + temporal) | 'patch_transformer' (AST-like)
+  # Strides are (time, mel): 64 x 64 log-mel -> 8 steps x 4 bins x 64 channels.
+  audio.cnn = _resnet(stem_width=8, stem_strides=(1, 2), stage_widths=(16, 32, 64),
+                      stage_strides=((2, 2), (2, 2), (2, 2)))
+  audio.patch_transformer = config_dict.ConfigDict()
+  audio.patch_transformer.patch_size = (8, 16)  # (time frames, mel bins)
+  audio.patch_transformer.width = 64
+  audio.patch_transformer.depth = 2
+  audio.patch_transformer.num_heads = 2
+  audio.patch_transformer.mlp_dim = 128
+  audio.patch_transformer.dropout_rate = 0.0
+  audio.temporal = _temporal(width=128, num_layers=1, num_heads=4, mlp_dim=256, windows=(4,))
+
+  # The contrastive objective (cmvt_jax/losses.py: ContrastiveLoss.from_config).
   config.loss = config_dict.ConfigDict()
+  config.loss.temperature = 0.1  # initial value when learnable
+  config.loss.learn_temperature = True
+  config.loss.min_temperature = 0.01
+  config.loss.max_temperature = 1.0
+  config.loss.cross_modal_weight = 1.0
+  config.loss.intra_modal_weight = 0.0  # > 0 needs input.two_views
+  # AdamW, warmup then cosine decay, global-norm clipping (train.py: optimizer).
   config.optim = config_dict.ConfigDict()
+  config.optim.learning_rate = 2e-3
+  config.optim.warmup_steps = 50
+  config.optim.end_learning_rate_factor = 0.01
+  config.optim.weight_decay = 0.05
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.grad_clip_norm = 1.0
+  # k > 1 splits each batch into k micro-batches GradCache-style: negatives still come from
+  # the whole global batch; activations are one micro-batch's.
+  config.optim.grad_accum_steps = 1
+
+  # Evaluation (evaluate.py): retrieval on each split, linear probe and kNN against train.
   config.eval = config_dict.ConfigDict()
+  config.eval.splits = ('test',)
+  config.eval.batch_size = 64  # global
+  config.eval.knn_k = 10
+  config.eval.probe_train_examples = 0  # train clips for the probe and kNN; 0 = all
+
   config.export = config_dict.ConfigDict()
+  config.export.split = 'test'
+  config.export.at_end = True
+
+  config.plots = config_dict.ConfigDict()
+  config.plots.at_end = True
+
+  # Checkpoints (orbax) in WORKDIR/checkpoints: how many to keep.
+  config.checkpoint = config_dict.ConfigDict()
+  config.checkpoint.keep = 3
+
+  # Devices (sharding.py): named axes within a slice, -1 = the devices left over; slices
+  # joined over the data-centre network multiply the 'data' axis.
+  config.mesh = config_dict.ConfigDict()
+  config.mesh.axes = (('data', -1), ('fsdp', 1))
+  config.mesh.num_slices = 1
+
+  # Multi-host runtime: how long to wait for every process at start, and after how many
+  # seconds without a heartbeat a process counts as dead (the others then exit with an error).
+  config.distributed = config_dict.ConfigDict()
+  config.distributed.initialization_timeout_seconds = 300
+  config.distributed.heartbeat_timeout_seconds = 100
   return config
+
+
+def _resnet(*, stem_width, stem_strides, stage_widths, stage_strides, stem_kernel=(3, 3),
+            blocks_per_stage=None, norm_groups=8) -> config_dict.ConfigDict:
+  """A `frame_encoder.ResNet` section: GroupNorm basic blocks, (height, width) strides."""
+  cnn = config_dict.ConfigDict()
+  cnn.stem_width = stem_width
+  cnn.stem_kernel = stem_kernel
+  cnn.stem_strides = stem_strides
+  cnn.stage_widths = stage_widths
+  cnn.blocks_per_stage = blocks_per_stage or (1,) * len(stage_widths)
+  cnn.stage_strides = stage_strides
+  cnn.norm_groups = norm_groups
+  return cnn
+
+
+def _temporal(*, width, num_layers, num_heads, mlp_dim, windows,
+              dilations=(1,)) -> config_dict.ConfigDict:
+  """A `TemporalEncoder` section (num_layers=0: mean over time instead of a Longformer)."""
+  temporal = config_dict.ConfigDict()
+  temporal.width = width
+  temporal.num_layers = num_layers
+  temporal.num_heads = num_heads
+  temporal.mlp_dim = mlp_dim
+  temporal.windows = windows  # one-sided, in time steps
+  temporal.dilations = dilations
+  temporal.global_projections = True  # separate q/k/v for the CLS token (Longformer)
+  temporal.dropout_rate = 0.0
+  return temporal

@@ -1,0 +1,398 @@
+"""Decoding video files with PyAV: frames at a target fps and size, mono audio, clip windows.
+
+Conventions:
+  * Time zero is the presentation time of the first decoded video frame. Audio is placed on the
+    same timeline by its own timestamps (zero-padded in front when it starts later, trimmed
+    when it starts earlier), so a clip's frames and samples cover the same seconds.
+  * Frames are resampled by timestamps, which is safe for variable frame rate files: output
+    frame k is the source frame on screen at time k / fps (the last one whose presentation time
+    is <= k / fps). Frames are resized so that their short side is `short_side` pixels.
+  * Audio is mixed down to mono and resampled by `av.AudioResampler`; samples are float32 in
+    [-1, 1], sample j at time j / sample_rate.
+
+Bad files raise a `VideoReadError` subclass whose `reason` is a short phrase for summaries.
+A file that stops decoding early (truncated) is not an error: `DecodedVideo.truncated` says so
+and only its decodable part is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+import av
+from av.video import reformatter
+import numpy as np
+from etils import epath
+
+# Timestamps are compared with this slack (seconds) so that a frame stamped at exactly k / fps
+# is not lost to float rounding of container time bases.
+_TIME_EPSILON = 1e-4
+# A stream that decodes to less than its declared duration by more than this (seconds, on top
+# of two frame intervals) is reported as truncated.
+_TRUNCATION_TOLERANCE_S = 0.25
+# Frames larger than this are refused instead of decoded (a corrupt or hostile header can
+# claim a frame size that would exhaust memory). 8192 x 8192 admits 8K video.
+DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
+
+
+class VideoReadError(Exception):
+  """A video file that cannot be used. `reason` is a short phrase used to group skips."""
+
+  reason = 'unreadable'
+
+  def __init__(self, path: epath.PathLike, detail: str):
+    self.path = path
+    self.detail = detail
+    super().__init__(f'{path}: {self.reason}: {detail}')
+
+
+class UnreadableVideoError(VideoReadError):
+  """The file is not a media file PyAV/FFmpeg can open, or its streams cannot be decoded."""
+
+  reason = 'unreadable'
+
+
+class EmptyVideoError(VideoReadError):
+  """The file has zero bytes or no decodable video frame."""
+
+  reason = 'empty'
+
+
+class NoVideoStreamError(VideoReadError):
+  """The file has no video stream (e.g. an audio-only file)."""
+
+  reason = 'no video stream'
+
+
+class NoAudioStreamError(VideoReadError):
+  """The file has no (decodable) audio stream while audio was required."""
+
+  reason = 'no audio stream'
+
+
+class FrameTooLargeError(VideoReadError):
+  """The video's frames exceed the pixel limit."""
+
+  reason = 'frame too large'
+
+
+class TooShortError(VideoReadError):
+  """The decodable part of the file is shorter than one clip."""
+
+  reason = 'shorter than one clip'
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedVideo:
+  """A decoded file on a common timeline (see module docstring).
+
+  Attributes:
+    frames: `[N, H, W, 3]` uint8 RGB; frame k is the picture shown at time k / fps.
+    fps: frames per second of `frames`.
+    audio: `[S]` float32 mono in [-1, 1] at `sample_rate`, or None when the file has no audio
+      stream (and audio was not required). S == round(duration * sample_rate).
+    sample_rate: samples per second of `audio`.
+    duration: seconds covered by both `frames` and `audio` (the usable length).
+    truncated: the file stopped decoding before its declared end; `truncation_detail` says how.
+    truncation_detail: empty unless `truncated`.
+  """
+
+  frames: np.ndarray
+  fps: float
+  audio: np.ndarray | None
+  sample_rate: int
+  duration: float
+  truncated: bool
+  truncation_detail: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  """One clip window of a decoded file.
+
+  Attributes:
+    start: seconds from the start of the file; a multiple of 1 / fps.
+    frames: `[round(clip_seconds * fps), H, W, 3]` uint8.
+    audio: `[round(clip_seconds * sample_rate)]` float32, or None for a file without audio.
+  """
+
+  start: float
+  frames: np.ndarray
+  audio: np.ndarray | None
+
+
+def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
+  """(height, width) scaled so that the shorter side is `short_side`, aspect kept."""
+  scale = short_side / min(height, width)
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def clip_starts(duration: float, clip_seconds: float, stride_seconds: float) -> list[float]:
+  """Start times of the windows [s, s + clip_seconds) that lie wholly inside [0, duration).
+
+  Windows start at 0, stride_seconds, 2 * stride_seconds, ...; a remainder shorter than one
+  clip at the end is dropped.
+  """
+  if clip_seconds <= 0 or stride_seconds <= 0:
+    raise ValueError(
+        f'clip_seconds and stride_seconds must be positive, got {clip_seconds} and '
+        f'{stride_seconds}.')
+  if duration + _TIME_EPSILON < clip_seconds:
+    return []
+  count = math.floor((duration - clip_seconds + _TIME_EPSILON) / stride_seconds) + 1
+  return [i * stride_seconds for i in range(count)]
+
+
+def iter_clips(video: DecodedVideo, clip_seconds: float,
+               stride_seconds: float) -> Iterator[Clip]:
+  """Cuts `video` into clip windows (see `clip_starts`), frames and audio aligned.
+
+  A start that is not a multiple of 1 / fps is moved to the nearest frame time (which is then
+  the clip's `start`), so that the audio span matches the frames exactly.
+  """
+  num_frames = round(clip_seconds * video.fps)
+  num_samples = round(clip_seconds * video.sample_rate)
+  for start in clip_starts(video.duration, clip_seconds, stride_seconds):
+    first_frame = round(start * video.fps)
+    if first_frame + num_frames > len(video.frames):
+      break
+    start = first_frame / video.fps
+    audio = None
+    if video.audio is not None:
+      first_sample = round(start * video.sample_rate)
+      audio = video.audio[first_sample:first_sample + num_samples]
+      if len(audio) < num_samples:
+        break
+    yield Clip(start=start, frames=video.frames[first_frame:first_frame + num_frames],
+               audio=audio)
+
+
+def decode_video(path: epath.PathLike, *, fps: float, short_side: int, sample_rate: int,
+                 require_audio: bool = True,
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> DecodedVideo:
+  """Decodes a whole file: frames at `fps` with short side `short_side`, mono audio.
+
+  Args:
+    path: the video file (any `etils.epath` path, e.g. local or gs://).
+    fps: output frames per second.
+    short_side: output frames' shorter side, in pixels.
+    sample_rate: output audio sample rate.
+    require_audio: raise `NoAudioStreamError` for a file without audio; when False such a
+      file decodes with `audio=None`.
+    max_frame_pixels: refuse frames with more pixels than this (`FrameTooLargeError`).
+
+  Returns:
+    The decoded file; only its decodable part when truncated.
+
+  Raises:
+    VideoReadError: one of its subclasses, naming the file and what is wrong with it.
+  """
+  path = epath.Path(path)
+  if fps <= 0 or short_side <= 0 or sample_rate <= 0:
+    raise ValueError(f'fps, short_side and sample_rate must be positive, got {fps}, '
+                     f'{short_side}, {sample_rate}.')
+  try:
+    if not path.exists():
+      raise UnreadableVideoError(path, 'file does not exist')
+    if path.stat().length == 0:
+      raise EmptyVideoError(path, 'file has zero bytes')
+    with path.open('rb') as file:
+      try:
+        container = av.open(file)
+      # PyAV also reads the container's metadata tags, as UTF-8.
+      except (av.FFmpegError, UnicodeDecodeError) as error:
+        raise UnreadableVideoError(path, f'FFmpeg cannot open it ({error})') from error
+      with container:
+        return _decode_container(path, container, fps=fps, short_side=short_side,
+                                 sample_rate=sample_rate, require_audio=require_audio,
+                                 max_frame_pixels=max_frame_pixels)
+  except OSError as error:  # permissions, a vanished file, a network read that failed
+    raise UnreadableVideoError(path, f'cannot read the file ({error})') from error
+
+
+def _decode_container(path, container, *, fps, short_side, sample_rate, require_audio,
+                      max_frame_pixels) -> DecodedVideo:
+  """`decode_video` on an open container."""
+  if not container.streams.video:
+    raise NoVideoStreamError(path, 'the file has no video stream')
+  video_stream = container.streams.video[0]
+  audio_stream = container.streams.audio[0] if container.streams.audio else None
+  if audio_stream is None and require_audio:
+    raise NoAudioStreamError(
+        path, 'the file has no audio stream (keep such files with silence by allowing '
+        'audio-less videos, e.g. prepare --keep_audioless)')
+  width = video_stream.codec_context.width
+  height = video_stream.codec_context.height
+  if width * height > max_frame_pixels:
+    raise FrameTooLargeError(
+        path, f'{width}x{height} frames exceed the limit of {max_frame_pixels} pixels')
+
+  frames = _FrameSampler(fps, short_side)
+  audio = _AudioCollector(sample_rate) if audio_stream is not None else None
+  streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
+  decode_error = ''
+  try:
+    for packet in container.demux(streams):
+      for frame in packet.decode():
+        if isinstance(frame, av.VideoFrame):
+          frames.add(frame, video_stream)
+        else:
+          audio.add(frame)
+  except av.FFmpegError as error:
+    decode_error = f'decoding stopped with an error ({error})'
+  if frames.count == 0:
+    if decode_error:
+      raise UnreadableVideoError(path, f'no video frame could be decoded: {decode_error}')
+    raise EmptyVideoError(path, 'the video stream has no decodable frame')
+
+  frame_interval = frames.typical_interval(video_stream)
+  video_end = frames.end_time(frame_interval)
+  declared_video_end = _declared_end(container, video_stream, frames.first_time)
+  usable_end = video_end
+  stream_report = [f'video decoded to {video_end:.2f} s']
+  if declared_video_end is not None:
+    stream_report[-1] += f' of {declared_video_end:.2f} s declared'
+
+  waveform = audio.waveform(frames.first_time) if audio is not None else None
+  if audio is not None and waveform is None and require_audio:
+    detail = f' ({decode_error})' if decode_error else ''
+    raise NoAudioStreamError(path, f'the audio stream has no decodable sample{detail}')
+  if waveform is not None:
+    declared_audio_end = _declared_end(container, audio_stream, frames.first_time)
+    audio_end = len(waveform) / sample_rate
+    if declared_audio_end is not None and audio_end > declared_audio_end:
+      # Codecs pad their last frame (AAC: up to 1024 samples); the header says where the
+      # real signal ends.
+      audio_end = declared_audio_end
+    stream_report.append(f'audio decoded to {audio_end:.2f} s')
+    if declared_audio_end is not None:
+      stream_report[-1] += f' of {declared_audio_end:.2f} s declared'
+      if audio_end < declared_audio_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval:
+        decode_error = decode_error or 'the audio stream ends before its declared end'
+    usable_end = min(usable_end, audio_end)
+  if (declared_video_end is not None and
+      video_end < declared_video_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval):
+    decode_error = decode_error or 'the video stream ends before its declared end'
+
+  num_frames = math.floor(usable_end * fps + _TIME_EPSILON)
+  if num_frames == 0:
+    raise EmptyVideoError(path, f'the usable part is shorter than one frame at {fps} fps')
+  duration = num_frames / fps
+  if waveform is not None:
+    num_samples = round(duration * sample_rate)
+    waveform = np.pad(waveform[:num_samples], (0, max(0, num_samples - len(waveform))))
+  return DecodedVideo(
+      frames=frames.frames(num_frames), fps=fps, audio=waveform, sample_rate=sample_rate,
+      duration=duration, truncated=bool(decode_error),
+      truncation_detail=f'{decode_error}; {", ".join(stream_report)}' if decode_error else '')
+
+
+def _declared_end(container, stream, time_zero: float) -> float | None:
+  """The stream's end on the common timeline according to the headers, if they say."""
+  if stream.duration is not None and stream.time_base is not None:
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.
+    return start + float(stream.duration * stream.time_base) - time_zero
+  if container.duration is not None:
+    start = container.start_time / av.time_base if container.start_time is not None else 0.
+    return start + container.duration / av.time_base - time_zero
+  return None
+
+
+class _FrameSampler:
+  """Keeps, from frames arriving in presentation order, those on screen at k / fps.
+
+  Only frames that are selected are converted to RGB at the output size, so a 60 fps source
+  sampled at 8 fps converts 8 frames per second.
+  """
+
+  def __init__(self, fps: float, short_side: int):
+    self._fps = fps
+    self._short_side = short_side
+    self._selected: list[np.ndarray] = []
+    self._previous = None  # (time, av.VideoFrame) of the last frame seen
+    self._previous_rgb = None
+    # One reformatter for the whole file: it keeps its scaler between frames (creating one per
+    # frame costs more than the decoding).
+    self._reformatter = reformatter.VideoReformatter()
+    self._times: list[float] = []
+    self.first_time = 0.
+    self.count = 0
+
+  def _time(self, frame, stream) -> float:
+    if frame.pts is not None and frame.time is not None:
+      return float(frame.time)
+    # Some AVI streams carry no timestamps: fall back on the nominal rate.
+    rate = stream.average_rate or stream.guessed_rate or 25
+    return self.count / float(rate)
+
+  def add(self, frame: av.VideoFrame, stream) -> None:
+    time = self._time(frame, stream)
+    if self.count == 0:
+      self.first_time = time
+    time -= self.first_time
+    if self._times and time <= self._times[-1]:
+      return  # a duplicate or out-of-order timestamp: the earlier frame stays on screen
+    self._emit_until(time)
+    self._previous = frame
+    self._previous_rgb = None
+    self._times.append(time)
+    self.count += 1
+
+  def _emit_until(self, time: float) -> None:
+    """Selects the previous frame for every output time before `time`."""
+    while self._previous is not None and len(self._selected) / self._fps < time - _TIME_EPSILON:
+      if self._previous_rgb is None:
+        height, width = resized_shape(self._previous.height, self._previous.width,
+                                      self._short_side)
+        self._previous_rgb = self._reformatter.reformat(
+            self._previous, width=width, height=height, format='rgb24',
+            interpolation='AREA').to_ndarray()
+      self._selected.append(self._previous_rgb)
+
+  def typical_interval(self, stream) -> float:
+    """Median spacing of the frames seen (the nominal rate for a single frame)."""
+    if len(self._times) > 1:
+      return float(np.median(np.diff(self._times)))
+    rate = stream.average_rate or stream.guessed_rate or 25
+    return 1. / float(rate)
+
+  def end_time(self, frame_interval: float) -> float:
+    """When the last frame leaves the screen."""
+    return self._times[-1] + frame_interval
+
+  def frames(self, num_frames: int) -> np.ndarray:
+    """`[num_frames, H, W, 3]` uint8: the frames on screen at 0, 1 / fps, 2 / fps, ..."""
+    self._emit_until(num_frames / self._fps)
+    return np.stack(self._selected[:num_frames])
+
+
+class _AudioCollector:
+  """Mixes audio frames to mono at the target rate and remembers where they start."""
+
+  def __init__(self, sample_rate: int):
+    self._sample_rate = sample_rate
+    self._resampler = av.AudioResampler(format='flt', layout='mono', rate=sample_rate)
+    self._chunks: list[np.ndarray] = []
+    self._start_time = None
+
+  def add(self, frame: av.AudioFrame) -> None:
+    if self._start_time is None and frame.time is not None:
+      self._start_time = float(frame.time)
+    for resampled in self._resampler.resample(frame):
+      self._chunks.append(resampled.to_ndarray().reshape(-1))
+
+  def waveform(self, time_zero: float) -> np.ndarray | None:
+    """`[S]` float32 on the common timeline, or None when nothing was decoded."""
+    for resampled in self._resampler.resample(None):
+      self._chunks.append(resampled.to_ndarray().reshape(-1))
+    if not self._chunks:
+      return None
+    waveform = np.concatenate(self._chunks).astype(np.float32)
+    offset = round(((self._start_time or 0.) - time_zero) * self._sample_rate)
+    if offset > 0:
+      waveform = np.concatenate([np.zeros(offset, np.float32), waveform])
+    elif offset < 0:
+      waveform = waveform[-offset:]
+    return waveform

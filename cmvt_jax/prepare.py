@@ -1,0 +1,82 @@
+"""Prepares a folder of videos as a TFDS ArrayRecord dataset of aligned clips.
+
+  python -m cmvt_jax.prepare --video_dir DIR --data_dir DIR --name NAME \
+      [--clip_seconds 2] [--stride_seconds 2] [--fps 8] [--short_side 32] \
+      [--sample_rate 16000] [--keep_audioless] [--hash_split train=0.8,test=0.2]
+
+Writes `DATA_DIR/NAME/VERSION/` (see `cmvt_jax.data.builder`); train on it with
+`--config.dataset.name=NAME --config.dataset.data_dir=DATA_DIR`. Storage and log-mel defaults
+match `configs/default.py`; the input pipeline resamples to whatever a config asks.
+"""
+
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from cmvt_jax.data import builder
+from cmvt_jax.data import spectrogram
+
+_VIDEO_DIR = flags.DEFINE_string(
+    'video_dir', None, 'Folder of videos: SPLIT/CLASS/*.mp4 (or CLASS/*.mp4 with --hash_split).',
+    required=True)
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data folder to write into.',
+                                required=True)
+_NAME = flags.DEFINE_string('name', None, 'Dataset name (a lower-case identifier).',
+                            required=True)
+_CLIP_SECONDS = flags.DEFINE_float('clip_seconds', 2., 'Clip length in seconds.')
+_STRIDE_SECONDS = flags.DEFINE_float(
+    'stride_seconds', None, 'Seconds between clip starts (default: --clip_seconds, i.e. '
+    'back-to-back clips).')
+_FPS = flags.DEFINE_float('fps', 8., 'Stored frames per second.')
+_SHORT_SIDE = flags.DEFINE_integer('short_side', 32, 'Stored frames\' short side in pixels.')
+_SAMPLE_RATE = flags.DEFINE_integer('sample_rate', 16000, 'Stored audio sample rate.')
+_KEEP_AUDIOLESS = flags.DEFINE_bool(
+    'keep_audioless', False, 'Keep videos without audio (silent, has_audio=False) instead of '
+    'skipping them.')
+_HASH_SPLIT = flags.DEFINE_string(
+    'hash_split', None, 'Split by a hash of each file\'s path instead of by top-level split '
+    'folders, e.g. "train=0.8,validation=0.1,test=0.1"; labels are then the top-level '
+    'folders.')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', 0, 'Decoding processes (0: one per core).')
+_N_FFT = flags.DEFINE_integer('n_fft', 1024, 'Log-mel FFT size (for the stored statistics).')
+_HOP_LENGTH = flags.DEFINE_integer('hop_length', 500, 'Log-mel hop in samples.')
+_N_MELS = flags.DEFINE_integer('n_mels', 64, 'Mel bins.')
+_FMIN = flags.DEFINE_float('fmin', 60., 'Lowest mel frequency (Hz).')
+_FMAX = flags.DEFINE_float('fmax', 7800., 'Highest mel frequency (Hz).')
+
+
+def parse_hash_split(text: str) -> dict[str, float]:
+  """'train=0.8,test=0.2' -> {'train': 0.8, 'test': 0.2}."""
+  fractions = {}
+  for item in text.split(','):
+    split, sep, fraction = item.partition('=')
+    try:
+      fractions[split.strip()] = float(fraction)
+    except ValueError:
+      sep = ''
+    if not sep:
+      raise app.UsageError(f'--hash_split item {item!r} is not SPLIT=FRACTION (e.g. '
+                           '"train=0.8,validation=0.1,test=0.1").')
+  return fractions
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  storage = builder.StorageSpec(
+      clip_seconds=_CLIP_SECONDS.value,
+      stride_seconds=_STRIDE_SECONDS.value or _CLIP_SECONDS.value, fps=_FPS.value,
+      short_side=_SHORT_SIDE.value, sample_rate=_SAMPLE_RATE.value,
+      keep_audioless=_KEEP_AUDIOLESS.value)
+  mel = spectrogram.MelSettings(
+      sample_rate=_SAMPLE_RATE.value, n_fft=_N_FFT.value, hop_length=_HOP_LENGTH.value,
+      n_mels=_N_MELS.value, fmin=_FMIN.value, fmax=_FMAX.value)
+  builder.prepare(
+      _VIDEO_DIR.value, _DATA_DIR.value, _NAME.value, storage=storage, mel=mel,
+      hash_split=parse_hash_split(_HASH_SPLIT.value) if _HASH_SPLIT.value else None,
+      num_workers=_NUM_WORKERS.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

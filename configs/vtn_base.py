@@ -1,0 +1,61 @@
+"""VTN-like CMVT for accelerators: ViT-B/16 frames + a 3-layer Longformer over time.
+
+As in the Video Transformer Network (Neimark et al., 2021): a ViT-B/16 on every frame
+(start it from an ImageNet checkpoint with `--config.model.video.vit.checkpoint=PATH.npz`,
+Google ViT/AugReg layout), its CLS features through a 3-layer Longformer of ViT-B width,
+window ±9 frames, with a global CLS token, on 16-frame clips; the audio tower a ResNet-18-
+sized spectrogram CNN with a 2-layer Longformer. Computes in bfloat16 (params float32).
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+
+  # 16 frames of 224x224 over the 2-second clips (the pipeline resamples the stored frames).
+  config.input.num_frames = 16
+  config.input.fps = 8.
+  config.input.frame_size = 224
+
+  model = config.model
+  model.dtype = 'bfloat16'
+  model.embed_dim = 512
+  model.projection_hidden_dim = 2048
+  model.classifier_hidden_dim = 768
+
+  vit = model.video.vit
+  model.video.frame_encoder = 'vit'
+  vit.patch_size = 16
+  vit.width = 768
+  vit.depth = 12
+  vit.num_heads = 12
+  vit.mlp_dim = 3072
+  vit.dropout_rate = 0.0
+
+  temporal = model.video.temporal
+  temporal.width = 768
+  temporal.num_layers = 3
+  temporal.num_heads = 12
+  temporal.mlp_dim = 3072
+  temporal.windows = (9,)
+  temporal.dilations = (1,)
+  temporal.dropout_rate = 0.1
+
+  cnn = model.audio.cnn
+  model.audio.backbone = 'cnn'
+  cnn.stem_width = 64
+  cnn.stem_strides = (1, 2)
+  cnn.stage_widths = (64, 128, 256, 512)
+  cnn.blocks_per_stage = (2, 2, 2, 2)
+  cnn.stage_strides = ((1, 1), (2, 2), (2, 2), (1, 2))  # (time, mel): 4x fewer steps
+  cnn.norm_groups = 32
+
+  audio_temporal = model.audio.temporal
+  audio_temporal.width = 512
+  audio_temporal.num_layers = 2
+  audio_temporal.num_heads = 8
+  audio_temporal.mlp_dim = 2048
+  audio_temporal.windows = (8,)
+  audio_temporal.dropout_rate = 0.1
+  return config
