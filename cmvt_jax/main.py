@@ -7,8 +7,10 @@ in train.py, evaluate.py, export.py and plots.py.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging as logging_lib
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -89,8 +91,60 @@ def main(argv):
   # Imported here, so that no backend starts before the distributed runtime is joined.
   module_name, function = _MODES[_MODE.value]
   module = importlib.import_module(f"cmvt_jax.{module_name}")
-  getattr(module, function)(config, _WORKDIR.value)
+  from cmvt_jax.checkpoints import NoUsableCheckpointError  # pylint: disable=g-import-not-at-top
+  # Errors that describe a problem with the config, the data or the workdir and say what to do.
+  user_errors = (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
+                 NoUsableCheckpointError)
+  try:
+    getattr(module, function)(config, _WORKDIR.value)
+  except user_errors as error:
+    if flags.FLAGS.verbosity >= 1:
+      raise
+    # The message says what to do; a traceback would only bury it (--verbosity=1 shows it).
+    logging.error("%s: %s", type(error).__name__, error)
+    sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing; a bad flag or config override is one clear line and exit status 1."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as error:  # ml_collections: an override names no key
+    message = _unknown_key_message(argv, error)
+  except flags.Error as error:  # e.g. a value of the wrong type
+    message = str(error)
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                   "Pass --helpshort or --helpfull to see help on flags.\n")
+  sys.exit(1)
+
+
+def _unknown_key_message(argv: list[str], error: Exception) -> str:
+  """Names the first override whose key the config file does not define, and its siblings."""
+  config = _load_config_file(argv)
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for depth, part in enumerate(path):
+      keys = sorted(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        where = ".".join(["config", *path[:depth]])
+        return (f"{arg}: {where} has no key {part!r}; its keys are: {', '.join(keys)}. "
+                "Overrides can only set keys that the config file defines.")
+      node = node[part]
+  return f"a --config override names a key that the config does not have ({error})."
+
+
+def _load_config_file(argv: list[str]):
+  path = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+  if path is None and "--config" in argv:
+    path = argv[argv.index("--config") + 1]
+  spec = importlib.util.spec_from_file_location("cmvt_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -102,11 +102,12 @@ def tree_shardings(mesh: Mesh, abstract_tree) -> Any:
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   """The global batch must split evenly over devices and processes."""
   devices, processes = mesh.devices.size, jax.process_count()
-  if global_batch % devices or global_batch % processes:
+  unit = math.lcm(devices, processes)
+  if global_batch % unit:
     raise ValueError(
         f"batch_size={global_batch} must be divisible by the {devices} devices of the mesh "
         f"{dict(mesh.shape)} and the {processes} processes; e.g. "
-        f"--config.batch_size={max(devices, processes) * max(1, global_batch // devices)}.")
+        f"--config.batch_size={unit * math.ceil(global_batch / unit)}.")
 
 
 def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

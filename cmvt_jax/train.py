@@ -121,15 +121,18 @@ def _git_revision() -> str | None:
 
 
 def check_workdir_writable(workdir: epath.Path) -> None:
+  """Writes and removes a probe file in the workdir, or in the folder that would hold it."""
+  folder = workdir
+  while not folder.exists() and folder.parent != folder:
+    folder = folder.parent
+  probe = folder / f".cmvt_write_probe_{jax.process_index()}"
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write_probe_{jax.process_index()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as error:
     raise PermissionError(
-        f"--workdir {workdir} is not writable ({error}); choose a folder you can write to."
-    ) from error
+        f"--workdir {workdir} is not writable ({type(error).__name__}: {error}); choose a "
+        "folder you can write to.") from error
 
 
 # ----------------------------------------------------------------------------- train state
@@ -451,7 +454,8 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> TrainSta
   _check_config(config)
   is_primary = jax.process_index() == 0
   check_workdir_writable(workdir)
-  run = Run.create(config, workdir)
+  run = Run.create(config, workdir)  # mesh, batch split, dataset: refused before any write
+  workdir.mkdir(parents=True, exist_ok=True)
   holds_run = checkpoints.holds_run(workdir)
 
   manager = checkpoints.manager(workdir, max_to_keep=config.checkpoint.keep)

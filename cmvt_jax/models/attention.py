@@ -213,13 +213,12 @@ def _dense_part(q, k, v, key_valid, scale):
   q `[B, S, H, D]`, k and v `[B, L, H, D]`, key_valid `[B, L]` →
   (out `[B, S, H, D]` float32, lse `[B, S, H]` float32, −inf where no key is valid).
   """
-  scores = jnp.einsum("bshd,blhd->bshl", q, k, preferred_element_type=jnp.float32) * scale
+  scores = _matmul("bshd,blhd->bshl", q, k) * scale
   scores = jnp.where(key_valid[:, None, None, :], scores, -jnp.inf)
   row_max = jax.lax.stop_gradient(_finite_or_zero(scores.max(axis=-1, keepdims=True)))
   weights = jnp.exp(scores - row_max)
   total = weights.sum(axis=-1)
-  out = jnp.einsum("bshl,blhd->bshd", weights.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = _matmul("bshl,blhd->bshd", weights.astype(v.dtype), v)
   return out / jnp.where(total > 0, total, 1.0)[..., None], row_max[..., 0] + jnp.log(total)
 
 
@@ -231,6 +230,17 @@ def _merge(out_a, lse_a, out_b, lse_b):
   total = weight_a + weight_b
   merged = weight_a[..., None] * out_a + weight_b[..., None] * out_b
   return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def _matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum with float32 accumulation and result.
+
+  XLA:CPU has no bfloat16 × bfloat16 → float32 dot for every shape, and a CPU gains nothing
+  from half-precision matmuls, so there the operands are widened first.
+  """
+  if a.dtype != jnp.float32 and jax.default_backend() == "cpu":
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
 
 
 def _finite_or_zero(x):
@@ -350,7 +360,7 @@ def _block_inputs(plan, q, k, v, key_bias, step):
 
 def _piece_scores(plan, piece, q_block, k_piece, bias_piece):
   """Masked scores of a block against one key piece: `[B, H, block, c, c]` float32."""
-  scores = jnp.einsum("bhncd,bhnkd->bhnck", q_block, k_piece, preferred_element_type=jnp.float32)
+  scores = _matmul("bhncd,bhnkd->bhnck", q_block, k_piece)
   scores = scores + bias_piece[:, None, :, None, :]
   return jnp.where(jnp.asarray(plan.band(piece)), scores, -jnp.inf)
 
@@ -371,13 +381,13 @@ def _band_forward(plan, q, k, v, key_bias):
   def step(index, carry):
     out, lse = carry
     q_block, pieces = _block_inputs(plan, q, k, v, key_bias, index)
-    scores = [_piece_scores(plan, p, q_block, kp, bp) for p, (kp, _, bp) in zip(plan.pieces, pieces)]
+    scores = [_piece_scores(plan, p, q_block, k_piece, bias_piece)
+              for p, (k_piece, _, bias_piece) in zip(plan.pieces, pieces)]
     row_max = functools.reduce(jnp.maximum, [s.max(axis=-1) for s in scores])
     row_max = _finite_or_zero(row_max)[..., None]
     weights = [jnp.exp(s - row_max) for s in scores]
     total = sum(w.sum(axis=-1) for w in weights)
-    acc = sum(jnp.einsum("bhnck,bhnkd->bhncd", w.astype(v.dtype), vp,
-                         preferred_element_type=jnp.float32)
+    acc = sum(_matmul("bhnck,bhnkd->bhncd", w.astype(v.dtype), vp)
               for w, (_, vp, _) in zip(weights, pieces))
     out_block = acc / jnp.where(total > 0, total, 1.0)[..., None]
     lse_block = row_max[..., 0] + jnp.log(total)
@@ -415,17 +425,12 @@ def _band_core_bwd(plan, residuals, cotangents):
     d_q_block = d_k_span = d_v_span = 0.0
     for p, (k_piece, v_piece, bias_piece) in zip(plan.pieces, pieces):
       probs = jnp.exp(_piece_scores(plan, p, q_block, k_piece, bias_piece) - lse_block)
-      d_probs = jnp.einsum("bhncd,bhnkd->bhnck", d_out_block, v_piece,
-                           preferred_element_type=jnp.float32)
+      d_probs = _matmul("bhncd,bhnkd->bhnck", d_out_block, v_piece)
       d_scores = (probs * (d_probs + row_block)).astype(q.dtype)
-      d_q_block += jnp.einsum("bhnck,bhnkd->bhncd", d_scores, k_piece,
-                              preferred_element_type=jnp.float32)
+      d_q_block += _matmul("bhnck,bhnkd->bhncd", d_scores, k_piece)
       onto_span = lambda x: jnp.pad(x, ((0, 0), (0, 0), (1 + p, 1 - p), (0, 0), (0, 0)))
-      d_k_span += onto_span(jnp.einsum(
-          "bhnck,bhncd->bhnkd", d_scores, q_block, preferred_element_type=jnp.float32))
-      d_v_span += onto_span(jnp.einsum(
-          "bhnck,bhncd->bhnkd", probs.astype(v.dtype), d_out_block,
-          preferred_element_type=jnp.float32))
+      d_k_span += onto_span(_matmul("bhnck,bhncd->bhnkd", d_scores, q_block))
+      d_v_span += onto_span(_matmul("bhnck,bhncd->bhnkd", probs.astype(v.dtype), d_out_block))
     accumulate = lambda total, span: jax.lax.dynamic_update_slice_in_dim(
         total, jax.lax.dynamic_slice_in_dim(total, start, plan.block + 2, axis=2) + span,
         start, axis=2)
