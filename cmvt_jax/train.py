@@ -190,12 +190,11 @@ def _is_key_bias(path: str) -> bool:
 
 @dataclasses.dataclass
 class Run:
-  """Mesh, data, model and optimiser of one config: what train, eval and export share."""
+  """Mesh, model, optimiser and data of one config: what train, eval and export share."""
 
   config: config_dict.ConfigDict
   workdir: epath.Path
   mesh: jax.sharding.Mesh
-  dataset: prepared.PreparedDataset
   spec: pipeline.InputSpec
   model: cmvt.CMVT
   loss: losses.ContrastiveLoss
@@ -208,13 +207,11 @@ class Run:
     workdir = epath.Path(workdir)
     mesh = sharding.create_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
-    dataset = prepared.open_from_config(config.dataset, config.input,
-                                        process_index=jax.process_index(), log=logging.info)
     spec = pipeline.InputSpec.from_config(config.input)
     model = cmvt.from_config(config)
     tx = optimizer(config)
     loss = losses.ContrastiveLoss.from_config(config.loss)
-    run = cls(config=config, workdir=workdir, mesh=mesh, dataset=dataset, spec=spec,
+    run = cls(config=config, workdir=workdir, mesh=mesh, spec=spec,
               model=model, loss=loss, tx=tx, abstract_state=None, state_shardings=None)
     abstract = jax.eval_shape(run._init_state, jax.random.key(0))
     run.state_shardings = _state_shardings(mesh, abstract)
@@ -222,6 +219,12 @@ class Run:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, run.state_shardings)
     return run
+
+  @functools.cached_property
+  def dataset(self) -> prepared.PreparedDataset:
+    """The prepared dataset (made first when it is the synthetic one), opened on first use."""
+    return prepared.open_from_config(self.config.dataset, self.config.input,
+                                     process_index=jax.process_index(), log=logging.info)
 
   # --- model inputs
 
@@ -454,7 +457,9 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> TrainSta
   _check_config(config)
   is_primary = jax.process_index() == 0
   check_workdir_writable(workdir)
-  run = Run.create(config, workdir)  # mesh, batch split, dataset: refused before any write
+  run = Run.create(config, workdir)  # checks the mesh and the batch split
+  # Opening the dataset (making it, when synthetic) is the last check before any write.
+  logging.info("Dataset %s: %s clips.", run.dataset.directory, run.dataset.num_examples)
   workdir.mkdir(parents=True, exist_ok=True)
   holds_run = checkpoints.holds_run(workdir)
 
