@@ -12,6 +12,7 @@ newest step and skips (with a warning that says why) any checkpoint that fails t
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable
 
 import grain
@@ -19,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -38,19 +40,22 @@ def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
 
 def manager(workdir: epath.PathLike, *, max_to_keep: int, create: bool = True,
             asynchronous: bool = True) -> ocp.CheckpointManager:
+  # cleanup_tmp_directories: remove the folders of saves that a crash interrupted.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=create, enable_async_checkpointing=asynchronous)
+      max_to_keep=max_to_keep, create=create, enable_async_checkpointing=asynchronous,
+      cleanup_tmp_directories=create)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "data", "meta"))
 
 
 def holds_run(workdir: epath.PathLike) -> bool:
-  """True when the workdir has at least one complete checkpoint."""
-  directory = checkpoint_dir(workdir)
-  if not directory.exists():
-    return False
-  return bool(ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True)).all_steps())
+  """True when the workdir has at least one complete checkpoint.
+
+  Lists the finalised step folders directly: a CheckpointManager runs cross-process
+  barriers when it is built, and whether the folder exists yet can differ between processes
+  (process 0 creates it), which would pair one process's barrier with another's.
+  """
+  return bool(ocp.path.step.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict) -> None:
@@ -93,11 +98,30 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state,
     except Exception as error:  # pylint: disable=broad-except
       problems.append(_skip(candidate, "its train state", error))
       continue
+    set_aside(checkpoints, [s for s in steps if s > candidate])
     return Restored(step=candidate, state=state, meta=meta)
   raise NoUsableCheckpointError(
       f"None of the checkpoints in {checkpoints.directory} could be restored:\n  "
       + "\n  ".join(problems)
       + "\nMove the damaged checkpoints away to keep them, or start over in a new --workdir.")
+
+
+def set_aside(checkpoints: ocp.CheckpointManager, steps) -> None:
+  """Moves unusable checkpoints to WORKDIR/damaged_checkpoints/ (kept for inspection).
+
+  The run will write those steps again; leaving them in place would block the new saves.
+  """
+  if not steps:
+    return
+  target = epath.Path(checkpoints.directory).parent / "damaged_checkpoints"
+  if jax.process_index() == 0:
+    target.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      destination = target / f"{step}-{int(time.time())}"
+      (epath.Path(checkpoints.directory) / str(step)).rename(destination)
+      logging.warning("Moved the unusable checkpoint %d to %s.", step, destination)
+  multihost_utils.sync_global_devices("cmvt_jax: damaged checkpoints set aside")
+  checkpoints.reload()
 
 
 def restore_data(checkpoints: ocp.CheckpointManager, step: int, data_iterator) -> bool:
@@ -114,6 +138,8 @@ def restore_data(checkpoints: ocp.CheckpointManager, step: int, data_iterator) -
 
 
 def _skip(step: int, what: str, error: Exception) -> str:
-  problem = f"checkpoint {step}: {what} failed to load ({type(error).__name__}: {error})"
+  # TensorStore errors carry a page-long spec; the first line says what went wrong.
+  detail = (str(error).strip().splitlines() or [""])[0][:300]
+  problem = f"checkpoint {step}: {what} failed to load ({type(error).__name__}: {detail})"
   logging.warning("Skipping %s; trying the one before.", problem)
   return problem

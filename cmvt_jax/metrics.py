@@ -25,11 +25,17 @@ class MetricsWriter:
 
   def __init__(self, workdir: epath.PathLike, *, is_primary: bool):
     self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._tensorboard_dir = epath.Path(workdir) / "tensorboard"
     self._is_primary = is_primary
-    self._tensorboard = None
-    if is_primary:
+    self._writer = None
+
+  @property
+  def _tensorboard(self):
+    """The event-file writer, created with the first scalar (a refused run writes nothing)."""
+    if self._writer is None:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+      self._writer = SummaryWriter(str(self._tensorboard_dir))
+    return self._writer
 
   def drop_after(self, step: int) -> None:
     """Removes lines with `step` beyond the step a resumed run starts from."""
@@ -53,13 +59,13 @@ class MetricsWriter:
 
   def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
     """TensorBoard only (e.g. input-pipeline timing, which metrics.jsonl leaves out)."""
-    if self._tensorboard is not None:
+    if self._is_primary:
       for key, value in values.items():
         self._tensorboard.add_scalar(key, float(value), step)
 
   def close(self) -> None:
-    if self._tensorboard is not None:
-      self._tensorboard.close()
+    if self._writer is not None:
+      self._writer.close()
 
 
 def read(workdir: epath.PathLike) -> list[dict]:

@@ -266,12 +266,12 @@ class Run:
     return pipeline.Preprocessor(self.spec, stats, self.dataset.storage.fps,
                                  self.dataset.storage.sample_rate)
 
-  def restore(self, *, step: int | None = None, data_iterator=None) -> checkpoints.Restored:
+  def restore(self, *, step: int | None = None) -> checkpoints.Restored:
     """The newest usable checkpoint of the workdir (or `step`); an error if there is none."""
     manager = checkpoints.manager(self.workdir, max_to_keep=self.config.checkpoint.keep,
                                   create=False)
     restored = checkpoints.restore_latest(
-        manager, self.abstract_state, data_iterator, step=step,
+        manager, self.abstract_state, step=step,
         check_meta=lambda meta: check_same_model(meta["config"], self.config, self.workdir))
     manager.close()
     if restored is None:
@@ -529,9 +529,17 @@ def _start_or_resume(run: Run, manager, holds_run: bool, writer):
     writer.drop_after(0)
     return run.init_state(), train_iterator(stats), stats, 0
 
-  restored = checkpoints.restore_latest(
-      manager, run.abstract_state,
-      check_meta=lambda meta: check_same_model(meta["config"], config, run.workdir))
+  try:
+    restored = checkpoints.restore_latest(
+        manager, run.abstract_state,
+        check_meta=lambda meta: check_same_model(meta["config"], config, run.workdir))
+  except checkpoints.NoUsableCheckpointError:
+    if not config.checkpoint.restart_if_unusable:
+      raise
+    logging.warning("No checkpoint in %s could be restored; starting over, as "
+                    "checkpoint.restart_if_unusable asks.", run.workdir)
+    checkpoints.set_aside(manager, manager.all_steps())
+    return _start_or_resume(run, manager, False, writer)
   # The model's own statistics, whatever the dataset says now (it may have been re-prepared).
   stats = normalization.NormalizationStats.from_dict(restored.meta["stats"])
   data_iterator = train_iterator(stats)

@@ -158,17 +158,39 @@ def get_config() -> config_dict.ConfigDict:
   config.eval.batch_size = 64  # global
   config.eval.knn_k = 10
   config.eval.probe_train_examples = 0  # train clips for the probe and kNN; 0 = all
+  # Also report video-level metrics (`eval/video_level_...`): the clip embeddings of each
+  # source video averaged into one, as video papers report.
+  config.eval.multi_clip = False
 
+  # Embedding export (export.py) into WORKDIR/embeddings/NAME/; `--mode export` and, with
+  # at_end, the end of training.
   config.export = config_dict.ConfigDict()
   config.export.split = 'test'
   config.export.at_end = True
+  config.export.step = config_dict.placeholder(int)  # checkpoint step; unset = the latest
+  config.export.batch_size = 64  # global, clips per batch
+  # Embed each source video in one pass over all its frames instead of per clip; refused
+  # for a video of more than max_frames input frames (memory grows linearly with frames).
+  config.export.whole_video = False
+  config.export.max_frames = 512
+  # Embed every video file under this folder (no `prepare` needed) instead of a split.
+  config.export.video_dir = config_dict.placeholder(str)
+  # The folder under WORKDIR/embeddings/; unset = the split (or the video folder's name),
+  # with '_whole_video' appended in whole-video mode.
+  config.export.name = config_dict.placeholder(str)
 
+  # Figures (plots.py) into WORKDIR/plots/; `--mode plots` and, with at_end, the end of
+  # training. The similarity matrix shows the first num_clips clips of eval.splits[0].
   config.plots = config_dict.ConfigDict()
   config.plots.at_end = True
+  config.plots.num_clips = 32
 
-  # Checkpoints (orbax) in WORKDIR/checkpoints: how many to keep.
+  # Checkpoints (orbax) in WORKDIR/checkpoints.
   config.checkpoint = config_dict.ConfigDict()
   config.checkpoint.keep = 3
+  # When every checkpoint of the workdir is damaged: stop with an error (False), or set them
+  # aside in WORKDIR/damaged_checkpoints/ and start over (True).
+  config.checkpoint.restart_if_unusable = False
 
   # Devices (sharding.py): named axes within a slice, -1 = the devices left over; slices
   # joined over the data-centre network multiply the 'data' axis.

@@ -149,3 +149,33 @@ def finish_all(processes: Sequence[subprocess.Popen], timeout: float = 600) -> l
     assert code == 0, f"a process exited {code}:\n{output[-6000:]}"
     outputs.append(output)
   return outputs
+
+
+def wait_for_save_in_progress(workdir, step: int, timeout: float = 300) -> None:
+  """Polls until the asynchronous save of `step` is under way (or done).
+
+  Orbax writes a step into `checkpoints/STEP.orbax-checkpoint-tmp` and renames it when done.
+  """
+  directory = pathlib.Path(workdir) / "checkpoints"
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if (directory / f"{step}.orbax-checkpoint-tmp").exists() or (directory / str(step)).exists():
+      return
+    time.sleep(0.001)
+  raise AssertionError(f"the save of step {step} never started in {directory}")
+
+
+def file_digests(root) -> dict[str, bytes]:
+  """{relative path: content} of every file under `root` (to prove nothing changed)."""
+  root = pathlib.Path(root)
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+          if p.is_file()}
+
+
+TIMING_KEYS = ("clips_per_s", "step_time_s", "mfu")
+
+
+def metrics_without_timing(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
