@@ -58,4 +58,21 @@ def get_config():
   audio_temporal.mlp_dim = 2048
   audio_temporal.windows = (8,)
   audio_temporal.dropout_rate = 0.1
+
+  # Schedule for one accelerator host (e.g. 8 GPUs); see configs/tpu_pod.py for pod slices.
+  # Start the frames from ImageNet weights, as VTN does: --config.model.video.vit.checkpoint.
+  config.batch_size = 256
+  config.total_steps = 30_000
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2_000
+  config.eval_every_steps = 5_000
+  config.eval.batch_size = 256
+  config.eval.probe_train_examples = 20_000
+  config.optim.learning_rate = 3e-4
+  config.optim.warmup_steps = 2_000
+  config.optim.weight_decay = 0.05
+  model.remat = True  # ViT-B on 16 frames × 256 clips does not fit activations otherwise
+  config.input.num_workers = 8
+  config.input.worker_buffer_size = 4
+  config.input.read_threads = 4
   return config
