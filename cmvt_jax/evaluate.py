@@ -10,10 +10,15 @@ by the batch's `mask`. All hosts then compute the same numbers; process 0 writes
 * Linear probe: multinomial logistic regression on frozen, L2-normalised video embeddings
   (full-batch Adam, fixed recipe below), fitted on the train split, top-1 on the split.
 * kNN: the k most cosine-similar train video embeddings vote (weighted by similarity).
+* Multi-clip (`eval.multi_clip`): the clip embeddings of each source video are averaged (and
+  re-normalised) into one per video, as video papers report; retrieval among the videos,
+  and the probe and kNN (still fitted on train clips) on the averaged embeddings, reported
+  as `eval/video_level_...` next to the per-clip keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import jax
@@ -62,6 +67,17 @@ def retrieval_metrics(video: np.ndarray, audio: np.ndarray) -> dict[str, float]:
 def linear_probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                       test_y: np.ndarray, num_classes: int) -> float:
   """Top-1 of a logistic regression fitted on (train_x, train_y), evaluated on test_x."""
+  return probe_top1(fit_linear_probe(train_x, train_y, num_classes), test_x, test_y)
+
+
+def probe_top1(weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+  """Top-1 of a fitted probe (`fit_linear_probe`) on embeddings x `[N, E]`, labels y `[N]`."""
+  return float(np.mean(np.argmax(x @ weights["w"] + weights["b"], axis=1) == y))
+
+
+def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray,
+                     num_classes: int) -> dict[str, np.ndarray]:
+  """The probe's weights `w` `[E, C]` and `b` `[C]`, by the fixed recipe above."""
   weights = {"w": jnp.zeros((train_x.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
   tx = optax.adamw(PROBE_LEARNING_RATE, weight_decay=PROBE_WEIGHT_DECAY)
   x, y = jnp.asarray(train_x), jnp.asarray(train_y)
@@ -80,9 +96,7 @@ def linear_probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     (weights, _), _ = jax.lax.scan(step, (weights, tx.init(weights)), None, length=PROBE_STEPS)
     return weights
 
-  weights = jax.device_get(fit(weights))
-  predictions = np.argmax(test_x @ weights["w"] + weights["b"], axis=1)
-  return float(np.mean(predictions == test_y))
+  return jax.device_get(fit(weights))
 
 
 def knn_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -95,6 +109,36 @@ def knn_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   np.add.at(votes, (np.arange(test_x.shape[0])[:, None], train_y[nearest]),
             np.take_along_axis(similarity, nearest, axis=1))
   return float(np.mean(np.argmax(votes, axis=1) == test_y))
+
+
+def video_level(embedded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Clip embeddings averaged per source video (multi-clip evaluation).
+
+  embedded: `video`, `audio` `[N, E]` L2-normalised, `label` `[N]` and `source_key` `[N, 2]`
+  (clips with equal keys come from the same video; see `source_keys`).
+  Returns `video`, `audio` `[V, E]` (means of each video's clips, L2-normalised again) and
+  `label` `[V]`, videos in the order of their first clip.
+  """
+  _, first, inverse = np.unique(embedded["source_key"], axis=0, return_index=True,
+                                return_inverse=True)
+  order = np.argsort(first)  # np.unique sorts by key; keep the clips' order instead
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  video_of_clip = rank[inverse.reshape(-1)]
+  result = {"label": embedded["label"][first[order]]}
+  for modality in ("video", "audio"):
+    sums = np.zeros((len(first), embedded[modality].shape[1]), np.float64)
+    np.add.at(sums, video_of_clip, embedded[modality])
+    result[modality] = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+  return result
+
+
+def source_keys(sources) -> np.ndarray:
+  """A 64-bit hash of each source path as int32 `[N, 2]`, to group clips by video after
+  the device gather (strings cannot travel in jax arrays); collisions are negligible."""
+  digests = b"".join(hashlib.sha256(str(source).encode("utf-8")).digest()[:8]
+                     for source in sources)
+  return np.frombuffer(digests, dtype="<i4").reshape(-1, 2).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -116,8 +160,9 @@ def embed_split(run, stats, model_params, split: str, *, limit: int | None = Non
                 embed=None) -> dict[str, np.ndarray]:
   """Embeddings of every clip of `split` (or its first `limit`), gathered on every host.
 
-  Returns numpy `video`, `audio` `[N, E]`, `label` `[N]`, in the order of the split shared
-  out over hosts (host-major within each batch); padding rows removed.
+  Returns numpy `video`, `audio` `[N, E]`, `label` `[N]` and `source_key` `[N, 2]` (see
+  `source_keys`), in the order of the split shared out over hosts (host-major within each
+  batch); padding rows removed.
   """
   embed = embed or embed_fn(run)
   source = run.dataset.source(split)
@@ -127,16 +172,23 @@ def embed_split(run, stats, model_params, split: str, *, limit: int | None = Non
   dataset = pipeline.eval_dataset(
       source, run.preprocessor(stats), batch_size=host_batch,
       process_index=jax.process_index(), process_count=jax.process_count())
-  parts = {"video": [], "audio": [], "label": []}
-  for batch in dataset:
-    arrays = sharding.global_batch(
-        {key: batch[key] for key in ("video", "audio", "label", "mask")}, run.mesh)
-    out = jax.device_get(embed(model_params, arrays["video"], arrays["audio"]))
-    mask = np.asarray(jax.device_get(_replicate(arrays["mask"], run.mesh)))
-    labels = np.asarray(jax.device_get(_replicate(arrays["label"], run.mesh)))
-    parts["video"].append(out["video"][mask])
-    parts["audio"].append(out["audio"][mask])
-    parts["label"].append(labels[mask])
+  parts = {"video": [], "audio": [], "label": [], "source_key": []}
+  batches = iter(dataset)
+  try:
+    for batch in batches:
+      host = {key: batch[key] for key in ("video", "audio", "label", "mask")}
+      host["source_key"] = source_keys(batch["source"])
+      arrays = sharding.global_batch(host, run.mesh)
+      out = jax.device_get(embed(model_params, arrays["video"], arrays["audio"]))
+      gathered = jax.device_get(_replicate(
+          {key: arrays[key] for key in ("mask", "label", "source_key")}, run.mesh))
+      mask = np.asarray(gathered["mask"])
+      parts["video"].append(out["video"][mask])
+      parts["audio"].append(out["audio"][mask])
+      parts["label"].append(np.asarray(gathered["label"])[mask])
+      parts["source_key"].append(np.asarray(gathered["source_key"])[mask])
+  finally:
+    batches.close()  # stops grain's worker processes now, not whenever it is collected
   return {key: np.concatenate(value) for key, value in parts.items()}
 
 
@@ -173,25 +225,49 @@ class Evaluator:
     """{split: {"eval/a2v_r1": ..., ...}} for each split of `config.eval.splits`."""
     config = self.run.config.eval
     num_classes = len(self.run.dataset.label_names)
-    train = None
+    train = probe = None
     results = {}
     for split in config.splits:
       embedded = embed_split(self.run, self.stats, model_params, split, embed=self._embed)
-      values = retrieval_metrics(embedded["video"], embedded["audio"])
-      values["eval/num_clips"] = int(len(embedded["label"]))
-      if num_classes > 1:
-        if train is None:
-          train = embed_split(self.run, self.stats, model_params, "train",
-                              limit=config.probe_train_examples or None, embed=self._embed)
-        args = (train["video"], train["label"], embedded["video"], embedded["label"],
-                num_classes)
-        values["eval/linear_probe_top1"] = linear_probe_top1(*args)
-        values["eval/knn_top1"] = knn_top1(*args, k=config.knn_k)
+      values = {"eval/num_clips": int(len(embedded["label"]))}
+      levels = {"eval/": embedded}  # key prefix -> embeddings scored under it
+      if config.multi_clip:
+        levels["eval/video_level_"] = video_level(embedded)
+        values["eval/num_videos"] = int(len(levels["eval/video_level_"]["label"]))
+      if num_classes > 1 and train is None:
+        train = embed_split(self.run, self.stats, model_params, "train",
+                            limit=config.probe_train_examples or None, embed=self._embed)
+        probe = fit_linear_probe(train["video"], train["label"], num_classes)
+      for prefix, level in levels.items():
+        values.update({key.replace("eval/", prefix): value for key, value in
+                       retrieval_metrics(level["video"], level["audio"]).items()})
+        if num_classes > 1:
+          values[f"{prefix}linear_probe_top1"] = probe_top1(probe, level["video"],
+                                                            level["label"])
+          values[f"{prefix}knn_top1"] = knn_top1(train["video"], train["label"],
+                                                  level["video"], level["label"],
+                                                  num_classes, k=config.knn_k)
       results[split] = values
-      logging.info("eval on %s (%d clips): %s", split, len(embedded["label"]),
-                   ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in values.items()
-                             if k != "eval/num_clips"))
+      logging.info("eval on %s:\n%s", split, format_table(values))
     return results
+
+
+def format_table(values: dict[str, float]) -> str:
+  """The metrics of one split as a short text table: one row per level (clip, video)."""
+  columns = [("a2v_r1", "a2v R@1"), ("a2v_r5", "R@5"), ("a2v_r10", "R@10"),
+             ("a2v_median_rank", "median"), ("v2a_r1", "v2a R@1"), ("v2a_r5", "R@5"),
+             ("v2a_r10", "R@10"), ("v2a_median_rank", "median"),
+             ("linear_probe_top1", "probe"), ("knn_top1", "kNN")]
+  levels = [("clips", "eval/", values["eval/num_clips"])]
+  if "eval/num_videos" in values:
+    levels.append(("videos", "eval/video_level_", values["eval/num_videos"]))
+  cell = lambda key, value: f"{value:.1f}" if key.endswith("rank") else f"{value:.3f}"
+  lines = [" " * 13 + "".join(f"{title:>9}" for _, title in columns)]
+  for name, prefix, count in levels:
+    cells = [cell(key, values[prefix + key]) if prefix + key in values else "-"
+             for key, _ in columns]
+    lines.append(f"{count:>6} {name:<6}" + "".join(f"{text:>9}" for text in cells))
+  return "\n".join(lines)
 
 
 def evaluate_latest(config, workdir: str) -> dict[str, dict[str, float]]:

@@ -15,7 +15,9 @@ def get_config():
   config.checkpoint_every_steps = 3
   config.optim.warmup_steps = 2
   config.export.at_end = False
+  config.export.batch_size = 8
   config.plots.at_end = False
+  config.plots.num_clips = 16
 
   synthetic = config.dataset.synthetic
   synthetic.train_files = 16

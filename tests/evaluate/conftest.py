@@ -1,0 +1,87 @@
+"""Fixtures of the evaluate/export/plots tests: a copy of the reference run, opened in this
+process, and embeddings computed directly (model.apply on every clip, written plainly here).
+"""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from cmvt_jax import train
+from cmvt_jax.data import pipeline
+from cmvt_jax.data import prepared
+from cmvt_jax.models import cmvt
+from tests import helpers
+
+# The micro config's test split: 8 files of 2 two-second segments, one clip each.
+MICRO_TEST_FILES = 8
+MICRO_TEST_CLIPS = 16
+
+
+def micro_config(data_dir, **overrides):
+  """The micro config on the session's dataset, with `{"export.split": ...}`-style overrides."""
+  from configs import micro  # pylint: disable=g-import-not-at-top
+
+  config = micro.get_config()
+  config.dataset.data_dir = str(data_dir)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory, reference_run):
+  """A copy of the reference run (20 steps, checkpoints at 5, 10, 15, 20) to export into."""
+  copy = tmp_path_factory.mktemp("evaluate") / "run"
+  shutil.copytree(reference_run, copy)
+  return copy
+
+
+@pytest.fixture(scope="session")
+def run(workdir, micro_data_dir):
+  return train.Run.create(micro_config(micro_data_dir), workdir)
+
+
+class DirectEmbedder:
+  """L2-normalised embeddings of the micro test split by a plain forward pass per clip."""
+
+  def __init__(self, workdir, data_dir):
+    config = micro_config(data_dir)
+    self.model = cmvt.from_config(config)
+    self.dataset = prepared.open_from_config(config.dataset, config.input)
+    self.preprocessor = pipeline.Preprocessor(
+        pipeline.InputSpec.from_config(config.input), self.dataset.stored_stats,
+        self.dataset.storage.fps, self.dataset.storage.sample_rate)
+    self.workdir = workdir
+    self._apply = jax.jit(lambda params, video, audio: self.model.apply(
+        {"params": params}, video, audio))
+
+  def params(self, step):
+    return helpers.load_state(self.workdir, step)["params"]["model"]
+
+  def __call__(self, step, video, audio):
+    """video `[B, T, S, S, 3]`, audio `[B, F, M]` → normalised numpy video, audio `[B, E]`."""
+    out = jax.device_get(self._apply(self.params(step), video, audio))
+    return tuple(out[key] / np.linalg.norm(out[key], axis=1, keepdims=True)
+                 for key in ("video", "audio"))
+
+  def split(self, step, split="test"):
+    """{id: (video, audio, label, source)} of every clip of `split`."""
+    source = self.dataset.source(split)
+    examples = [source[i] for i in range(len(source))]
+    views = [self.preprocessor(example["frames"], example["audio"]) for example in examples]
+    video, audio = self(step, np.stack([view["video"] for view in views]),
+                        np.stack([view["audio"] for view in views]))
+    return {example["id"].decode(): (video[i], audio[i], int(example["label"]),
+                                     example["source"].decode())
+            for i, example in enumerate(examples)}
+
+
+@pytest.fixture(scope="session")
+def direct(workdir, micro_data_dir):
+  return DirectEmbedder(workdir, micro_data_dir)

@@ -1,0 +1,52 @@
+"""The evaluator on the micro test split: padding rows ignored, multi-clip (video-level) keys."""
+
+import numpy as np
+
+from cmvt_jax import evaluate
+from cmvt_jax import train
+from tests.conftest import REFERENCE_STEPS
+from tests.evaluate.conftest import MICRO_TEST_CLIPS, MICRO_TEST_FILES, micro_config
+
+
+def _ranks(queries, candidates):
+  """1 + how many other candidates score at least as high as the positive, row by row."""
+  ranks = []
+  for i, query in enumerate(queries):
+    scores = candidates @ query
+    ranks.append(1 + sum(scores[j] >= scores[i] for j in range(len(scores)) if j != i))
+  return np.array(ranks)
+
+
+def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_dir, direct):
+  # Batches of 6: the split's 16 clips leave 2 padding rows, which must not count.
+  config = micro_config(micro_data_dir, **{"eval.batch_size": 6, "eval.multi_clip": True})
+  run = train.Run.create(config, workdir)
+  restored = run.restore()
+  [results] = evaluate.Evaluator(run, run.stats()).evaluate(
+      restored.state.params["model"]).values()
+  assert results["eval/num_clips"] == MICRO_TEST_CLIPS
+  assert results["eval/num_videos"] == MICRO_TEST_FILES
+
+  clips = direct.split(REFERENCE_STEPS)
+  video = np.stack([clip[0] for clip in clips.values()])
+  audio = np.stack([clip[1] for clip in clips.values()])
+  sources = [clip[3] for clip in clips.values()]
+  by_video = {}
+  for source, v, a in zip(sources, video, audio):
+    by_video.setdefault(source, []).append((v, a))
+  mean = lambda rows: np.mean(rows, axis=0) / np.linalg.norm(np.mean(rows, axis=0))
+  video_level = {key: np.stack([mean([pair[index] for pair in pairs])
+                                for pairs in by_video.values()])
+                 for index, key in enumerate(("video", "audio"))}
+
+  for prefix, level in (("eval/", {"video": video, "audio": audio}),
+                        ("eval/video_level_", video_level)):
+    a2v, v2a = _ranks(level["audio"], level["video"]), _ranks(level["video"], level["audio"])
+    for k in (1, 5, 10):
+      assert results[f"{prefix}a2v_r{k}"] == np.mean(a2v <= k), (prefix, k)
+      assert results[f"{prefix}v2a_r{k}"] == np.mean(v2a <= k), (prefix, k)
+    assert results[f"{prefix}a2v_median_rank"] == np.median(a2v)
+    for key in ("linear_probe_top1", "knn_top1"):
+      assert 0 <= results[f"{prefix}{key}"] <= 1
+  table = evaluate.format_table(results).splitlines()
+  assert len(table) == 3 and "16 clips" in table[1] and "8 videos" in table[2]

@@ -1,0 +1,161 @@
+"""Embedding export: round trip, checkpoint choice, interruption, raw files, whole videos."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cmvt_jax import export
+from cmvt_jax.data import synthetic
+from tests.conftest import REFERENCE_STEPS
+from tests.evaluate.conftest import MICRO_TEST_CLIPS, MICRO_TEST_FILES, micro_config
+
+
+@pytest.fixture(scope="module")
+def clip_export(workdir, run, micro_data_dir):
+  """The micro test split exported per clip from the latest checkpoint, in batches of 6
+  (16 clips: the third batch holds 2 padding rows)."""
+  config = micro_config(micro_data_dir, **{"export.batch_size": 6})
+  export.export_embeddings(config, str(workdir), run=run)
+  return export.load_embeddings(workdir, "test")
+
+
+@pytest.fixture(scope="module")
+def test_videos(tmp_path_factory):
+  """The micro test split's video files, generated again (equal specs give equal files)."""
+  from configs import micro  # pylint: disable=g-import-not-at-top
+
+  spec = dataclasses.replace(
+      synthetic.SyntheticSpec.from_config(micro.get_config().dataset.synthetic),
+      train_files=0, validation_files=0)
+  directory = tmp_path_factory.mktemp("micro_test_videos")
+  synthetic.generate(directory, spec, num_workers=1, progress=False)
+  return directory
+
+
+def assert_matches_direct(rows, expected, atol=1e-5):
+  for index, clip_id in enumerate(rows["id"]):
+    video, audio, label, source = expected[clip_id]
+    np.testing.assert_allclose(rows["video"][index], video, atol=atol, err_msg=clip_id)
+    np.testing.assert_allclose(rows["audio"][index], audio, atol=atol, err_msg=clip_id)
+    if "label" in rows:
+      assert rows["label"][index] == label
+    assert rows["source"][index] == source
+
+
+def test_export_round_trip_equals_a_direct_forward_pass(clip_export, workdir, direct):
+  rows = clip_export
+  assert len(rows["id"]) == MICRO_TEST_CLIPS
+  assert len(set(rows["id"])) == MICRO_TEST_CLIPS
+  assert list(rows["id"]) == sorted(rows["id"])
+  for key in ("video", "audio"):
+    assert rows[key].dtype == np.float32 and rows[key].shape == (MICRO_TEST_CLIPS, 32)
+    np.testing.assert_allclose(np.linalg.norm(rows[key], axis=1), 1, atol=1e-5)
+  expected = direct.split(REFERENCE_STEPS)
+  assert set(rows["id"]) == set(expected)
+  assert_matches_direct(rows, expected)
+  for clip_id, source, start in zip(rows["id"], rows["source"], rows["start"]):
+    assert clip_id == f"{source}@{start:.3f}"
+  manifest = json.loads((workdir / "embeddings" / "test" / "manifest.json").read_text())
+  assert manifest["step"] == REFERENCE_STEPS
+  assert manifest["count"] == MICRO_TEST_CLIPS and manifest["embed_dim"] == 32
+  assert manifest["parts"] == {"part-00000-of-00001.npz": MICRO_TEST_CLIPS}
+  assert len(manifest["config_sha256"]) == 64
+
+
+def test_export_from_a_given_checkpoint_step(workdir, run, micro_data_dir, direct):
+  config = micro_config(micro_data_dir, **{"export.step": 5, "export.name": "test_step5"})
+  export.export_embeddings(config, str(workdir), run=run)
+  rows = export.load_embeddings(workdir / "embeddings", "test_step5")
+  assert_matches_direct(rows, direct.split(5))
+  manifest = json.loads((workdir / "embeddings" / "test_step5" / "manifest.json").read_text())
+  assert manifest["step"] == 5
+
+
+def test_an_interrupted_export_is_not_loaded(clip_export, workdir, tmp_path):
+  del clip_export  # written
+  complete = tmp_path / "embeddings" / "test"
+  shutil.copytree(workdir / "embeddings" / "test", complete)
+  # A stray temporary part beside a complete export is ignored.
+  (complete / "part-00001-of-00002.npz.tmp").write_bytes(b"half a part")
+  assert len(export.load_embeddings(tmp_path, "test")["id"]) == MICRO_TEST_CLIPS
+  # Killed before the rename: the part under its temporary name, no manifest yet.
+  (complete / "manifest.json").unlink()
+  (complete / "part-00000-of-00001.npz").rename(complete / "part-00000-of-00001.npz.tmp")
+  with pytest.raises(FileNotFoundError, match="interrupted export"):
+    export.load_embeddings(tmp_path, "test")
+  with pytest.raises(FileNotFoundError, match="No complete export 'validation'"):
+    export.load_embeddings(tmp_path, "validation")
+
+
+def test_raw_video_files_give_the_prepared_export(clip_export, workdir, run, micro_data_dir,
+                                                  test_videos):
+  config = micro_config(micro_data_dir, **{"export.video_dir": str(test_videos),
+                                           "export.name": "raw_test"})
+  export.export_embeddings(config, str(workdir), run=run)
+  rows = export.load_embeddings(workdir, "raw_test")
+  assert "label" not in rows
+  np.testing.assert_array_equal(rows["id"], clip_export["id"])
+  np.testing.assert_array_equal(rows["start"], clip_export["start"])
+  for key in ("video", "audio"):
+    np.testing.assert_allclose(rows[key], clip_export[key], atol=1e-5)
+
+  # The Python API, on two files given by path.
+  first, second = sorted(test_videos.glob("test/*/*.mp4"))[:2]
+  embedded = export.embed_videos([first, second], workdir)
+  assert list(embedded["source"]) == [str(first)] * 2 + [str(second)] * 2
+  relative = [f"{path.relative_to(test_videos)}@{start:.3f}"
+              for path, start in zip([first, first, second, second], embedded["start"])]
+  index = {clip_id: i for i, clip_id in enumerate(clip_export["id"])}
+  rows_of = [index[clip_id] for clip_id in relative]
+  np.testing.assert_allclose(embedded["video"], clip_export["video"][rows_of], atol=1e-5)
+  np.testing.assert_allclose(embedded["audio"], clip_export["audio"][rows_of], atol=1e-5)
+
+
+def test_whole_video_export_rebuilds_each_video_from_its_clips(workdir, run, micro_data_dir,
+                                                               test_videos):
+  config = micro_config(micro_data_dir, **{"export.whole_video": True})
+  export.export_embeddings(config, str(workdir), run=run)
+  rows = export.load_embeddings(workdir, "test_whole_video")
+  assert len(rows["id"]) == MICRO_TEST_FILES
+  # 4-second files at 4 input frames per second.
+  np.testing.assert_array_equal(rows["num_frames"], 16)
+  np.testing.assert_array_equal(rows["id"], rows["source"])
+  config = micro_config(micro_data_dir, **{"export.whole_video": True})
+  paths = [test_videos / source for source in rows["source"]]
+  from_files = export.embed_videos(paths, workdir, config=config)
+  np.testing.assert_array_equal(from_files["num_frames"], 16)
+  for key in ("video", "audio"):
+    np.testing.assert_allclose(from_files[key], rows[key], atol=1e-5)
+
+
+def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_data_dir,
+                                                      direct):
+  fps, sample_rate, seconds = 8, 16000, 60
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 255, size=(fps * seconds, 32, 32, 3), dtype=np.uint8)
+  audio = (.3 * np.sin(2 * np.pi * 440 * np.arange(seconds * sample_rate) / sample_rate))
+  path = tmp_path / "minute.mp4"
+  synthetic.write_mp4(path, frames, fps, audio.astype(np.float32), sample_rate)
+
+  config = micro_config(micro_data_dir, **{"export.whole_video": True})
+  rows = export.embed_videos([path], workdir, config=config)
+  frames_at_input_rate = seconds * 4  # the micro input samples 4 frames per second
+  np.testing.assert_array_equal(rows["num_frames"], [frames_at_input_rate])
+  assert list(rows["id"]) == [str(path)]
+
+  # A direct forward pass over all 240 frames (no padding, no mask) gives the same numbers.
+  from cmvt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  [element] = pipeline.file_elements(path, direct.preprocessor, direct.dataset.storage,
+                                     whole_video=True)
+  assert element["video"].shape[0] == frames_at_input_rate
+  video, audio = direct(REFERENCE_STEPS, element["video"][None], element["audio"][None])
+  np.testing.assert_allclose(rows["video"], video, atol=1e-5)
+  np.testing.assert_allclose(rows["audio"], audio, atol=1e-5)
+
+  config = micro_config(micro_data_dir, **{"export.whole_video": True,
+                                           "export.max_frames": 100})
+  with pytest.raises(ValueError, match=r"240 input frames .* export.max_frames=100"):
+    export.embed_videos([path], workdir, config=config)

@@ -1,0 +1,78 @@
+"""Retrieval, linear probe, kNN and multi-clip averaging on hand-made embeddings."""
+
+import numpy as np
+import pytest
+
+from cmvt_jax import evaluate
+
+
+def _unit(*rows):
+  rows = np.asarray(rows, np.float64)
+  return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_retrieval_ranks_count_ties_against_the_model():
+  video = _unit([1, 0], [0, 1], [1, 0], [1, 1])
+  audio = _unit([1, 0], [1, 0], [0, 1], [1, 1])
+  # Audio 0 finds its video (sim 1) tied with video 2: rank 2. Audio 1's video scores 0,
+  # below videos 0, 2 (1) and 3 (0.71): rank 4. Audio 2's video scores 0, tied with video 0
+  # and below videos 1 and 3: rank 4. Audio 3's video scores 1, alone on top: rank 1.
+  np.testing.assert_array_equal(evaluate.retrieval_ranks(audio, video), [2, 4, 4, 1])
+  # Video 0: audio 0 (1) tied with audio 1: 2. Video 1: audio 1 (0) tied with audio 0,
+  # below audios 2 and 3: 4. Video 2: audio 2 (0) below audios 0, 1, 3: 4. Video 3: 1.
+  np.testing.assert_array_equal(evaluate.retrieval_ranks(video, audio), [2, 4, 4, 1])
+  metrics = evaluate.retrieval_metrics(video, audio)
+  assert metrics["eval/a2v_r1"] == pytest.approx(0.25)
+  assert metrics["eval/a2v_r5"] == 1.0
+  assert metrics["eval/a2v_median_rank"] == 3.0
+  assert metrics["eval/v2a_r1"] == pytest.approx(0.25)
+
+
+def test_linear_probe_reaches_100_percent_on_separable_embeddings():
+  rng = np.random.default_rng(0)
+  classes, dim = 4, 16
+  centres = np.eye(dim)[:classes] * 3
+
+  def sample(count):
+    labels = rng.integers(classes, size=count)
+    x = centres[labels] + rng.normal(scale=.3, size=(count, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+  train_x, train_y = sample(200)
+  test_x, test_y = sample(100)
+  assert evaluate.linear_probe_top1(train_x, train_y, test_x, test_y, classes) == 1.0
+
+
+def test_knn_votes_by_similarity_over_the_k_nearest():
+  train_x = _unit([.9, np.sqrt(1 - .81)], [.5, np.sqrt(.75)], [.45, -np.sqrt(1 - .2025)],
+                  [-1, 0])
+  train_y = np.array([1, 0, 0, 1])
+  test_x = _unit([1, 0])
+  # k=3: neighbours score .9 (label 1), .5 and .45 (label 0): label 0 wins .95 to .9,
+  # although the single nearest says 1.
+  assert evaluate.knn_top1(train_x, train_y, test_x, np.array([0]), 2, k=3) == 1.0
+  assert evaluate.knn_top1(train_x, train_y, test_x, np.array([1]), 2, k=1) == 1.0
+  # k=4 adds the opposite point (-1, label 1): 0.95 to 0.9 - 1, still label 0.
+  assert evaluate.knn_top1(train_x, train_y, test_x, np.array([0]), 2, k=4) == 1.0
+
+
+def test_video_level_averages_the_clips_of_each_video():
+  sources = ["b.mp4", "a.mp4", "b.mp4", "c.mp4"]
+  embedded = {
+      "video": _unit([1, 0], [0, 1], [0, 1], [1, 1]),
+      "audio": _unit([1, 0], [1, 0], [1, 0], [0, 1]),
+      "label": np.array([3, 5, 3, 7]),
+      "source_key": evaluate.source_keys(sources),
+  }
+  videos = evaluate.video_level(embedded)
+  # Videos in the order of their first clip: b (clips 0, 2), a, c.
+  np.testing.assert_array_equal(videos["label"], [3, 5, 7])
+  np.testing.assert_allclose(videos["video"], _unit([1, 1], [0, 1], [1, 1]), atol=1e-6)
+  np.testing.assert_allclose(videos["audio"], _unit([1, 0], [1, 0], [0, 1]), atol=1e-6)
+
+
+def test_source_keys_are_equal_exactly_for_equal_sources():
+  keys = evaluate.source_keys(["x/a.mp4", "x/b.mp4", "x/a.mp4", ""])
+  assert keys.shape == (4, 2) and keys.dtype == np.int32
+  assert (keys[0] == keys[2]).all()
+  assert len({tuple(key) for key in keys}) == 3

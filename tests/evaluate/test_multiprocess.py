@@ -1,0 +1,39 @@
+"""Two processes on localhost: training ends with an export and plots; each process writes
+its own part, and together they hold what one process exports."""
+
+import json
+
+import numpy as np
+
+from cmvt_jax import export
+from tests import helpers
+from tests.evaluate.conftest import MICRO_TEST_CLIPS, micro_config
+
+
+def test_two_process_run_exports_and_plots_at_the_end(tmp_path, micro_data_dir):
+  workdir = tmp_path / "run"
+  processes = helpers.start_processes(
+      workdir, 2, "--config.total_steps=1", "--config.export.at_end=True",
+      "--config.plots.at_end=True", data_dir=micro_data_dir)
+  helpers.finish_all(processes)
+
+  folder = workdir / "embeddings" / "test"
+  manifest = json.loads((folder / "manifest.json").read_text())
+  assert manifest["step"] == 1 and manifest["count"] == MICRO_TEST_CLIPS
+  parts = [np.load(folder / name) for name in manifest["parts"]]
+  assert sorted(manifest["parts"]) == ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
+  ids = [set(part["id"]) for part in parts]
+  assert ids[0] and ids[1] and not ids[0] & ids[1]
+  union = export.load_embeddings(workdir, "test")
+
+  config = micro_config(micro_data_dir, **{"export.name": "one_process"})
+  export.export_embeddings(config, str(workdir))
+  single = export.load_embeddings(workdir, "one_process")
+  np.testing.assert_array_equal(union["id"], single["id"])
+  np.testing.assert_array_equal(union["label"], single["label"])
+  for key in ("video", "audio"):
+    np.testing.assert_allclose(union[key], single[key], atol=1e-5)
+
+  written = sorted(path.name for path in (workdir / "plots").iterdir())
+  assert written == ["attention.png", "embeddings_pca.png", "similarity_matrix.png",
+                     "training_curves.png"]
