@@ -62,9 +62,19 @@ def initialize_distributed(config) -> None:
                                **timeouts)
     return
   detected = [name for var, name in _CLUSTER_MARKERS.items() if _more_than_one(var)]
+  if not detected and _has_tpu_chips():
+    # A Cloud TPU VM (`gcloud ... tpu-vm ssh --worker=all`) sets no environment variable;
+    # JAX finds the slice's workers in the VM's metadata.
+    detected = ["Cloud TPU VM"]
   if detected:
     logging.info("Detected a %s cluster; joining it.", detected[0])
     jax.distributed.initialize(**timeouts)
+
+
+def _has_tpu_chips() -> bool:
+  """TPU chips on this machine's PCI bus (JAX's own test, which reads no network)."""
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
 def _more_than_one(variable: str) -> bool:
@@ -95,6 +105,7 @@ def main(argv):
   # Errors that describe a problem with the config, the data or the workdir and say what to do.
   user_errors = (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
                  NoUsableCheckpointError)
+  import jax  # pylint: disable=g-import-not-at-top
   try:
     getattr(module, function)(config, _WORKDIR.value)
   except user_errors as error:
@@ -103,6 +114,23 @@ def main(argv):
     # The message says what to do; a traceback would only bury it (--verbosity=1 shows it).
     logging.error("%s: %s", type(error).__name__, error)
     sys.exit(1)
+  except jax.errors.JaxRuntimeError as error:
+    if jax.process_count() == 1 or flags.FLAGS.verbosity >= 1:
+      raise
+    _exit_after_failed_collective(jax.process_index(), jax.process_count(), error)
+
+
+def _exit_after_failed_collective(index: int, count: int, error: Exception) -> None:
+  """One process of several failed in the runtime: usually because another one died."""
+  detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  logging.error(
+      "Process %d of %d stopped: %s. In a multi-host run this usually means that another "
+      "process died, hangs or was preempted (see its log). Restart every process with the "
+      "same command to resume from the last complete checkpoint.", index, count, detail)
+  logging.flush()
+  # Exiting normally would run the distributed runtime's shutdown barrier, which waits for
+  # the dead process until the heartbeat timeout and then aborts with a stack dump.
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def parse_flags(argv: list[str]) -> list[str]:

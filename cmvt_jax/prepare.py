@@ -2,24 +2,35 @@
 
   python -m cmvt_jax.prepare --video_dir DIR --data_dir DIR --name NAME \
       [--clip_seconds 2] [--stride_seconds 2] [--fps 8] [--short_side 32] \
-      [--sample_rate 16000] [--keep_audioless] [--hash_split train=0.8,test=0.2]
+      [--sample_rate 16000] [--keep_audioless] [--hash_split train=0.8,test=0.2] \
+      [--num_workers N]
 
 Writes `DATA_DIR/NAME/VERSION/` (see `cmvt_jax.data.builder`); train on it with
 `--config.dataset.name=NAME --config.dataset.data_dir=DATA_DIR`. Storage and log-mel defaults
 match `configs/default.py`; the input pipeline resamples to whatever a config asks.
+
+On many machines (see `cmvt_jax.data.parts`), run on each machine I of N
+
+  python -m cmvt_jax.prepare --video_dir DIR --data_dir DIR --name NAME --num_workers N \
+      --worker_index I [storage flags, the same everywhere]
+
+then once, anywhere, `python -m cmvt_jax.prepare --data_dir DIR --name NAME --num_workers N
+--merge`. DATA_DIR may be a `gs://` folder (the video folder too).
 """
 
+import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
 from cmvt_jax.data import builder
+from cmvt_jax.data import parts
 from cmvt_jax.data import spectrogram
 
 _VIDEO_DIR = flags.DEFINE_string(
-    'video_dir', None, 'Folder of videos: SPLIT/CLASS/*.mp4 (or CLASS/*.mp4 with --hash_split).',
-    required=True)
+    'video_dir', None, 'Folder of videos: SPLIT/CLASS/*.mp4 (or CLASS/*.mp4 with --hash_split); '
+    'needed except with --merge.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data folder to write into.',
                                 required=True)
 _NAME = flags.DEFINE_string('name', None, 'Dataset name (a lower-case identifier).',
@@ -38,7 +49,16 @@ _HASH_SPLIT = flags.DEFINE_string(
     'hash_split', None, 'Split by a hash of each file\'s path instead of by top-level split '
     'folders, e.g. "train=0.8,validation=0.1,test=0.1"; labels are then the top-level '
     'folders.')
-_NUM_WORKERS = flags.DEFINE_integer('num_workers', 0, 'Decoding processes (0: one per core).')
+_NUM_WORKERS = flags.DEFINE_integer(
+    'num_workers', 0, 'Workers the video files are split among. Without --worker_index they '
+    'all run here, as processes (0: one per core); with --worker_index, this run is one of '
+    'them (decoding with one process per core) and --merge joins their parts.')
+_WORKER_INDEX = flags.DEFINE_integer(
+    'worker_index', None, 'This run is worker I of --num_workers: it decodes files I, I+N, ... '
+    'and writes them as a part of the dataset.')
+_MERGE = flags.DEFINE_bool(
+    'merge', False, 'Join the parts of all --num_workers workers into the dataset (once every '
+    'worker has finished).')
 _N_FFT = flags.DEFINE_integer('n_fft', 1024, 'Log-mel FFT size (for the stored statistics).')
 _HOP_LENGTH = flags.DEFINE_integer('hop_length', 500, 'Log-mel hop in samples.')
 _N_MELS = flags.DEFINE_integer('n_mels', 64, 'Mel bins.')
@@ -64,6 +84,27 @@ def parse_hash_split(text: str) -> dict[str, float]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    _run()
+  except (ValueError, FileNotFoundError) as error:
+    # The message names the problem and what to do; a traceback would only bury it.
+    sys.stderr.write(f'prepare: {type(error).__name__}: {error}\n')
+    sys.exit(1)
+
+
+def _run() -> None:
+  worker_index, num_workers = _WORKER_INDEX.value, _NUM_WORKERS.value
+  if _MERGE.value:
+    if worker_index is not None or num_workers < 1:
+      raise app.UsageError('--merge takes --num_workers N (the workers whose parts it joins) '
+                           'and no --worker_index.')
+    parts.merge_parts(_DATA_DIR.value, _NAME.value, num_workers=num_workers)
+    return
+  if _VIDEO_DIR.value is None:
+    raise app.UsageError('--video_dir is required (except with --merge).')
+  if worker_index is not None and not 0 <= worker_index < num_workers:
+    raise app.UsageError(f'--worker_index={worker_index} needs --num_workers N with '
+                         f'0 <= worker_index < N; got --num_workers={num_workers}.')
   storage = builder.StorageSpec(
       clip_seconds=_CLIP_SECONDS.value,
       stride_seconds=_STRIDE_SECONDS.value or _CLIP_SECONDS.value, fps=_FPS.value,
@@ -72,10 +113,19 @@ def main(argv: Sequence[str]) -> None:
   mel = spectrogram.MelSettings(
       sample_rate=_SAMPLE_RATE.value, n_fft=_N_FFT.value, hop_length=_HOP_LENGTH.value,
       n_mels=_N_MELS.value, fmin=_FMIN.value, fmax=_FMAX.value)
-  builder.prepare(
-      _VIDEO_DIR.value, _DATA_DIR.value, _NAME.value, storage=storage, mel=mel,
-      hash_split=parse_hash_split(_HASH_SPLIT.value) if _HASH_SPLIT.value else None,
-      num_workers=_NUM_WORKERS.value)
+  settings = dict(storage=storage, mel=mel,
+                  hash_split=parse_hash_split(_HASH_SPLIT.value) if _HASH_SPLIT.value else None)
+  if worker_index is not None:
+    parts.prepare_part(_VIDEO_DIR.value, _DATA_DIR.value, _NAME.value,
+                       worker_index=worker_index, num_workers=num_workers, **settings)
+  elif '://' in _DATA_DIR.value:
+    # ArrayRecord files are written with open(): write locally, then copy up (one part).
+    parts.prepare_part(_VIDEO_DIR.value, _DATA_DIR.value, _NAME.value, worker_index=0,
+                       num_workers=1, processes=num_workers, **settings)
+    parts.merge_parts(_DATA_DIR.value, _NAME.value, num_workers=1)
+  else:
+    builder.prepare(_VIDEO_DIR.value, _DATA_DIR.value, _NAME.value, num_workers=num_workers,
+                    **settings)
 
 
 if __name__ == '__main__':

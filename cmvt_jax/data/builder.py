@@ -161,10 +161,13 @@ def scan_video_dir(video_dir: epath.PathLike,
 
 
 def _walk_files(folder: epath.Path) -> Iterator[epath.Path]:
-  # epath.Path.walk, not rglob: recursive globs are refused on gs:// paths.
-  for parent, _, names in folder.walk():
-    for file_name in names:
-      yield epath.Path(parent) / file_name
+  # iterdir, not rglob or walk: recursive globs are refused on gs:// paths, and walk yields
+  # gs:// folders without their scheme (as local relative paths).
+  for path in folder.iterdir():
+    if path.is_dir():
+      yield from _walk_files(path)
+    else:
+      yield path
 
 
 def _hash_assign(source: str, fractions: Mapping[str, float]) -> str:
@@ -327,11 +330,16 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
               'audio': audio}
 
 
-def _builder_class(name: str) -> type[_ClipFolderBuilder]:
-  """A builder class named `name` (TFDS names datasets after their builder class)."""
+def check_name(name: str) -> None:
+  """Refuses a dataset name that TFDS would refuse, before any work is done."""
   if not name.isidentifier() or name != name.lower():
     raise ValueError(f'Dataset name {name!r} must be a lower-case Python identifier '
                      '(letters, digits, underscores), as TFDS requires.')
+
+
+def _builder_class(name: str) -> type[_ClipFolderBuilder]:
+  """A builder class named `name` (TFDS names datasets after their builder class)."""
+  check_name(name)
   return types.new_class(name, (_ClipFolderBuilder,), {'skip_registration': True},
                          lambda namespace: namespace.update(name=name, __module__=__name__))
 
@@ -415,7 +423,7 @@ def prepare(video_dir: epath.PathLike, data_dir: epath.PathLike, name: str, *,
     FileNotFoundError: the video folder or its split folders are missing.
     ValueError: bad arguments, or no file gave a single clip.
   """
-  builder_class = _builder_class(name)
+  check_name(name)
   target = dataset_dir(data_dir, name)
   if is_prepared(target):
     log(f'Dataset {name} is already prepared at {target}; nothing to do.')
@@ -431,19 +439,40 @@ def prepare(video_dir: epath.PathLike, data_dir: epath.PathLike, name: str, *,
     summary = summarize(outcomes, ignored)
     if not summary.clips:
       raise ValueError(f'No usable clip in {video_dir}:\n{summary.format()}')
-    metadata = {STORAGE_KEY: dataclasses.asdict(storage), SUMMARY_KEY: summary.to_dict()}
-    train_stats = [outcome.stats for outcome in outcomes if outcome.stats is not None]
-    if train_stats:
-      accumulator = normalization.StatsAccumulator(mel)
-      for stats in train_stats:
-        accumulator.merge(stats)
-      metadata[NORMALIZATION_KEY] = accumulator.result().to_dict()
-    builder = builder_class(data_dir=os.fspath(data_dir), outcomes=outcomes,
-                            label_names=label_names, metadata=metadata)
-    if not progress:
-      tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_dir=os.path.join(spill_dir, 'downloads'), file_format='array_record',
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    write_dataset(name, data_dir, outcomes, label_names,
+                  dataset_metadata(summary, outcomes, storage, mel), scratch_dir=spill_dir,
+                  progress=progress)
   log(f'Prepared dataset {name} at {target}\n{summary.format()}')
   return target
+
+
+def dataset_metadata(summary: PrepareSummary, outcomes: Sequence[FileOutcome],
+                     storage: StorageSpec, mel: spectrogram.MelSettings) -> dict[str, Any]:
+  """The dataset's metadata.json: storage, the summary, the train split's statistics.
+
+  The statistics are merged in `outcomes` order, so the same outcomes give the same bits.
+  """
+  metadata = {STORAGE_KEY: dataclasses.asdict(storage), SUMMARY_KEY: summary.to_dict()}
+  train_stats = [outcome.stats for outcome in outcomes if outcome.stats is not None]
+  if train_stats:
+    accumulator = normalization.StatsAccumulator(mel)
+    for stats in train_stats:
+      accumulator.merge(stats)
+    metadata[NORMALIZATION_KEY] = accumulator.result().to_dict()
+  return metadata
+
+
+def write_dataset(name: str, data_dir: epath.PathLike, outcomes: Sequence[FileOutcome],
+                  label_names: Sequence[str], metadata: Mapping[str, Any], *,
+                  scratch_dir: str, progress: bool) -> None:
+  """Phase 2 (see module docstring): TFDS writes the spilled clips of `outcomes`.
+
+  `data_dir` must be a local (POSIX) folder: ArrayRecord files are written with `open()`.
+  """
+  builder = _builder_class(name)(data_dir=os.fspath(data_dir), outcomes=outcomes,
+                                 label_names=label_names, metadata=metadata)
+  if not progress:
+    tfds.disable_progress_bar()
+  builder.download_and_prepare(
+      download_dir=os.path.join(scratch_dir, 'downloads'), file_format='array_record',
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
