@@ -222,9 +222,20 @@ class Run:
 
   @functools.cached_property
   def dataset(self) -> prepared.PreparedDataset:
-    """The prepared dataset (made first when it is the synthetic one), opened on first use."""
+    """The prepared dataset (made first when it is the synthetic one), opened on first use.
+
+    The synthetic dataset is made once, by process 0, when every process sees the same
+    `dataset.data_dir`; on hosts with separate disks (the default cache folder on a pod)
+    each host makes its own, identical copy (the generator is seeded).
+    """
+    maker = jax.process_index()
+    if (self.config.dataset.name == prepared.SYNTHETIC_NAME and jax.process_count() > 1
+        and not folder_is_shared(self.config.dataset.data_dir or prepared.default_data_dir())):
+      logging.info("dataset.data_dir is not shared between the hosts: each host makes its "
+                   "own copy of the synthetic dataset.")
+      maker = 0
     return prepared.open_from_config(self.config.dataset, self.config.input,
-                                     process_index=jax.process_index(), log=logging.info)
+                                     process_index=maker, log=logging.info)
 
   # --- model inputs
 
@@ -279,6 +290,23 @@ class Run:
           f"No checkpoint in {checkpoints.checkpoint_dir(self.workdir)}: train first "
           f"(--mode train) with this --workdir.")
     return restored
+
+
+def folder_is_shared(folder) -> bool:
+  """Whether every process sees the same `folder`: process 0 writes a token the others read."""
+  folder = epath.Path(folder)
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31)))
+  probe = folder / f".cmvt_shared_probe_{token}"
+  if jax.process_index() == 0:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text(str(token))
+  multihost_utils.sync_global_devices("cmvt_jax: shared-folder probe written")
+  sees = probe.exists() and probe.read_text() == str(token)
+  every = bool(np.all(multihost_utils.process_allgather(np.int32(sees))))
+  multihost_utils.sync_global_devices("cmvt_jax: shared-folder probe read")
+  if jax.process_index() == 0:
+    probe.unlink()
+  return every
 
 
 def _state_shardings(mesh, abstract: TrainState):

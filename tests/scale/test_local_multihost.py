@@ -106,3 +106,24 @@ def test_a_dead_host_makes_the_other_exit_with_a_clear_error(tmp_path, micro_dat
     pytest.fail("process 0 hung after process 1 died")
   assert code != 0
   assert re.search(r"another (process|task) died", output), output[-3000:]
+
+
+def test_hosts_with_separate_disks_each_make_the_synthetic_dataset(tmp_path):
+  """No shared dataset.data_dir (each host's own cache folder): no host waits forever."""
+  port = helpers.free_port()
+  processes = []
+  for index in range(2):
+    env = helpers.environment()
+    env["XDG_CACHE_HOME"] = str(tmp_path / f"host_{index}_cache")
+    command = helpers.main_command(tmp_path / "run", "--config.total_steps=2",
+                                   f"--coordinator_address=127.0.0.1:{port}",
+                                   "--num_processes=2", f"--process_id={index}")
+    processes.append(subprocess.Popen(command, cwd=helpers.REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+  outputs = helpers.finish_all(processes)
+  assert "each host makes its own copy" in outputs[0]
+  for index in range(2):
+    made = list((tmp_path / f"host_{index}_cache" / "cmvt_jax").glob("cmvt_synthetic-*"))
+    assert len(made) == 1, f"host {index} has no dataset"
+  assert sorted(helpers.losses(tmp_path / "run")) == [1, 2]
