@@ -83,43 +83,8 @@ def test_interrupted_run_leaves_no_dataset(tiny_video_dir, tmp_path, monkeypatch
     prepared.open_prepared(builder.dataset_dir(tmp_path, 'broken'))
 
 
-def _bad_data_folder(root):
-  """Good and bad files; returns {relative path: clips expected (0 = skipped)}."""
-  tone = media.tone(4.2, 44100, channels=2)
-  good = dict(num_frames=42, fps=10, audio=tone, sample_rate=44100, audio_layout='stereo')
-  layout = {}
-
-  def put(relative, clips, **kwargs):
-    path = root / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    media.write_video(path, **kwargs)
-    layout[relative] = clips
-
-  put('train/cats/good.mp4', 2, **good)  # 4.2 s -> clips at 0 and 2
-  put('train/dogs/good.webm', 2, codec='libvpx-vp9', audio_codec='libopus',
-      **{**good, 'sample_rate': 48000, 'audio': media.tone(4.2, 48000, channels=2)})
-  put('train/dogs/short.mp4', 0, **{**good, 'num_frames': 15})  # 1.5 s < one clip
-  put('train/dogs/silent.mp4', 0, num_frames=42, fps=10)  # no audio
-  put('train/cats/sound_only.mp4', 0, num_frames=0, audio=tone, sample_rate=44100,
-      audio_layout='stereo')
-  put('test/cats/cut.mp4', 1, container_options={'movflags': '+faststart'},
-      **{**good, 'num_frames': 60, 'audio': media.tone(6., 44100, channels=2)})
-  data = (root / 'test/cats/cut.mp4').read_bytes()
-  (root / 'test/cats/cut.mp4').write_bytes(data[:len(data) // 2])
-  put('test/dogs/ok.mkv', 2, **good)
-  put('test/loose.mp4', 0, **good)  # not inside a class folder
-  (root / 'train/cats/empty.mp4').write_bytes(b'')
-  layout['train/cats/empty.mp4'] = 0
-  (root / 'train/dogs/noise.avi').write_bytes(np.random.default_rng(0).bytes(5000))
-  layout['train/dogs/noise.avi'] = 0
-  (root / 'train/dogs/notes.txt').write_text('not a video')
-  # A file name that is not UTF-8: kept, its source escaped.
-  put(os.fsdecode(b'train/cats/caf\xe9.mp4'), 2, **good)
-  return layout
-
-
 def test_bad_files_are_skipped_counted_and_every_good_clip_written(tmp_path):
-  layout = _bad_data_folder(tmp_path / 'videos')
+  layout = media.bad_data_folder(tmp_path / 'videos')
 
   directory = _prepare(tmp_path / 'videos', tmp_path / 'data')
   dataset = prepared.open_prepared(directory)
