@@ -23,7 +23,7 @@ def get_config() -> config_dict.ConfigDict:
   config = config_dict.ConfigDict()
   config.seed = 0
   # The schedule (train.py). `step` counts optimiser updates; 0 = only at the end.
-  config.total_steps = 600
+  config.total_steps = 1000
   config.batch_size = 64  # global: split over every device and process
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200

@@ -6,14 +6,16 @@ global key, and for every global query over all keys (the rule is spelled out in
 `banded_attention`'s docstring). Nothing of size T×T is ever built:
 
 * Chunking. The sequence is cut into query chunks of `c >= w` positions; chunk a only needs the
-  keys in [a·c − w, a·c + c + w), i.e. the last w keys of chunk a−1, chunk a and the first w
-  keys of chunk a+1, assembled with slices (no gathers). Scores are [c, c + 2w] per chunk, the
-  band itself is one static [c, c + 2w] boolean pattern shared by all chunks, and key padding
-  is fused into the same `where`. Chunks are processed a block at a time under `lax.scan`, so
-  the live scores stay a few MiB whatever T is. The backward pass is written by hand
-  (`jax.custom_vjp`, flash-attention style): it keeps only q, k, v, the output and the
-  per-row log-sum-exp, and recomputes each block's scores, so forward+backward memory is
-  O(T·D) plus one block.
+  keys in [a·c − w, a·c + c + w), which lie in chunks a−1, a and a+1 (the three "pieces"),
+  taken with slices (no gathers). Scores are three [c, c] tiles per chunk; the band is a
+  static [c, c] boolean pattern per piece, and key padding is fused into the same `where`.
+  Chunks are processed a block at a time under `lax.fori_loop`, so the live scores stay a few
+  MiB whatever T is. q, k and v stay in their `[B, T, H, D]` layout (chunking is a free
+  reshape); each block is moved to `[B, H, block, c, D]` while it is in cache, because a
+  whole-array transpose costs as much as a quarter of the kernel on a CPU. The backward
+  pass is written by hand (`jax.custom_vjp`, flash-attention style): it keeps only q, k, v,
+  the output and the per-row log-sum-exp, and recomputes each block's scores, so
+  forward+backward memory is O(T·D) plus one block.
 * Dilation. A dilated window is a plain window on interleaved sub-sequences: positions
   r, r+d, r+2d, … (r = 0 … d−1) only ever see each other, so the sequence is regrouped into
   d sub-sequences of length ⌈T/d⌉, folded into the batch, and the plain kernel runs with
@@ -284,38 +286,36 @@ def _band_one_dilation(q, k, v, key_valid, *, window, dilation, scale):
   """Dilated band for heads sharing one dilation d, as a plain band on d sub-sequences.
 
   Position r + d·i becomes position i of sub-sequence r; sub-sequences are folded into the
-  batch and laid out `[B·d, H, chunks, chunk, D]` for the kernel (keys with one zero chunk
-  on each side). q, k, v `[B, T, H, D]`, key_valid `[B, T]` →
-  (out `[B, T, H, D]` float32, lse `[B, T, H]` float32).
+  batch. The kernel reads the sequence-major layout `[B·d, chunks, c, H, D]`, which for d = 1
+  is a free reshape of `[B, T, H, D]` (no copy of q, k or v). q, k, v `[B, T, H, D]`,
+  key_valid `[B, T]` → (out `[B, T, H, D]` float32, lse `[B, T, H]` float32).
   """
   batch, length, heads, head_dim = q.shape
   d = dilation
   sub_length = -(-length // d)
-  plan = _Plan(batch * d, heads, sub_length, window)
-  c = plan.chunk
+  plan = _Plan(batch * d, heads, sub_length, window, scale)
+  padded = plan.num_chunks * plan.chunk
 
-  def regroup(x, front, total):  # [B, T, ...] → [B·d, ..., total] with x[i·d + r] at front + i
-    x = jnp.pad(x, ((0, 0), (0, sub_length * d - length)) + ((0, 0),) * (x.ndim - 2))
-    x = x.reshape(batch, sub_length, d, *x.shape[2:])
-    x = jnp.pad(x, ((0, 0), (front, total - front - sub_length)) + ((0, 0),) * (x.ndim - 2))
-    x = jnp.moveaxis(x, 1, -1)  # [B, d, ..., total]
-    return x.reshape(batch * d, *x.shape[2:])
+  def regroup(x):  # [B, T, ...] → [B·d, padded, ...] with x[i·d + r] of row b at [b·d + r, i]
+    if padded * d != length:
+      x = jnp.pad(x, ((0, 0), (0, padded * d - length)) + ((0, 0),) * (x.ndim - 2))
+    x = x.reshape(batch, padded, d, *x.shape[2:])
+    if d > 1:
+      x = jnp.moveaxis(x, 2, 1)
+    return x.reshape(batch * d, plan.num_chunks, plan.chunk, *x.shape[3:])
 
-  def chunk_heads(x, front, total):  # [B, T, H, D] → [B·d, H, total / c, c, D]
-    x = jnp.moveaxis(regroup(x, front, total), -1, -2)
-    return x.reshape(batch * d, heads, total // c, c, head_dim)
+  # One masked chunk on each side: the halo of the first and last query chunks.
+  key_bias = jnp.pad(jnp.where(regroup(key_valid), 0.0, -jnp.inf), ((0, 0), (1, 1), (0, 0)),
+                     constant_values=-jnp.inf)
+  out, lse = _band_core(plan, regroup(q), regroup(k), regroup(v), key_bias)
 
-  queries = plan.num_chunks * c
-  keys = queries + 2 * c
-  key_bias = jnp.where(regroup(key_valid, c, keys), 0.0, -jnp.inf).reshape(batch * d, -1, c)
-  out, lse = _band_core(plan, chunk_heads(q * jnp.asarray(scale, q.dtype), 0, queries),
-                        chunk_heads(k, c, keys), chunk_heads(v, c, keys), key_bias)
+  def ungroup(x):  # [B·d, chunks, c, ...] → [B, T, ...]
+    x = x.reshape(batch, d, padded, *x.shape[3:])
+    if d > 1:
+      x = jnp.moveaxis(x, 1, 2)
+    return x.reshape(batch, padded * d, *x.shape[3:])[:, :length]
 
-  out = out.reshape(batch, d, heads, queries, head_dim)[:, :, :, :sub_length]
-  out = out.transpose(0, 3, 1, 2, 4).reshape(batch, sub_length * d, heads, head_dim)
-  lse = lse.reshape(batch, d, heads, queries)[:, :, :, :sub_length]
-  lse = lse.transpose(0, 3, 1, 2).reshape(batch, sub_length * d, heads)
-  return out[:, :length], lse[:, :length]
+  return ungroup(out), ungroup(lse)
 
 
 # ----------------------------------------------------------------------------- the band kernel
@@ -326,32 +326,80 @@ class _Plan:
 
   Keys of query chunk a lie in chunks a−1, a, a+1 (chunk >= window), so each chunk meets
   three key chunks, called pieces (−1, 0, +1); with a single chunk only piece 0 exists.
+  A loop step takes `block` consecutive query chunks; the last step is moved back to end at
+  the last chunk (it recomputes a few chunks rather than padding q, k and v).
   """
 
-  def __init__(self, batch, heads, length, window):
+  def __init__(self, batch, heads, length, window, scale):
+    self.scale = scale
     self.window = min(window, max(length - 1, 1))
     chunk = max(self.window, _MIN_CHUNK)
     self.chunk = min(chunk, length)
     self.pieces = (0,) if self.chunk == length else (-1, 0, 1)
-    chunks = -(-length // self.chunk)
+    self.num_chunks = -(-length // self.chunk)
     per_chunk = batch * heads * self.chunk * self.chunk * len(self.pieces)
-    most_per_step = max(1, min(chunks, _BLOCK_SCORE_ELEMENTS // per_chunk))
-    self.num_steps = -(-chunks // most_per_step)
-    self.block = -(-chunks // self.num_steps)  # evens out the steps: least padding
-    self.num_chunks = self.num_steps * self.block
+    most_per_step = max(1, min(self.num_chunks, _BLOCK_SCORE_ELEMENTS // per_chunk))
+    self.num_steps = -(-self.num_chunks // most_per_step)
+    self.block = -(-self.num_chunks // self.num_steps)  # evens out the steps
 
   def band(self, piece: int) -> np.ndarray:
     """`[chunk, chunk]` bool: query i of chunk a may see key j of chunk a + piece."""
     offset = np.arange(self.chunk)[None, :] + piece * self.chunk - np.arange(self.chunk)[:, None]
     return np.abs(offset) <= self.window
 
+  def block_start(self, step):
+    """First query chunk of loop step `step` (traced int)."""
+    return jnp.minimum(step * self.block, self.num_chunks - self.block)
 
-def _block_inputs(plan, q, k, v, key_bias, step):
-  """Slices one loop step: q `[B, H, block, c, D]`, and per piece the key chunks."""
-  start = step * plan.block
-  q_block = jax.lax.dynamic_slice_in_dim(q, start, plan.block, axis=2)
-  spans = [jax.lax.dynamic_slice_in_dim(x, start, plan.block + 2, axis=axis)
-           for x, axis in ((k, 2), (v, 2), (key_bias, 1))]
+
+def _heads_first(x):
+  """`[B, m, c, H, ...]` → `[B, H, m, c, ...]`: one block, transposed while it is in cache."""
+  return jnp.moveaxis(x, 3, 1)
+
+
+def _heads_last(x):
+  """Inverse of `_heads_first`."""
+  return jnp.moveaxis(x, 1, 3)
+
+
+def _key_span(plan, x, start):
+  """Key chunks start−1 … start+block of x `[B, n, c, H, D]` as `[B, H, block + 2, c, D]`.
+
+  At either end of the sequence the missing neighbour is replaced by a clamped copy of a
+  real chunk; key_bias masks it (its padded chunks are −inf), so its values never count.
+  """
+  if plan.pieces == (0,):
+    middle = jax.lax.dynamic_slice_in_dim(x, start, plan.block, axis=1)
+    return _heads_first(jnp.pad(middle, ((0, 0), (1, 1)) + ((0, 0),) * (x.ndim - 2)))
+  last = plan.num_chunks - 1
+  parts = [jax.lax.dynamic_slice_in_dim(x, jnp.maximum(start - 1, 0), 1, axis=1),
+           jax.lax.dynamic_slice_in_dim(x, start, plan.block, axis=1),
+           jax.lax.dynamic_slice_in_dim(x, jnp.minimum(start + plan.block, last), 1, axis=1)]
+  return _heads_first(jnp.concatenate(parts, axis=1))
+
+
+def _add_span(total, span, start, plan):
+  """Adds span `[B, H, block + 2, c, D]` (chunks start−1 … start+block) into total `[B, n, c, H, D]`.
+
+  The clamped edge chunks of `_key_span` carry zero gradient, so adding them to the chunk
+  they were clamped to changes nothing.
+  """
+  span = _heads_last(span)
+  add_at = lambda total, part, at: jax.lax.dynamic_update_slice_in_dim(
+      total, jax.lax.dynamic_slice_in_dim(total, at, part.shape[1], axis=1) + part, at, axis=1)
+  total = add_at(total, span[:, 1:-1], start)
+  if plan.pieces == (0,):
+    return total
+  total = add_at(total, span[:, :1], jnp.maximum(start - 1, 0))
+  return add_at(total, span[:, -1:], jnp.minimum(start + plan.block, plan.num_chunks - 1))
+
+
+def _block_inputs(plan, q, k, v, key_bias, start):
+  """One loop step: scaled q `[B, H, block, c, D]` and, per piece, its key chunks."""
+  q_block = _heads_first(jax.lax.dynamic_slice_in_dim(q, start, plan.block, axis=1))
+  q_block = q_block * jnp.asarray(plan.scale, q.dtype)
+  spans = (_key_span(plan, k, start), _key_span(plan, v, start),
+           jax.lax.dynamic_slice_in_dim(key_bias, start, plan.block + 2, axis=1))
   pieces = [tuple(span[(slice(None),) * axis + (slice(1 + p, 1 + p + plan.block),)]
                   for span, axis in zip(spans, (2, 2, 1)))
             for p in plan.pieces]
@@ -367,20 +415,19 @@ def _piece_scores(plan, piece, q_block, k_piece, bias_piece):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _band_core(plan, q, k, v, key_bias):
-  """The plain band on chunked inputs (q already scaled).
+  """The plain band on chunked, sequence-major inputs.
 
-  q `[B, H, n, c, D]`, k and v `[B, H, n + 2, c, D]` (a zero chunk at each end), key_bias
-  `[B, n + 2, c]` float32 (0 valid, −inf masked) → (out `[B, H, n, c, D]` f32, lse `[B, H, n, c]`).
+  q, k, v `[B, n, c, H, D]` (unscaled), key_bias `[B, n + 2, c]` float32 (0 valid, −inf
+  masked; one masked chunk at each end) → (out `[B, n, c, H, D]` f32, lse `[B, n, c, H]` f32).
   """
   return _band_forward(plan, q, k, v, key_bias)
 
 
 def _band_forward(plan, q, k, v, key_bias):
-  batch, heads, _, c, head_dim = q.shape
-
   def step(index, carry):
     out, lse = carry
-    q_block, pieces = _block_inputs(plan, q, k, v, key_bias, index)
+    start = plan.block_start(index)
+    q_block, pieces = _block_inputs(plan, q, k, v, key_bias, start)
     scores = [_piece_scores(plan, p, q_block, k_piece, bias_piece)
               for p, (k_piece, _, bias_piece) in zip(plan.pieces, pieces)]
     row_max = functools.reduce(jnp.maximum, [s.max(axis=-1) for s in scores])
@@ -391,12 +438,12 @@ def _band_forward(plan, q, k, v, key_bias):
               for w, (_, vp, _) in zip(weights, pieces))
     out_block = acc / jnp.where(total > 0, total, 1.0)[..., None]
     lse_block = row_max[..., 0] + jnp.log(total)
-    start = index * plan.block
-    return (jax.lax.dynamic_update_slice_in_dim(out, out_block, start, axis=2),
-            jax.lax.dynamic_update_slice_in_dim(lse, lse_block, start, axis=2))
+    # A recomputed chunk (last step) is written again with the same values.
+    return (jax.lax.dynamic_update_slice_in_dim(out, _heads_last(out_block), start, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(lse, _heads_last(lse_block), start, axis=1))
 
-  out = jnp.zeros((batch, heads, plan.num_chunks, c, head_dim), jnp.float32)
-  lse = jnp.zeros((batch, heads, plan.num_chunks, c), jnp.float32)
+  out = jnp.zeros(q.shape, jnp.float32)
+  lse = jnp.zeros(q.shape[:-1], jnp.float32)
   return jax.lax.fori_loop(0, plan.num_steps, step, (out, lse))
 
 
@@ -409,19 +456,23 @@ def _band_core_bwd(plan, residuals, cotangents):
   """Flash-attention backward: recompute each block's probabilities from the saved lse.
 
   With p = softmax(s), o = p·v, lse = log Σ exp(s): ds = p ⊙ (do·vᵀ − Σ(do ⊙ o) + dlse).
+  Gradients are accumulated, and the chunks the last step recomputes count zero there.
   """
   q, k, v, key_bias, out, lse = residuals
   d_out, d_lse = cotangents
-  row_term = d_lse - jnp.sum(d_out * out, axis=-1)  # [B, H, n, c]
+  row_term = d_lse - jnp.sum(d_out * out, axis=-1)  # [B, n, c, H]
   lse = _finite_or_zero(lse)
   d_out = d_out.astype(v.dtype)
 
   def step(index, carry):
     d_q, d_k, d_v = carry
-    start = index * plan.block
-    q_block, pieces = _block_inputs(plan, q, k, v, key_bias, index)
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, plan.block, axis=2)
-    d_out_block, lse_block, row_block = take(d_out), take(lse)[..., None], take(row_term)[..., None]
+    start = plan.block_start(index)
+    q_block, pieces = _block_inputs(plan, q, k, v, key_bias, start)
+    fresh = (start + jnp.arange(plan.block) >= index * plan.block)[:, None]  # [block, 1]
+    take = lambda x: _heads_first(jax.lax.dynamic_slice_in_dim(x, start, plan.block, axis=1))
+    d_out_block = jnp.where(fresh[..., None], take(d_out), 0)
+    row_block = jnp.where(fresh, take(row_term), 0)[..., None]
+    lse_block = take(lse)[..., None]
     d_q_block = d_k_span = d_v_span = 0.0
     for p, (k_piece, v_piece, bias_piece) in zip(plan.pieces, pieces):
       probs = jnp.exp(_piece_scores(plan, p, q_block, k_piece, bias_piece) - lse_block)
@@ -431,11 +482,11 @@ def _band_core_bwd(plan, residuals, cotangents):
       onto_span = lambda x: jnp.pad(x, ((0, 0), (0, 0), (1 + p, 1 - p), (0, 0), (0, 0)))
       d_k_span += onto_span(_matmul("bhnck,bhncd->bhnkd", d_scores, q_block))
       d_v_span += onto_span(_matmul("bhnck,bhncd->bhnkd", probs.astype(v.dtype), d_out_block))
-    accumulate = lambda total, span: jax.lax.dynamic_update_slice_in_dim(
-        total, jax.lax.dynamic_slice_in_dim(total, start, plan.block + 2, axis=2) + span,
-        start, axis=2)
-    return (jax.lax.dynamic_update_slice_in_dim(d_q, d_q_block, start, axis=2),
-            accumulate(d_k, d_k_span), accumulate(d_v, d_v_span))
+    d_q_block = _heads_last(d_q_block * plan.scale)
+    d_q = jax.lax.dynamic_update_slice_in_dim(
+        d_q, jax.lax.dynamic_slice_in_dim(d_q, start, plan.block, axis=1) + d_q_block,
+        start, axis=1)
+    return d_q, _add_span(d_k, d_k_span, start, plan), _add_span(d_v, d_v_span, start, plan)
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
   d_q, d_k, d_v = jax.lax.fori_loop(0, plan.num_steps, step, (zeros(q), zeros(k), zeros(v)))

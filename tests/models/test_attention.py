@@ -136,8 +136,10 @@ def test_many_loop_steps_match_dense(monkeypatch):
   monkeypatch.setattr(attention, "_BLOCK_SCORE_ELEMENTS", 1)
   assert_matches_dense((1, 300, 2, 8), window=32, global_mask=global_mask_at(1, 300, [[150]]))
   monkeypatch.setattr(attention, "_BLOCK_SCORE_ELEMENTS", 3 * 2 * 2 * 32 * 32 * 3)
+  # 11 chunks in steps of 3: the last step is moved back and recomputes one chunk.
   assert_matches_dense((2, 333, 2, 8), window=32,
                        kv_mask=jnp.broadcast_to(jnp.arange(333) < 320, (2, 333)))
+  assert_matches_dense((1, 333, 2, 8), window=16, dilation=(1, 3))
 
 
 @pytest.mark.parametrize("dtype,atol", [(jnp.bfloat16, 3e-2), (jnp.float16, 5e-3)])
