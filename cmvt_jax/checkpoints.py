@@ -35,7 +35,9 @@ class Restored:
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
-  return epath.Path(workdir) / "checkpoints"
+  path = epath.Path(workdir) / "checkpoints"
+  # orbax refuses relative paths; `--workdir runs/default` is relative to the current folder.
+  return path if path.is_absolute() else path.absolute()
 
 
 def manager(workdir: epath.PathLike, *, max_to_keep: int, create: bool = True,

@@ -1,6 +1,7 @@
 """`python -m cmvt_jax.main` end to end on the micro config, as a user runs it."""
 
 import json
+import os
 import signal
 
 import numpy as np
@@ -12,7 +13,9 @@ from tests.conftest import REFERENCE_STEPS
 
 def test_one_step_end_to_end(tmp_path, micro_data_dir):
   workdir = tmp_path / "run"
-  helpers.run_main(workdir, "--config.total_steps=1", data_dir=micro_data_dir)
+  # Relative, as in the README's `--workdir runs/default` (orbax itself needs absolute paths).
+  relative_workdir = os.path.relpath(workdir, helpers.REPO)
+  helpers.run_main(relative_workdir, "--config.total_steps=1", data_dir=micro_data_dir)
   [train_line] = helpers.train_lines(workdir)
   assert train_line["step"] == 1 and np.isfinite(train_line["loss"])
   for key in ("temperature", "grad_norm", "learning_rate", "clips_per_s", "step_time_s", "mfu"):
