@@ -23,7 +23,7 @@ def get_config() -> config_dict.ConfigDict:
   config = config_dict.ConfigDict()
   config.seed = 0
   # The schedule (train.py). `step` counts optimiser updates; 0 = only at the end.
-  # 1000 steps: ~6.5 min of training on 2 cores, ~8 min for the whole first run. With 600,
+  # 1000 steps: ~4.5 min of training on 2 cores, ~7 min for the whole first run. With 600,
   # one seed in three stopped at test a->v R@1 0.78 (BENCHMARKS.md, Quality).
   config.total_steps = 1000
   config.batch_size = 64  # global: split over every device and process
