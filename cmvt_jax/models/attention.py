@@ -189,7 +189,8 @@ def resolve_max_global(global_mask, max_global) -> int:
           "global_mask is traced (inside jit/grad/vmap), so the number of global tokens is "
           "not known statically: pass max_global=<largest count of global positions in a row>.")
     return int(counts.max())
-  if isinstance(max_global, bool) or not isinstance(max_global, (int, np.integer)) or max_global < 0:
+  is_int = isinstance(max_global, (int, np.integer)) and not isinstance(max_global, bool)
+  if not is_int or max_global < 0:
     raise ValueError(f"max_global must be a static int >= 0; got {max_global!r}.")
   if counts is not None and counts.max() > max_global:
     raise ValueError(
@@ -379,7 +380,7 @@ def _key_span(plan, x, start):
 
 
 def _add_span(total, span, start, plan):
-  """Adds span `[B, H, block + 2, c, D]` (chunks start−1 … start+block) into total `[B, n, c, H, D]`.
+  """Adds span `[B, H, block + 2, c, D]` (chunks start−1 … start+block) into `[B, n, c, H, D]`.
 
   The clamped edge chunks of `_key_span` carry zero gradient, so adding them to the chunk
   they were clamped to changes nothing.
