@@ -384,7 +384,8 @@ def make_train_step(run: Run) -> Callable[[TrainState, dict], tuple[TrainState, 
     updates, opt_state = run.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params["log_temperature"] = run.loss.temperature.clamp(params["log_temperature"])
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step never reaches the parameters: the state keeps its last good values
     # (the loop then stops, or counts the skip when config.skip_nonfinite_batches).
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -392,7 +393,7 @@ def make_train_step(run: Run) -> Callable[[TrainState, dict], tuple[TrainState, 
         step=state.step + 1, params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         skipped_batches=state.skipped_batches + (~finite).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "grad_norm": grad_norm,
                "learning_rate": schedule(state.step), "finite": finite, **aux}
     if "temperature" not in metrics:
       metrics["temperature"] = run.loss.temperature(new_state.log_temperature)
