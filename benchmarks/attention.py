@@ -56,7 +56,8 @@ def matmul_throughput(repeats: int) -> float:
 def implementations():
   banded = lambda q, k, v: banded_attention(q, k, v, window=WINDOW)
   local = lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, local_window_size=(WINDOW, WINDOW), implementation="xla")
+    q, k, v, local_window_size=(WINDOW, WINDOW), implementation="xla"
+  )
   dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
   return {"banded": banded, "jax local": local, "dense": dense}
 
@@ -111,8 +112,9 @@ print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024)
 
 def peak_rss_bytes(length: int) -> int:
   """Peak RSS of a fresh process that runs one banded forward+backward (B=1, H=8, D=64)."""
-  result = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, str(length)],
-                          capture_output=True, text=True, check=True)
+  result = subprocess.run(
+    [sys.executable, "-c", PEAK_RSS_CHILD, str(length)], capture_output=True, text=True, check=True
+  )
   return int(result.stdout.strip().splitlines()[-1])
 
 
@@ -121,8 +123,9 @@ def cmvt_layer_seconds(length: int, hidden: int, repeats: int) -> float:
   heads = 8
   keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(keys[0], (1, length, hidden))
-  weights = [jax.random.normal(key, (hidden, heads, hidden // heads)) * hidden**-0.5
-             for key in keys[1:]]
+  weights = [
+    jax.random.normal(key, (hidden, heads, hidden // heads)) * hidden**-0.5 for key in keys[1:]
+  ]
 
   def layer(x, wq, wk, wv):
     q, k, v = (jnp.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
@@ -138,17 +141,33 @@ def fresh_process_layer_seconds(repeats: int) -> float:
   starts from the same clean heap as the torch one.
   """
   result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.attention", "--layer_only", "--repeats", str(repeats)],
-      capture_output=True, text=True, check=True)
+    [sys.executable, "-m", "benchmarks.attention", "--layer_only", "--repeats", str(repeats)],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   return json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def hugging_face_seconds(torch_python: str, length: int, hidden: int, repeats: int) -> dict:
   script = __file__.replace("attention.py", "hf_longformer.py")
   result = subprocess.run(
-      [torch_python, script, "--length", str(length), "--hidden", str(hidden),
-       "--window", str(WINDOW), "--repeats", str(repeats)],
-      capture_output=True, text=True, check=True)
+    [
+      torch_python,
+      script,
+      "--length",
+      str(length),
+      "--hidden",
+      str(hidden),
+      "--window",
+      str(WINDOW),
+      "--repeats",
+      str(repeats),
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -157,8 +176,9 @@ def main():
   parser.add_argument("--quick", action="store_true", help="short lengths, few repeats")
   parser.add_argument("--torch_python", help="python with torch + transformers for (d)")
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--layer_only", action="store_true",
-                      help="print (d)'s cmvt_jax layer seconds as JSON and exit")
+  parser.add_argument(
+    "--layer_only", action="store_true", help="print (d)'s cmvt_jax layer seconds as JSON and exit"
+  )
   args = parser.parse_args()
   if args.layer_only:
     print(json.dumps({"seconds": cmvt_layer_seconds(LAYER_LENGTH, LAYER_HIDDEN, args.repeats)}))
@@ -170,9 +190,11 @@ def main():
   peak = matmul_throughput(repeats)
   rows = timing_rows(lengths, repeats, peak)
 
-  print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-        f"{jax.device_count()} × {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-        f"batch {BATCH}, heads {HEADS}, head_dim {HEAD_DIM}, window ±{WINDOW}, float32")
+  print(
+    f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+    f"{jax.device_count()} × {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+    f"batch {BATCH}, heads {HEADS}, head_dim {HEAD_DIM}, window ±{WINDOW}, float32"
+  )
   print(f"float32 matmul throughput (4096², same run): {peak:.0f} GFLOP/s\n")
   print("| T | implementation | forward ms | forward+backward ms | note |")
   print("|---:|---|---:|---:|---|")
@@ -196,13 +218,17 @@ def main():
     hidden, length = LAYER_HIDDEN, LAYER_LENGTH
     ours = fresh_process_layer_seconds(repeats)
     theirs = hugging_face_seconds(args.torch_python, length, hidden, repeats)
-    print(f"\n(d) q/k/v projections + attention, T={length}, hidden {hidden}, 8 heads, "
-          f"window ±{WINDOW} (HF attention_window={2 * WINDOW}), forward, CPU")
+    print(
+      f"\n(d) q/k/v projections + attention, T={length}, hidden {hidden}, 8 heads, "
+      f"window ±{WINDOW} (HF attention_window={2 * WINDOW}), forward, CPU"
+    )
     print("| implementation | forward ms |")
     print("|---|---:|")
-    print(f"| Hugging Face LongformerSelfAttention (torch {theirs['torch']}, "
-          f"transformers {theirs['transformers']}, {theirs['threads']} threads) | "
-          f"{theirs['seconds'] * 1e3:.1f} |")
+    print(
+      f"| Hugging Face LongformerSelfAttention (torch {theirs['torch']}, "
+      f"transformers {theirs['transformers']}, {theirs['threads']} threads) | "
+      f"{theirs['seconds'] * 1e3:.1f} |"
+    )
     print(f"| cmvt_jax projections + banded_attention | {ours * 1e3:.1f} |")
     print(f"| speed-up | {theirs['seconds'] / ours:.1f}× |")
 

@@ -25,8 +25,11 @@ def main():
   args = parser.parse_args()
 
   config = transformers.LongformerConfig(
-      hidden_size=args.hidden, num_attention_heads=args.heads,
-      attention_window=[2 * args.window], attention_probs_dropout_prob=0.0)
+    hidden_size=args.hidden,
+    num_attention_heads=args.heads,
+    attention_window=[2 * args.window],
+    attention_probs_dropout_prob=0.0,
+  )
   layer = LongformerSelfAttention(config, layer_id=0).eval()
   hidden = torch.randn(1, args.length, args.hidden)
   mask = torch.zeros(1, args.length)  # 0 = local attention for every position
@@ -39,9 +42,16 @@ def main():
       start = time.perf_counter()
       layer(hidden, attention_mask=mask, **flags)
       times.append(time.perf_counter() - start)
-  print(json.dumps({"seconds": statistics.median(times), "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "threads": torch.get_num_threads()}))
+  print(
+    json.dumps(
+      {
+        "seconds": statistics.median(times),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

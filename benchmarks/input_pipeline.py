@@ -23,39 +23,39 @@ from etils import epath
 
 # Run as a script from the repository root: make `cmvt_jax` and `configs` importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cmvt_jax.data import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmvt_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmvt_jax.data import prepared  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmvt_jax.data import spectrogram  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmvt_jax.data import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmvt_jax.data import builder
+from cmvt_jax.data import pipeline
+from cmvt_jax.data import prepared
+from cmvt_jax.data import spectrogram
+from cmvt_jax.data import synthetic
+from configs import default
 
 
 def _jpeg_encode(frames: np.ndarray) -> list[bytes]:
-  codec = av.CodecContext.create('mjpeg', 'w')
+  codec = av.CodecContext.create("mjpeg", "w")
   codec.height, codec.width = frames.shape[1:3]
-  codec.pix_fmt = 'yuvj420p'
+  codec.pix_fmt = "yuvj420p"
   codec.time_base = 1
-  codec.options = {'qmin': '2', 'qmax': '4'}  # about JPEG quality 90
+  codec.options = {"qmin": "2", "qmax": "4"}  # about JPEG quality 90
   encoded = []
   for frame in frames:
-    packets = codec.encode(av.VideoFrame.from_ndarray(frame, format='rgb24'))
-    encoded.append(b''.join(bytes(packet) for packet in packets))
+    packets = codec.encode(av.VideoFrame.from_ndarray(frame, format="rgb24"))
+    encoded.append(b"".join(bytes(packet) for packet in packets))
   return encoded
 
 
 def _jpeg_decode(encoded: list[bytes]) -> np.ndarray:
-  codec = av.CodecContext.create('mjpeg', 'r')
+  codec = av.CodecContext.create("mjpeg", "r")
   frames = []
   for data in encoded:
     for frame in codec.decode(av.Packet(data)):
-      frames.append(frame.to_ndarray(format='rgb24'))
+      frames.append(frame.to_ndarray(format="rgb24"))
   return np.stack(frames)
 
 
 def frame_storage(dataset: prepared.PreparedDataset, num_clips: int) -> str:
-  source = dataset.source('train')
-  clips = [source[i]['frames'] for i in range(min(num_clips, len(source)))]
+  source = dataset.source("train")
+  clips = [source[i]["frames"] for i in range(min(num_clips, len(source)))]
   raw = [clip.tobytes() for clip in clips]
   jpegs = [_jpeg_encode(clip) for clip in clips]
   shape = clips[0].shape
@@ -70,64 +70,77 @@ def frame_storage(dataset: prepared.PreparedDataset, num_clips: int) -> str:
   jpeg_ms = (time.perf_counter() - start) / len(jpegs) * 1e3
   start = time.perf_counter()
   for i in range(len(clips)):
-    source[i]  # pylint: disable=pointless-statement
+    source[i]
   read_ms = (time.perf_counter() - start) / len(clips) * 1e3
-  files = list(epath.Path(dataset.directory).glob('*-train.array_record-*'))
-  on_disk = sum(f.stat().length for f in files) / dataset.num_examples['train']
-  jpeg_error = np.mean([np.abs(_jpeg_decode(j).astype(float) - c).mean()
-                        for j, c in zip(jpegs[:32], clips[:32])])
-  return '\n'.join([
-      f'Stored clip: frames uint8 {list(shape)} + audio int16 [32000], {len(clips)} clips.',
-      '',
-      '| frames stored as | bytes per clip (frames) | decode ms per clip | mean abs error |',
-      '| --- | --- | --- | --- |',
-      f'| raw uint8 tensor | {np.mean([len(r) for r in raw]):,.0f} | {raw_ms:.3f} | 0 |',
-      f'| 16 JPEG frames (q~90) | {np.mean([sum(map(len, j)) for j in jpegs]):,.0f} | '
-      f'{jpeg_ms:.3f} | {jpeg_error:.2f} / 255 |',
-      '',
-      f'Prepared dataset on disk (raw frames, ArrayRecord compresses records): '
-      f'{on_disk:,.0f} bytes per example (frames + audio + metadata); reading and decoding '
-      f'one example from it: {read_ms:.3f} ms.',
-  ])
+  files = list(epath.Path(dataset.directory).glob("*-train.array_record-*"))
+  on_disk = sum(f.stat().length for f in files) / dataset.num_examples["train"]
+  jpeg_error = np.mean(
+    [np.abs(_jpeg_decode(j).astype(float) - c).mean() for j, c in zip(jpegs[:32], clips[:32])]
+  )
+  return "\n".join(
+    [
+      f"Stored clip: frames uint8 {list(shape)} + audio int16 [32000], {len(clips)} clips.",
+      "",
+      "| frames stored as | bytes per clip (frames) | decode ms per clip | mean abs error |",
+      "| --- | --- | --- | --- |",
+      f"| raw uint8 tensor | {np.mean([len(r) for r in raw]):,.0f} | {raw_ms:.3f} | 0 |",
+      f"| 16 JPEG frames (q~90) | {np.mean([sum(map(len, j)) for j in jpegs]):,.0f} | "
+      f"{jpeg_ms:.3f} | {jpeg_error:.2f} / 255 |",
+      "",
+      f"Prepared dataset on disk (raw frames, ArrayRecord compresses records): "
+      f"{on_disk:,.0f} bytes per example (frames + audio + metadata); reading and decoding "
+      f"one example from it: {read_ms:.3f} ms.",
+    ]
+  )
 
 
 def generation_and_prepare(config, work_dir: str) -> tuple[str, prepared.PreparedDataset]:
   spec = synthetic.SyntheticSpec.from_config(config.dataset.synthetic)
-  video_dir = os.path.join(work_dir, 'videos')
+  video_dir = os.path.join(work_dir, "videos")
   start = time.perf_counter()
   manifest = synthetic.generate(video_dir, spec)
   generate_s = time.perf_counter() - start
   start = time.perf_counter()
-  directory = builder.prepare(video_dir, os.path.join(work_dir, 'data'), 'bench',
-                              storage=prepared.storage_from_config(config.dataset),
-                              mel=spectrogram.MelSettings.from_config(config.input))
+  directory = builder.prepare(
+    video_dir,
+    os.path.join(work_dir, "data"),
+    "bench",
+    storage=prepared.storage_from_config(config.dataset),
+    mel=spectrogram.MelSettings.from_config(config.input),
+  )
   prepare_s = time.perf_counter() - start
   dataset = prepared.open_prepared(directory)
   clips = sum(dataset.num_examples.values())
-  files = len(manifest['files'])
-  table = '\n'.join([
-      '| stage (default dataset, 2 processes) | files | clips | seconds | files/s | clips/s |',
-      '| --- | --- | --- | --- | --- | --- |',
-      f'| generate (H.264 + AAC .mp4) | {files} | {clips} | {generate_s:.1f} | '
-      f'{files / generate_s:.1f} | {clips / generate_s:.1f} |',
-      f'| prepare (decode + write ArrayRecord) | {files} | {clips} | {prepare_s:.1f} | '
-      f'{files / prepare_s:.1f} | {clips / prepare_s:.1f} |',
-  ])
+  files = len(manifest["files"])
+  table = "\n".join(
+    [
+      "| stage (default dataset, 2 processes) | files | clips | seconds | files/s | clips/s |",
+      "| --- | --- | --- | --- | --- | --- |",
+      f"| generate (H.264 + AAC .mp4) | {files} | {clips} | {generate_s:.1f} | "
+      f"{files / generate_s:.1f} | {clips / generate_s:.1f} |",
+      f"| prepare (decode + write ArrayRecord) | {files} | {clips} | {prepare_s:.1f} | "
+      f"{files / prepare_s:.1f} | {clips / prepare_s:.1f} |",
+    ]
+  )
   return table, dataset
 
 
 def train_pipeline(config, dataset: prepared.PreparedDataset, num_batches: int) -> str:
   spec = pipeline.InputSpec.from_config(config.input)
   stats = dataset.normalization_stats(spec.mel)
-  batch_size = config.get('batch_size', 64)
-  rows = [f'| grain worker processes | batch | clips/s | (batches {num_batches} after 3 of '
-          'warm-up) |', '| --- | --- | --- | --- |']
+  batch_size = config.get("batch_size", 64)
+  rows = [
+    f"| grain worker processes | batch | clips/s | (batches {num_batches} after 3 of warm-up) |",
+    "| --- | --- | --- | --- |",
+  ]
   for num_workers in (0, 1, 2):
     worker_spec = dataclasses.replace(spec, num_workers=num_workers)
-    preprocessor = pipeline.Preprocessor(worker_spec, stats, dataset.storage.fps,
-                                         dataset.storage.sample_rate)
-    iterator = iter(pipeline.train_dataset(dataset.source('train'), preprocessor,
-                                           batch_size=batch_size, seed=0))
+    preprocessor = pipeline.Preprocessor(
+      worker_spec, stats, dataset.storage.fps, dataset.storage.sample_rate
+    )
+    iterator = iter(
+      pipeline.train_dataset(dataset.source("train"), preprocessor, batch_size=batch_size, seed=0)
+    )
     for _ in range(3):  # worker start-up and librosa/numba warm-up
       next(iterator)
     start = time.perf_counter()
@@ -135,26 +148,25 @@ def train_pipeline(config, dataset: prepared.PreparedDataset, num_batches: int) 
       next(iterator)
     seconds = time.perf_counter() - start
     iterator.close()
-    rows.append(f'| {num_workers} | {batch_size} | {num_batches * batch_size / seconds:.0f} '
-                '| |')
-  return '\n'.join(rows)
+    rows.append(f"| {num_workers} | {batch_size} | {num_batches * batch_size / seconds:.0f} | |")
+  return "\n".join(rows)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batches', type=int, default=40)
-  parser.add_argument('--storage_clips', type=int, default=256)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batches", type=int, default=40)
+  parser.add_argument("--storage_clips", type=int, default=256)
   args = parser.parse_args()
   config = default.get_config()
-  with tempfile.TemporaryDirectory(prefix='cmvt_bench_') as work_dir:
+  with tempfile.TemporaryDirectory(prefix="cmvt_bench_") as work_dir:
     prepare_table, dataset = generation_and_prepare(config, work_dir)
-    print('\n## Frame storage\n')
+    print("\n## Frame storage\n")
     print(frame_storage(dataset, args.storage_clips))
-    print('\n## Input pipeline\n')
+    print("\n## Input pipeline\n")
     print(prepare_table)
     print()
     print(train_pipeline(config, dataset, args.batches))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

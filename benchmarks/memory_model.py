@@ -42,7 +42,8 @@ from cmvt_jax import train
 from cmvt_jax.data import pipeline
 from cmvt_jax.models import cmvt
 from cmvt_jax.models import frame_encoder as frame_lib
-from configs import tpu_pod, vtn_base
+from configs import tpu_pod
+from configs import vtn_base
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -70,16 +71,19 @@ class ChipMemory:
 def input_shapes(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """One clip's video `(T, S, S, 3)` and log-mel `(F, M)`."""
   spec = pipeline.InputSpec.from_config(config.input)
-  return ((spec.num_frames, spec.frame_size, spec.frame_size, 3),
-          (spec.audio_frames, spec.mel.n_mels))
+  return (
+    (spec.num_frames, spec.frame_size, spec.frame_size, 3),
+    (spec.audio_frames, spec.mel.n_mels),
+  )
 
 
 def parameter_count(config) -> int:
   """Exact: the model's parameter shapes (nothing is computed)."""
   video, audio = input_shapes(config)
   model = cmvt.from_config(config)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *video)),
-                          jnp.zeros((1, *audio)))
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, *video)), jnp.zeros((1, *audio))
+  )
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
 
 
@@ -98,11 +102,12 @@ def _block(tokens: int, width: int, heads: int, mlp: int, e: int, *, banded: boo
   return tokens * (per_d * width + per_m * mlp + per_h * heads * tokens) * e
 
 
-def _stack(tokens: int, width: int, heads: int, mlp: int, depth: int, e: int, *,
-           banded: bool, remat: bool) -> float:
+def _stack(
+  tokens: int, width: int, heads: int, mlp: int, depth: int, e: int, *, banded: bool, remat: bool
+) -> float:
   block = _block(tokens, width, heads, mlp, e, banded=banded)
   if not depth:
-    return 0.
+    return 0.0
   if remat:
     return depth * tokens * width * e + block
   return depth * block
@@ -112,18 +117,30 @@ def _vit(module: frame_lib.ViT, height: int, width: int, e: int, remat: bool) ->
   patch_h, patch_w = frame_lib.as_pair(module.patch_size, "patch_size")
   tokens = (height // patch_h) * (width // patch_w) + 1
   embed = 3 * tokens * module.width * e  # patch embedding, + positions, final norm input
-  return embed + _stack(tokens, module.width, module.num_heads, module.mlp_dim, module.depth, e,
-                        banded=False, remat=remat)
+  return embed + _stack(
+    tokens,
+    module.width,
+    module.num_heads,
+    module.mlp_dim,
+    module.depth,
+    e,
+    banded=False,
+    remat=remat,
+  )
 
 
-def _resnet(module: frame_lib.ResNet, height: int, width: int, e: int,
-            remat: bool) -> tuple[float, tuple[int, int, int]]:
-  height, width = math.ceil(height / module.stem_strides[0]), math.ceil(
-      width / module.stem_strides[1])
+def _resnet(
+  module: frame_lib.ResNet, height: int, width: int, e: int, remat: bool
+) -> tuple[float, tuple[int, int, int]]:
+  height, width = (
+    math.ceil(height / module.stem_strides[0]),
+    math.ceil(width / module.stem_strides[1]),
+  )
   total = 3 * height * width * module.stem_width * e
   channels, blocks = module.stem_width, []
-  for stage_width, count, strides in zip(module.stage_widths, module.blocks_per_stage,
-                                         module.stage_strides):
+  for stage_width, count, strides in zip(
+    module.stage_widths, module.blocks_per_stage, module.stage_strides
+  ):
     for i in range(count):
       step = tuple(strides) if i == 0 else (1, 1)
       height, width = math.ceil(height / step[0]), math.ceil(width / step[1])
@@ -140,8 +157,16 @@ def _resnet(module: frame_lib.ResNet, height: int, width: int, e: int,
 def _temporal(module, length: int, e: int, remat: bool) -> float:
   tokens = length + 1
   projected = tokens * module.width * e
-  return projected + _stack(tokens, module.width, module.num_heads, module.mlp_dim,
-                            module.num_layers, e, banded=True, remat=remat)
+  return projected + _stack(
+    tokens,
+    module.width,
+    module.num_heads,
+    module.mlp_dim,
+    module.num_layers,
+    e,
+    banded=True,
+    remat=remat,
+  )
 
 
 def activation_bytes(config, clips: int) -> dict[str, float]:
@@ -157,10 +182,10 @@ def activation_bytes(config, clips: int) -> dict[str, float]:
     per_frame, _ = _resnet(video.frame_encoder, size, size, e, remat)
   audio_cnn, (steps, _, _) = _resnet(model.audio_encoder.backbone, audio_frames, mels, e, remat)
   return {
-      "frames": clips * frames * per_frame,
-      "video temporal": clips * _temporal(video.temporal, frames, e, remat),
-      "audio": clips * (audio_cnn + _temporal(model.audio_encoder.temporal, steps, e, remat)),
-      "loss": 3 * clips * config.batch_size * 4,
+    "frames": clips * frames * per_frame,
+    "video temporal": clips * _temporal(video.temporal, frames, e, remat),
+    "audio": clips * (audio_cnn + _temporal(model.audio_encoder.temporal, steps, e, remat)),
+    "loss": 3 * clips * config.batch_size * 4,
   }
 
 
@@ -169,32 +194,42 @@ def chip_memory(config, chips: int, fsdp: int = 1, params: int | None = None) ->
   params = parameter_count(config) if params is None else params
   clips = config.batch_size / chips
   video, audio = input_shapes(config)
-  return ChipMemory(params=4 * params / fsdp, optimizer=8 * params / fsdp,
-                    gradients=4 * params / fsdp,
-                    inputs=clips * (math.prod(video) + math.prod(audio)) * 4,
-                    activations=sum(activation_bytes(config, clips).values()))
+  return ChipMemory(
+    params=4 * params / fsdp,
+    optimizer=8 * params / fsdp,
+    gradients=4 * params / fsdp,
+    inputs=clips * (math.prod(video) + math.prod(audio)) * 4,
+    activations=sum(activation_bytes(config, clips).values()),
+  )
 
 
 def xla_memory(config) -> dict[str, float]:
   """What XLA allocates for the whole train step on one CPU device (nothing is run)."""
   run = train.Run.create(config, "/tmp/cmvt_memory_model_unused")
   video, audio = input_shapes(config)
-  batch = {"video": jax.ShapeDtypeStruct((config.batch_size, *video), jnp.float32),
-           "audio": jax.ShapeDtypeStruct((config.batch_size, *audio), jnp.float32),
-           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-  memory = train.make_train_step(run).lower(run.abstract_state, batch).compile() \
-      .memory_analysis()
+  batch = {
+    "video": jax.ShapeDtypeStruct((config.batch_size, *video), jnp.float32),
+    "audio": jax.ShapeDtypeStruct((config.batch_size, *audio), jnp.float32),
+    "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+  }
+  memory = train.make_train_step(run).lower(run.abstract_state, batch).compile().memory_analysis()
   arguments = memory.argument_size_in_bytes
-  return {"arguments": arguments, "temp": memory.temp_size_in_bytes,
-          "total": arguments + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                   + memory.temp_size_in_bytes}
+  return {
+    "arguments": arguments,
+    "temp": memory.temp_size_in_bytes,
+    "total": arguments
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes,
+  }
 
 
 def step_seconds(config, chips: int, peak_flops: float, mfu: float) -> float:
   """Training-step time from the model FLOPs (3 × forward) at `mfu` of `chips` chips' peak."""
   video, audio = input_shapes(config)
-  per_clip = flops_lib.count(cmvt.from_config(config), video_shape=video,
-                             audio_shape=audio).train_step
+  per_clip = flops_lib.count(
+    cmvt.from_config(config), video_shape=video, audio_shape=audio
+  ).train_step
   return per_clip * config.batch_size / (chips * peak_flops * mfu)
 
 
@@ -222,7 +257,11 @@ def reduced(frames: int, size: int, batch: int, remat: bool):
   temporal.width, temporal.num_layers, temporal.num_heads, temporal.mlp_dim = 96, 2, 3, 384
   cnn = model.audio.cnn
   cnn.stem_width, cnn.stage_widths, cnn.blocks_per_stage, cnn.norm_groups = (
-      16, (16, 32, 64, 64), (1, 1, 1, 1), 8)
+    16,
+    (16, 32, 64, 64),
+    (1, 1, 1, 1),
+    8,
+  )
   audio = model.audio.temporal
   audio.width, audio.num_layers, audio.num_heads, audio.mlp_dim = 64, 1, 2, 256
   return config
@@ -231,25 +270,31 @@ def reduced(frames: int, size: int, batch: int, remat: bool):
 def print_parameters():
   print("| config | parameters | float32 state (params + AdamW) |")
   print("|---|---:|---:|")
-  for name, config in (("vtn_base", vtn_base.get_config()),
-                       ("tpu_pod (large)", tpu_pod.get_config())):
+  for name, config in (
+    ("vtn_base", vtn_base.get_config()),
+    ("tpu_pod (large)", tpu_pod.get_config()),
+  ):
     count = parameter_count(config)
     print(f"| {name} | {count / 1e6:.1f} M | {12 * count / GIB:.2f} GiB |")
 
 
 def print_memory_table(name: str, config, chips: int, fsdp: int):
   params = parameter_count(config)
-  print(f"\n{name}: {chips} chips, fsdp={fsdp}, {config.model.dtype}; GiB per chip "
-        "(state = params + AdamW, grads, activations without / with remat, total with remat)")
+  print(
+    f"\n{name}: {chips} chips, fsdp={fsdp}, {config.model.dtype}; GiB per chip "
+    "(state = params + AdamW, grads, activations without / with remat, total with remat)"
+  )
   print("| frames | clips/chip | state | grads | act. no remat | act. remat | total remat |")
   print("|---:|---:|---:|---:|---:|---:|---:|")
   for frames in (16, 64, 256, 1024):
     for clips in (1, 4, 16):
       plain = chip_memory(with_frames(config, frames, clips, chips, False), chips, fsdp, params)
       remat = chip_memory(with_frames(config, frames, clips, chips, True), chips, fsdp, params)
-      print(f"| {frames} | {clips} | {plain.state / GIB:.2f} | {plain.gradients / GIB:.2f} | "
-            f"{plain.activations / GIB:.1f} | {remat.activations / GIB:.2f} | "
-            f"{remat.total / GIB:.1f} |")
+      print(
+        f"| {frames} | {clips} | {plain.state / GIB:.2f} | {plain.gradients / GIB:.2f} | "
+        f"{plain.activations / GIB:.1f} | {remat.activations / GIB:.2f} | "
+        f"{remat.total / GIB:.1f} |"
+      )
 
 
 def print_check():
@@ -261,10 +306,14 @@ def print_check():
     model = chip_memory(config, chips=1).total
     xla = xla_memory(config)["total"]
     errors.append(model / xla - 1)
-    print(f"| {frames} frames of {size}², batch {batch} | {model / 2**20:.1f} | "
-          f"{xla / 2**20:.1f} | {errors[-1]:+.1%} |")
-  print(f"\nlargest error {max(errors, key=abs):+.1%}, mean |error| "
-        f"{sum(map(abs, errors)) / len(errors):.1%}")
+    print(
+      f"| {frames} frames of {size}², batch {batch} | {model / 2**20:.1f} | "
+      f"{xla / 2**20:.1f} | {errors[-1]:+.1%} |"
+    )
+  print(
+    f"\nlargest error {max(errors, key=abs):+.1%}, mean |error| "
+    f"{sum(map(abs, errors)) / len(errors):.1%}"
+  )
 
 
 def _grad_temp(module, shape) -> int:
@@ -272,43 +321,70 @@ def _grad_temp(module, shape) -> int:
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   params = jax.eval_shape(module.init, jax.random.key(0), x)
   loss = lambda params, x: jnp.sum(module.apply(params, x) ** 2)
-  return jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis() \
-      .temp_size_in_bytes
+  return jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis().temp_size_in_bytes
 
 
 def fit_coefficients():
   """Measures the per-token elements a block keeps (VIT_BLOCK, LONGFORMER_BLOCK): the temp
   memory of 3 blocks minus 1 block, over shapes that vary D, M, H and L one at a time."""
-  from cmvt_jax.models import temporal_encoder  # pylint: disable=g-import-not-at-top
+  from cmvt_jax.models import temporal_encoder
 
   def vit(width, mlp, heads, size, images=64):
-    per_depth = [_grad_temp(frame_lib.ViT(patch_size=8, width=width, depth=depth,
-                                          num_heads=heads, mlp_dim=mlp, image_size=size),
-                            (images, size, size, 3)) for depth in (1, 3)]
+    per_depth = [
+      _grad_temp(
+        frame_lib.ViT(
+          patch_size=8, width=width, depth=depth, num_heads=heads, mlp_dim=mlp, image_size=size
+        ),
+        (images, size, size, 3),
+      )
+      for depth in (1, 3)
+    ]
     return (per_depth[1] - per_depth[0]) / 2 / (images * ((size // 8) ** 2 + 1)) / 4
 
   def longformer(width, mlp, heads, window, length=2048, batch=4):
-    per_depth = [_grad_temp(temporal_encoder.TemporalEncoder(
-        width=width, num_layers=layers, num_heads=heads, mlp_dim=mlp, windows=(window,) * layers,
-        dilations=(1,) * layers), (batch, length, width)) for layers in (1, 3)]
+    per_depth = [
+      _grad_temp(
+        temporal_encoder.TemporalEncoder(
+          width=width,
+          num_layers=layers,
+          num_heads=heads,
+          mlp_dim=mlp,
+          windows=(window,) * layers,
+          dilations=(1,) * layers,
+        ),
+        (batch, length, width),
+      )
+      for layers in (1, 3)
+    ]
     return (per_depth[1] - per_depth[0]) / 2 / (batch * (length + 1)) / 4
 
   print("\n| block | D | M | H | L or window | elements kept per token (XLA:CPU) |")
   print("|---|---:|---:|---:|---:|---:|")
-  for args in ((96, 384, 3, 64), (96, 768, 3, 64), (96, 384, 6, 64), (96, 384, 3, 128),
-               (192, 768, 3, 64)):
+  for args in (
+    (96, 384, 3, 64),
+    (96, 768, 3, 64),
+    (96, 384, 6, 64),
+    (96, 384, 3, 128),
+    (192, 768, 3, 64),
+  ):
     tokens = (args[3] // 8) ** 2 + 1
     print(f"| ViT | {args[0]} | {args[1]} | {args[2]} | L={tokens} | {vit(*args):.0f} |")
-  for args in ((96, 384, 3, 4), (96, 768, 3, 4), (96, 384, 6, 4), (96, 384, 3, 16),
-               (192, 768, 3, 4)):
-    print(f"| Longformer | {args[0]} | {args[1]} | {args[2]} | w={args[3]} | "
-          f"{longformer(*args):.0f} |")
+  for args in (
+    (96, 384, 3, 4),
+    (96, 768, 3, 4),
+    (96, 384, 6, 4),
+    (96, 384, 3, 16),
+    (192, 768, 3, 4),
+  ):
+    print(
+      f"| Longformer | {args[0]} | {args[1]} | {args[2]} | w={args[3]} | {longformer(*args):.0f} |"
+    )
 
 
 PODS = (  # name, chips, hosts, slices, peak bf16 FLOP/s per chip (datasheet)
-    ("v5e-256", 256, 64, 1, 197e12),
-    ("v5p-512 (256 chips)", 256, 64, 1, 459e12),
-    ("2 × v5e-256", 512, 128, 2, 197e12),
+  ("v5e-256", 256, 64, 1, 197e12),
+  ("v5p-512 (256 chips)", 256, 64, 1, 459e12),
+  ("2 × v5e-256", 512, 128, 2, 197e12),
 )
 MFU = 0.35
 
@@ -323,14 +399,18 @@ def print_step_times():
       config.input.num_frames = frames
       for pod, chips, _, _, peak in PODS:
         seconds = step_seconds(config, chips, peak, MFU)
-        print(f"| {name} | {frames} | {config.batch_size} | {pod} | {seconds:.2f} | "
-              f"{config.batch_size / seconds:.0f} |")
+        print(
+          f"| {name} | {frames} | {config.batch_size} | {pod} | {seconds:.2f} | "
+          f"{config.batch_size / seconds:.0f} |"
+        )
 
 
 def print_all_gather():
   embed = tpu_pod.get_config().model.embed_dim
-  print(f"\nContrastive all-gather per step (E={embed}, float32 embeddings of both towers; the "
-        "backward reduce-scatters as much)")
+  print(
+    f"\nContrastive all-gather per step (E={embed}, float32 embeddings of both towers; the "
+    "backward reduce-scatters as much)"
+  )
   print("| hosts | chips | global batch | gathered per chip | crossing DCN per slice |")
   print("|---:|---:|---:|---:|---:|")
   for hosts, chips, slices in ((1, 4, 1), (64, 256, 1), (128, 512, 2), (256, 1024, 4)):
@@ -338,16 +418,17 @@ def print_all_gather():
       batch = per_chip * chips
       gathered = 2 * batch * embed * 4 * (1 - 1 / chips)
       dcn = 2 * batch * embed * 4 * (1 - 1 / slices)
-      print(f"| {hosts} | {chips} | {batch} | {gathered / 2**20:.1f} MiB | "
-            f"{dcn / 2**20:.1f} MiB |")
+      print(f"| {hosts} | {chips} | {batch} | {gathered / 2**20:.1f} MiB | {dcn / 2**20:.1f} MiB |")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--skip_check", action="store_true",
-                      help="skip the XLA compilations (minutes on a small CPU)")
-  parser.add_argument("--fit", action="store_true",
-                      help="also measure the per-token block coefficients")
+  parser.add_argument(
+    "--skip_check", action="store_true", help="skip the XLA compilations (minutes on a small CPU)"
+  )
+  parser.add_argument(
+    "--fit", action="store_true", help="also measure the per-token block coefficients"
+  )
   args = parser.parse_args()
   print_parameters()
   print_memory_table("vtn_base", vtn_base.get_config(), chips=256, fsdp=1)

@@ -33,41 +33,56 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METRICS = (("a→v R@1", "eval/a2v_r1"), ("v→a R@1", "eval/v2a_r1"), ("a→v R@5", "eval/a2v_r5"),
-           ("linear probe top-1", "eval/linear_probe_top1"), ("kNN top-1", "eval/knn_top1"))
+METRICS = (
+  ("a→v R@1", "eval/a2v_r1"),
+  ("v→a R@1", "eval/v2a_r1"),
+  ("a→v R@5", "eval/a2v_r5"),
+  ("linear probe top-1", "eval/linear_probe_top1"),
+  ("kNN top-1", "eval/knn_top1"),
+)
 ABLATION = "model.video.temporal.num_layers=0"
 
 
 def train_and_read(config: str, workdir: pathlib.Path, overrides: list[str]) -> dict:
   """Runs `cmvt_jax.main` to completion; returns its final test eval line plus `wall_s`."""
-  command = [sys.executable, "-m", "cmvt_jax.main", f"--config={config}",
-             f"--workdir={workdir}", "--config.export.at_end=False",
-             "--config.plots.at_end=False"] + [f"--config.{item}" for item in overrides]
+  command = [
+    sys.executable,
+    "-m",
+    "cmvt_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    "--config.export.at_end=False",
+    "--config.plots.at_end=False",
+  ] + [f"--config.{item}" for item in overrides]
   env = dict(os.environ, PYTHONPATH=str(REPO))
   started = time.perf_counter()
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
   wall = time.perf_counter() - started
   if result.returncode != 0:
-    raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n"
-                       f"{result.stderr[-4000:]}")
-  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-           if line.strip()]
+    raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+  lines = [
+    json.loads(line)
+    for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    if line.strip()
+  ]
   final = [line for line in lines if line.get("split") == "test"][-1]
   return {**final, "wall_s": wall}
 
 
-def random_init(config_path: str, workdir: pathlib.Path, overrides: list[str],
-                seed: int) -> dict:
+def random_init(config_path: str, workdir: pathlib.Path, overrides: list[str], seed: int) -> dict:
   """Test metrics of the model as initialised with `seed` (no training step)."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from cmvt_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from ml_collections import config_flags
+
+  from cmvt_jax import evaluate
+  from cmvt_jax import train
 
   # The same config loading and overriding as `main`, so that both see the same config.
   argv = [sys.argv[0], *[f"--config.{item}" for item in overrides], f"--config.seed={seed}"]
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", config_path, flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", config_path, flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
   flag_values(argv)
   config = flag_values["config"].value
   run = train.Run.create(config, workdir)
@@ -93,20 +108,22 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--config", default="configs/default.py")
-  parser.add_argument("--data_dir", default=None,
-                      help="dataset.data_dir for every run (default: the cache folder)")
-  parser.add_argument("--workdir_root", default=None,
-                      help="where the runs' workdirs go (default: a temporary folder)")
-  parser.add_argument("--override", nargs="*", default=[],
-                      help="extra KEY=VALUE config overrides for every model")
+  parser.add_argument(
+    "--data_dir", default=None, help="dataset.data_dir for every run (default: the cache folder)"
+  )
+  parser.add_argument(
+    "--workdir_root", default=None, help="where the runs' workdirs go (default: a temporary folder)"
+  )
+  parser.add_argument(
+    "--override", nargs="*", default=[], help="extra KEY=VALUE config overrides for every model"
+  )
   args = parser.parse_args()
   overrides = list(args.override)
   if args.data_dir:
     overrides.append(f"dataset.data_dir={args.data_dir}")
   root = pathlib.Path(args.workdir_root or tempfile.mkdtemp(prefix="cmvt_quality_"))
 
-  variants = {"trained (default)": [],
-              f"trained, video mean-pooled ({ABLATION})": [ABLATION]}
+  variants = {"trained (default)": [], f"trained, video mean-pooled ({ABLATION})": [ABLATION]}
   results = {name: [] for name in [*variants, "random init (no training)"]}
   loads = []
   for seed in args.seeds:
@@ -115,18 +132,24 @@ def main() -> None:
       line = train_and_read(args.config, workdir, [*overrides, *extra, f"seed={seed}"])
       loads.append(os.getloadavg()[0])
       results[name].append(line)
-      print(f"seed {seed} {name}: a→v R@1 {line['eval/a2v_r1']:.3f}, "
-            f"probe {line['eval/linear_probe_top1']:.3f}, {line['wall_s']:.0f} s "
-            f"(load {loads[-1]:.1f})", flush=True)
+      print(
+        f"seed {seed} {name}: a→v R@1 {line['eval/a2v_r1']:.3f}, "
+        f"probe {line['eval/linear_probe_top1']:.3f}, {line['wall_s']:.0f} s "
+        f"(load {loads[-1]:.1f})",
+        flush=True,
+      )
     results["random init (no training)"].append(
-        random_init(args.config, root / f"init-seed{seed}", overrides, seed))
+      random_init(args.config, root / f"init-seed{seed}", overrides, seed)
+    )
 
-  print(f"\nDate: {datetime.date.today():%a %b %d %Y}. Machine: {cpu_name()}, "
-        f"{os.cpu_count()} cores, load average {min(loads):.1f}–{max(loads):.1f} after the "
-        f"runs. Command: python -m benchmarks.quality --seeds "
-        f"{' '.join(map(str, args.seeds))}. Test split, "
-        f"{int(results['trained (default)'][0]['eval/num_clips'])} clips; "
-        f"mean ± sample std (min–max) over {len(args.seeds)} seeds.\n")
+  print(
+    f"\nDate: {datetime.date.today():%a %b %d %Y}. Machine: {cpu_name()}, "
+    f"{os.cpu_count()} cores, load average {min(loads):.1f}–{max(loads):.1f} after the "
+    f"runs. Command: python -m benchmarks.quality --seeds "
+    f"{' '.join(map(str, args.seeds))}. Test split, "
+    f"{int(results['trained (default)'][0]['eval/num_clips'])} clips; "
+    f"mean ± sample std (min–max) over {len(args.seeds)} seeds.\n"
+  )
   header = ["model", *(title for title, _ in METRICS), "main wall s"]
   print("| " + " | ".join(header) + " |")
   print("|" + " --- |" * len(header))
@@ -135,9 +158,9 @@ def main() -> None:
     walls = [line["wall_s"] for line in lines if "wall_s" in line]
     cells.append(f"{np.mean(walls):.0f}" if walls else "–")
     print(f"| {name} | " + " | ".join(cells) + " |")
-  gap = (np.mean([line["eval/a2v_r1"] for line in results["trained (default)"]]) -
-         np.mean([line["eval/a2v_r1"] for line in results[f"trained, video mean-pooled "
-                                                          f"({ABLATION})"]]))
+  gap = np.mean([line["eval/a2v_r1"] for line in results["trained (default)"]]) - np.mean(
+    [line["eval/a2v_r1"] for line in results[f"trained, video mean-pooled ({ABLATION})"]]
+  )
   print(f"\na→v R@1, default − mean-pooled ablation: {gap:+.3f} (mean of seeds).")
 
 

@@ -15,7 +15,6 @@ import argparse
 import platform
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +22,8 @@ import numpy as np
 from cmvt_jax import sharding
 from cmvt_jax import train
 from cmvt_jax.models import temporal_encoder
-from configs import default, vtn_base
+from configs import default
+from configs import vtn_base
 
 
 def reduced_vtn_base():
@@ -39,9 +39,11 @@ def reduced_vtn_base():
 def random_batch(run, batch_size: int) -> dict:
   rng = np.random.default_rng(0)
   video, audio = run.example_inputs(batch_size)
-  host = {"video": rng.normal(size=video.shape).astype(np.float32),
-          "audio": rng.normal(size=audio.shape).astype(np.float32),
-          "label": np.zeros(batch_size, np.int32)}
+  host = {
+    "video": rng.normal(size=video.shape).astype(np.float32),
+    "audio": rng.normal(size=audio.shape).astype(np.float32),
+    "label": np.zeros(batch_size, np.int32),
+  }
   return sharding.global_batch(host, run.mesh)
 
 
@@ -60,18 +62,30 @@ def step_timing(name: str, config, steps: int) -> dict:
   flops = run.flops().train_step * config.batch_size
   peak = train.peak_flops_per_device() * jax.device_count()
   params = sum(x.size for x in jax.tree.leaves(state.params))
-  return {"name": name, "batch": config.batch_size, "params": params, "step_s": seconds,
-          "clips_per_s": config.batch_size / seconds, "mfu": flops / seconds / peak,
-          "gflop_per_step": flops / 1e9}
+  return {
+    "name": name,
+    "batch": config.batch_size,
+    "params": params,
+    "step_s": seconds,
+    "clips_per_s": config.batch_size / seconds,
+    "mfu": flops / seconds / peak,
+    "gflop_per_step": flops / 1e9,
+  }
 
 
 def temporal_encoder_bytes(frames: int) -> int:
   """Peak temp + argument + output bytes of forward+backward of vtn_base's temporal encoder."""
   temporal = vtn_base.get_config().model.video.temporal
   module = temporal_encoder.TemporalEncoder(
-      width=temporal.width, num_layers=temporal.num_layers, num_heads=temporal.num_heads,
-      mlp_dim=temporal.mlp_dim, windows=(temporal.windows[0],) * temporal.num_layers,
-      dilations=(1,) * temporal.num_layers, global_projections=True, dropout_rate=0.0)
+    width=temporal.width,
+    num_layers=temporal.num_layers,
+    num_heads=temporal.num_heads,
+    mlp_dim=temporal.mlp_dim,
+    windows=(temporal.windows[0],) * temporal.num_layers,
+    dilations=(1,) * temporal.num_layers,
+    global_projections=True,
+    dropout_rate=0.0,
+  )
   features = jax.ShapeDtypeStruct((1, frames, 768), jnp.float32)
   params = jax.eval_shape(module.init, jax.random.key(0), features)
 
@@ -89,17 +103,23 @@ def full_step_bytes(frames: int) -> int:
   config.model.dtype = "float32"
   run = train.Run.create(config, "/tmp/unused_workdir")
   video, audio = run.example_inputs(2)
-  batch = {"video": jax.ShapeDtypeStruct(video.shape, jnp.float32),
-           "audio": jax.ShapeDtypeStruct(audio.shape, jnp.float32),
-           "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+  batch = {
+    "video": jax.ShapeDtypeStruct(video.shape, jnp.float32),
+    "audio": jax.ShapeDtypeStruct(audio.shape, jnp.float32),
+    "label": jax.ShapeDtypeStruct((2,), jnp.int32),
+  }
   compiled = train.make_train_step(run).lower(run.abstract_state, batch).compile()
   return _bytes(compiled)
 
 
 def _bytes(compiled) -> int:
   memory = compiled.memory_analysis()
-  return (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-          + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  return (
+    memory.temp_size_in_bytes
+    + memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+  )
 
 
 def main():
@@ -108,20 +128,28 @@ def main():
   args = parser.parse_args()
   steps = 3 if args.quick else 10
 
-  print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {jax.device_count()} × "
-        f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+  print(
+    f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {jax.device_count()} × "
+    f"{jax.devices()[0].device_kind}, jax {jax.__version__}"
+  )
   print("\n| config | global batch | params | step s | clips/s | GFLOP/step | MFU |")
   print("|---|---:|---:|---:|---:|---:|---:|")
-  for name, config in (("default", default.get_config()),
-                       ("vtn_base reduced (8×64², batch 4, fp32)", reduced_vtn_base())):
+  for name, config in (
+    ("default", default.get_config()),
+    ("vtn_base reduced (8×64², batch 4, fp32)", reduced_vtn_base()),
+  ):
     row = step_timing(name, config, steps)
-    print(f"| {row['name']} | {row['batch']} | {row['params'] / 1e6:.2f} M | "
-          f"{row['step_s']:.3f} | {row['clips_per_s']:.1f} | {row['gflop_per_step']:.1f} | "
-          f"{row['mfu']:.1%} |")
+    print(
+      f"| {row['name']} | {row['batch']} | {row['params'] / 1e6:.2f} M | "
+      f"{row['step_s']:.3f} | {row['clips_per_s']:.1f} | {row['gflop_per_step']:.1f} | "
+      f"{row['mfu']:.1%} |"
+    )
 
   lengths = [256, 4096] if args.quick else [256, 1024, 4096, 16384, 65536]
-  print("\nTemporal encoder alone (vtn_base: width 768, 3 layers, 12 heads, window ±9), "
-        "forward+backward, batch 1, float32, compiled memory:")
+  print(
+    "\nTemporal encoder alone (vtn_base: width 768, 3 layers, 12 heads, window ±9), "
+    "forward+backward, batch 1, float32, compiled memory:"
+  )
   print("| frames | MiB | MiB per 1k frames |")
   print("|---:|---:|---:|")
   for frames in lengths:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grain
 import jax
@@ -40,14 +41,19 @@ def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
   return path if path.is_absolute() else path.absolute()
 
 
-def manager(workdir: epath.PathLike, *, max_to_keep: int, create: bool = True,
-            asynchronous: bool = True) -> ocp.CheckpointManager:
+def manager(
+  workdir: epath.PathLike, *, max_to_keep: int, create: bool = True, asynchronous: bool = True
+) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: remove the folders of saves that a crash interrupted.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=create, enable_async_checkpointing=asynchronous,
-      cleanup_tmp_directories=create)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "data", "meta"))
+    max_to_keep=max_to_keep,
+    create=create,
+    enable_async_checkpointing=asynchronous,
+    cleanup_tmp_directories=create,
+  )
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir), options=options, item_names=("state", "data", "meta")
+  )
 
 
 def holds_run(workdir: epath.PathLike) -> bool:
@@ -62,15 +68,24 @@ def holds_run(workdir: epath.PathLike) -> bool:
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict) -> None:
   """Starts an asynchronous save of step `step` (returns once the arrays are copied)."""
-  checkpoints.save(step, force=True, args=ocp.args.Composite(
+  checkpoints.save(
+    step,
+    force=True,
+    args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iterator),
-      meta=ocp.args.JsonSave(meta)))
+      meta=ocp.args.JsonSave(meta),
+    ),
+  )
 
 
-def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state,
-                   *, check_meta: Callable[[dict], None] = lambda meta: None,
-                   step: int | None = None) -> Restored | None:
+def restore_latest(
+  checkpoints: ocp.CheckpointManager,
+  abstract_state,
+  *,
+  check_meta: Callable[[dict], None] = lambda meta: None,
+  step: int | None = None,
+) -> Restored | None:
   """Restores the newest checkpoint that loads (or exactly `step`); None if there are none.
 
   `abstract_state`: the state's ShapeDtypeStructs with the target shardings. `check_meta`
@@ -80,32 +95,37 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state,
   steps = sorted(checkpoints.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
-      raise ValueError(f"No complete checkpoint at step {step} in {checkpoints.directory}; "
-                       f"the complete ones are {sorted(steps)}.")
+      raise ValueError(
+        f"No complete checkpoint at step {step} in {checkpoints.directory}; "
+        f"the complete ones are {sorted(steps)}."
+      )
     steps = [step]
   if not steps:
     return None
   problems = []
   for candidate in steps:
     try:
-      meta = checkpoints.restore(candidate, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as error:  # pylint: disable=broad-except
+      meta = checkpoints.restore(candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        "meta"
+      ]
+    except Exception as error:
       problems.append(_skip(candidate, "its metadata", error))
       continue
     check_meta(meta)
     try:
-      state = checkpoints.restore(candidate, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))["state"]
-    except Exception as error:  # pylint: disable=broad-except
+      state = checkpoints.restore(
+        candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      )["state"]
+    except Exception as error:
       problems.append(_skip(candidate, "its train state", error))
       continue
     set_aside(checkpoints, [s for s in steps if s > candidate])
     return Restored(step=candidate, state=state, meta=meta)
   raise NoUsableCheckpointError(
-      f"None of the checkpoints in {checkpoints.directory} could be restored:\n  "
-      + "\n  ".join(problems)
-      + "\nMove the damaged checkpoints away to keep them, or start over in a new --workdir.")
+    f"None of the checkpoints in {checkpoints.directory} could be restored:\n  "
+    + "\n  ".join(problems)
+    + "\nMove the damaged checkpoints away to keep them, or start over in a new --workdir."
+  )
 
 
 def set_aside(checkpoints: ocp.CheckpointManager, steps) -> None:
@@ -129,13 +149,19 @@ def set_aside(checkpoints: ocp.CheckpointManager, steps) -> None:
 def restore_data(checkpoints: ocp.CheckpointManager, step: int, data_iterator) -> bool:
   """Sets `data_iterator` to its state saved at `step`; False when there is none for us."""
   try:
-    checkpoints.restore(step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    checkpoints.restore(
+      step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator))
+    )
     return True
   except (ValueError, FileNotFoundError) as error:
     # grain keys its files by process index and count: another count has no file for us.
-    logging.warning("Checkpoint %d has no data-iterator state for process %d of %d (%s).",
-                    step, jax.process_index(), jax.process_count(), error)
+    logging.warning(
+      "Checkpoint %d has no data-iterator state for process %d of %d (%s).",
+      step,
+      jax.process_index(),
+      jax.process_count(),
+      error,
+    )
     return False
 
 

@@ -64,8 +64,9 @@ def retrieval_metrics(video: np.ndarray, audio: np.ndarray) -> dict[str, float]:
   return results
 
 
-def linear_probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                      test_y: np.ndarray, num_classes: int) -> float:
+def linear_probe_top1(
+  train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, num_classes: int
+) -> float:
   """Top-1 of a logistic regression fitted on (train_x, train_y), evaluated on test_x."""
   return probe_top1(fit_linear_probe(train_x, train_y, num_classes), test_x, test_y)
 
@@ -75,8 +76,9 @@ def probe_top1(weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> 
   return float(np.mean(np.argmax(x @ weights["w"] + weights["b"], axis=1) == y))
 
 
-def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray,
-                     num_classes: int) -> dict[str, np.ndarray]:
+def fit_linear_probe(
+  train_x: np.ndarray, train_y: np.ndarray, num_classes: int
+) -> dict[str, np.ndarray]:
   """The probe's weights `w` `[E, C]` and `b` `[C]`, by the fixed recipe above."""
   weights = {"w": jnp.zeros((train_x.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
   tx = optax.adamw(PROBE_LEARNING_RATE, weight_decay=PROBE_WEIGHT_DECAY)
@@ -93,21 +95,31 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray,
       grads = jax.grad(loss)(weights)
       updates, opt_state = tx.update(grads, opt_state, weights)
       return (optax.apply_updates(weights, updates), opt_state), None
+
     (weights, _), _ = jax.lax.scan(step, (weights, tx.init(weights)), None, length=PROBE_STEPS)
     return weights
 
   return jax.device_get(fit(weights))
 
 
-def knn_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-             test_y: np.ndarray, num_classes: int, k: int) -> float:
+def knn_top1(
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  test_x: np.ndarray,
+  test_y: np.ndarray,
+  num_classes: int,
+  k: int,
+) -> float:
   """Top-1 of a similarity-weighted vote of the k nearest (cosine) train embeddings."""
   similarity = test_x @ train_x.T
   k = min(k, train_x.shape[0])
   nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
   votes = np.zeros((test_x.shape[0], num_classes))
-  np.add.at(votes, (np.arange(test_x.shape[0])[:, None], train_y[nearest]),
-            np.take_along_axis(similarity, nearest, axis=1))
+  np.add.at(
+    votes,
+    (np.arange(test_x.shape[0])[:, None], train_y[nearest]),
+    np.take_along_axis(similarity, nearest, axis=1),
+  )
   return float(np.mean(np.argmax(votes, axis=1) == test_y))
 
 
@@ -119,8 +131,9 @@ def video_level(embedded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   Returns `video`, `audio` `[V, E]` (means of each video's clips, L2-normalised again) and
   `label` `[V]`, videos in the order of their first clip.
   """
-  _, first, inverse = np.unique(embedded["source_key"], axis=0, return_index=True,
-                                return_inverse=True)
+  _, first, inverse = np.unique(
+    embedded["source_key"], axis=0, return_index=True, return_inverse=True
+  )
   order = np.argsort(first)  # np.unique sorts by key; keep the clips' order instead
   rank = np.empty_like(order)
   rank[order] = np.arange(len(order))
@@ -136,8 +149,7 @@ def video_level(embedded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def source_keys(sources) -> np.ndarray:
   """A 64-bit hash of each source path as int32 `[N, 2]`, to group clips by video after
   the device gather (strings cannot travel in jax arrays); collisions are negligible."""
-  digests = b"".join(hashlib.sha256(str(source).encode("utf-8")).digest()[:8]
-                     for source in sources)
+  digests = b"".join(hashlib.sha256(str(source).encode("utf-8")).digest()[:8] for source in sources)
   return np.frombuffer(digests, dtype="<i4").reshape(-1, 2).astype(np.int32)
 
 
@@ -150,14 +162,14 @@ def embed_fn(run) -> Any:
 
   def embed(model_params, video, audio):
     out = model.apply({"params": model_params}, video, audio)
-    return {"video": losses.l2_normalize(out["video"]),
-            "audio": losses.l2_normalize(out["audio"])}
+    return {"video": losses.l2_normalize(out["video"]), "audio": losses.l2_normalize(out["audio"])}
 
   return jax.jit(embed, out_shardings=sharding.replicated(run.mesh))
 
 
-def embed_split(run, stats, model_params, split: str, *, limit: int | None = None,
-                embed=None) -> dict[str, np.ndarray]:
+def embed_split(
+  run, stats, model_params, split: str, *, limit: int | None = None, embed=None
+) -> dict[str, np.ndarray]:
   """Embeddings of every clip of `split` (or its first `limit`), gathered on every host.
 
   Returns numpy `video`, `audio` `[N, E]`, `label` `[N]` and `source_key` `[N, 2]` (see
@@ -170,8 +182,12 @@ def embed_split(run, stats, model_params, split: str, *, limit: int | None = Non
     source = _Prefix(source, limit)
   host_batch = run.config.eval.batch_size // jax.process_count()
   dataset = pipeline.eval_dataset(
-      source, run.preprocessor(stats), batch_size=host_batch,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    source,
+    run.preprocessor(stats),
+    batch_size=host_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   parts = {"video": [], "audio": [], "label": [], "source_key": []}
   batches = iter(dataset)
   try:
@@ -180,8 +196,9 @@ def embed_split(run, stats, model_params, split: str, *, limit: int | None = Non
       host["source_key"] = source_keys(batch["source"])
       arrays = sharding.global_batch(host, run.mesh)
       out = jax.device_get(embed(model_params, arrays["video"], arrays["audio"]))
-      gathered = jax.device_get(_replicate(
-          {key: arrays[key] for key in ("mask", "label", "source_key")}, run.mesh))
+      gathered = jax.device_get(
+        _replicate({key: arrays[key] for key in ("mask", "label", "source_key")}, run.mesh)
+      )
       mask = np.asarray(gathered["mask"])
       parts["video"].append(out["video"][mask])
       parts["audio"].append(out["audio"][mask])
@@ -235,18 +252,32 @@ class Evaluator:
         levels["eval/video_level_"] = video_level(embedded)
         values["eval/num_videos"] = int(len(levels["eval/video_level_"]["label"]))
       if num_classes > 1 and train is None:
-        train = embed_split(self.run, self.stats, model_params, "train",
-                            limit=config.probe_train_examples or None, embed=self._embed)
+        train = embed_split(
+          self.run,
+          self.stats,
+          model_params,
+          "train",
+          limit=config.probe_train_examples or None,
+          embed=self._embed,
+        )
         probe = fit_linear_probe(train["video"], train["label"], num_classes)
       for prefix, level in levels.items():
-        values.update({key.replace("eval/", prefix): value for key, value in
-                       retrieval_metrics(level["video"], level["audio"]).items()})
+        values.update(
+          {
+            key.replace("eval/", prefix): value
+            for key, value in retrieval_metrics(level["video"], level["audio"]).items()
+          }
+        )
         if num_classes > 1:
-          values[f"{prefix}linear_probe_top1"] = probe_top1(probe, level["video"],
-                                                            level["label"])
-          values[f"{prefix}knn_top1"] = knn_top1(train["video"], train["label"],
-                                                  level["video"], level["label"],
-                                                  num_classes, k=config.knn_k)
+          values[f"{prefix}linear_probe_top1"] = probe_top1(probe, level["video"], level["label"])
+          values[f"{prefix}knn_top1"] = knn_top1(
+            train["video"],
+            train["label"],
+            level["video"],
+            level["label"],
+            num_classes,
+            k=config.knn_k,
+          )
       results[split] = values
       logging.info("eval on %s:\n%s", split, format_table(values))
     return results
@@ -254,27 +285,36 @@ class Evaluator:
 
 def format_table(values: dict[str, float]) -> str:
   """The metrics of one split as a short text table: one row per level (clip, video)."""
-  columns = [("a2v_r1", "a2v R@1"), ("a2v_r5", "R@5"), ("a2v_r10", "R@10"),
-             ("a2v_median_rank", "median"), ("v2a_r1", "v2a R@1"), ("v2a_r5", "R@5"),
-             ("v2a_r10", "R@10"), ("v2a_median_rank", "median"),
-             ("linear_probe_top1", "probe"), ("knn_top1", "kNN")]
+  columns = [
+    ("a2v_r1", "a2v R@1"),
+    ("a2v_r5", "R@5"),
+    ("a2v_r10", "R@10"),
+    ("a2v_median_rank", "median"),
+    ("v2a_r1", "v2a R@1"),
+    ("v2a_r5", "R@5"),
+    ("v2a_r10", "R@10"),
+    ("v2a_median_rank", "median"),
+    ("linear_probe_top1", "probe"),
+    ("knn_top1", "kNN"),
+  ]
   levels = [("clips", "eval/", values["eval/num_clips"])]
   if "eval/num_videos" in values:
     levels.append(("videos", "eval/video_level_", values["eval/num_videos"]))
   cell = lambda key, value: f"{value:.1f}" if key.endswith("rank") else f"{value:.3f}"
   lines = [" " * 13 + "".join(f"{title:>9}" for _, title in columns)]
   for name, prefix, count in levels:
-    cells = [cell(key, values[prefix + key]) if prefix + key in values else "-"
-             for key, _ in columns]
+    cells = [
+      cell(key, values[prefix + key]) if prefix + key in values else "-" for key, _ in columns
+    ]
     lines.append(f"{count:>6} {name:<6}" + "".join(f"{text:>9}" for text in cells))
   return "\n".join(lines)
 
 
 def evaluate_latest(config, workdir: str) -> dict[str, dict[str, float]]:
   """`--mode eval`: evaluates the workdir's latest usable checkpoint; appends to metrics."""
-  from cmvt_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from cmvt_jax import train  # pylint: disable=g-import-not-at-top
-  from cmvt_jax.data import normalization  # pylint: disable=g-import-not-at-top
+  from cmvt_jax import metrics as metrics_lib
+  from cmvt_jax import train
+  from cmvt_jax.data import normalization
 
   run = train.Run.create(config, workdir)
   restored = run.restore()

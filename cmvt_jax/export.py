@@ -35,7 +35,10 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -102,8 +105,9 @@ def part_name(process_index: int, process_count: int) -> str:
 # ----------------------------------------------------------------------------- export
 
 
-def export_embeddings(config: config_dict.ConfigDict, workdir: str, *, run=None, state=None,
-                      stats=None) -> epath.Path:
+def export_embeddings(
+  config: config_dict.ConfigDict, workdir: str, *, run=None, state=None, stats=None
+) -> epath.Path:
   """`--mode export`: embeddings of `export.split` (or `export.video_dir`) into the workdir.
 
   Every process must call this (training does, with its `run`, final `state` and `stats`).
@@ -111,7 +115,7 @@ def export_embeddings(config: config_dict.ConfigDict, workdir: str, *, run=None,
   Returns:
     The export folder `WORKDIR/embeddings/NAME`.
   """
-  from cmvt_jax import train  # pylint: disable=g-import-not-at-top
+  from cmvt_jax import train
 
   export = config.export
   run = run or train.Run.create(config, workdir)
@@ -138,14 +142,24 @@ def export_embeddings(config: config_dict.ConfigDict, workdir: str, *, run=None,
   multihost_utils.sync_global_devices("cmvt_jax export: manifest written")
   seconds = time.perf_counter() - started
   total = int(counts[:, 0].sum())
-  logging.info("Exported %d %s (checkpoint step %d) to %s in %.1f s (%.1f per s on this "
-               "process).", total, "videos" if export.whole_video else "clips", model.step,
-               folder, seconds, len(rows["id"]) / max(seconds, 1e-9))
+  logging.info(
+    "Exported %d %s (checkpoint step %d) to %s in %.1f s (%.1f per s on this process).",
+    total,
+    "videos" if export.whole_video else "clips",
+    model.step,
+    folder,
+    seconds,
+    len(rows["id"]) / max(seconds, 1e-9),
+  )
   return folder
 
 
-def embed_videos(paths: Sequence[epath.PathLike], workdir: epath.PathLike, *,
-                 config: config_dict.ConfigDict | None = None) -> dict[str, np.ndarray]:
+def embed_videos(
+  paths: Sequence[epath.PathLike],
+  workdir: epath.PathLike,
+  *,
+  config: config_dict.ConfigDict | None = None,
+) -> dict[str, np.ndarray]:
   """Embeds video files with a workdir's model, without preparing a dataset.
 
   Files are decoded and preprocessed as the model's training clips were (the training
@@ -165,7 +179,7 @@ def embed_videos(paths: Sequence[epath.PathLike], workdir: epath.PathLike, *,
   Raises:
     video_io.VideoReadError: a file cannot be used (it names the file and why).
   """
-  from cmvt_jax import train  # pylint: disable=g-import-not-at-top
+  from cmvt_jax import train
 
   config = config or workdir_config(workdir)
   run = train.Run.create(config, workdir)
@@ -179,13 +193,14 @@ def workdir_config(workdir: epath.PathLike) -> config_dict.ConfigDict:
   """The resolved config that training recorded in `WORKDIR/config.json`."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: {workdir} holds no training run. Train "
-                            "first, or pass the run's config.")
+    raise FileNotFoundError(
+      f"{path} does not exist: {workdir} holds no training run. Train "
+      "first, or pass the run's config."
+    )
   return config_dict.ConfigDict(json.loads(path.read_text())["config"])
 
 
-def load_embeddings(workdir_or_embeddings_dir: epath.PathLike,
-                    split: str) -> dict[str, np.ndarray]:
+def load_embeddings(workdir_or_embeddings_dir: epath.PathLike, split: str) -> dict[str, np.ndarray]:
   """A complete export's rows, every part merged, sorted by `id`.
 
   Args:
@@ -205,16 +220,18 @@ def load_embeddings(workdir_or_embeddings_dir: epath.PathLike,
     with (folder / name).open("rb") as f:
       part = dict(np.load(f, allow_pickle=False))
     if len(part["id"]) != count:
-      raise ValueError(f"{folder / name} holds {len(part['id'])} rows, the manifest counts "
-                       f"{count}; export again.")
+      raise ValueError(
+        f"{folder / name} holds {len(part['id'])} rows, the manifest counts {count}; export again."
+      )
     parts.append(part)
   rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
   order = np.argsort(rows["id"], kind="stable")
   return {key: value[order] for key, value in rows.items()}
 
 
-def read_manifest(workdir_or_embeddings_dir: epath.PathLike,
-                  split: str) -> tuple[epath.Path, dict[str, Any]]:
+def read_manifest(
+  workdir_or_embeddings_dir: epath.PathLike, split: str
+) -> tuple[epath.Path, dict[str, Any]]:
   """(export folder, its manifest) of a complete export; arguments as `load_embeddings`.
 
   Raises:
@@ -228,9 +245,10 @@ def read_manifest(workdir_or_embeddings_dir: epath.PathLike,
   if not path.exists():
     found = sorted(part.name for part in folder.glob("part-*")) if folder.exists() else []
     raise FileNotFoundError(
-        f"No complete export {split!r} under {root}: {path} is missing"
-        + (f" (the folder holds {', '.join(found)}: an interrupted export)" if found else "")
-        + ". Export with `python -m cmvt_jax.main --mode export --config ... --workdir ...`.")
+      f"No complete export {split!r} under {root}: {path} is missing"
+      + (f" (the folder holds {', '.join(found)}: an interrupted export)" if found else "")
+      + ". Export with `python -m cmvt_jax.main --mode export --config ... --workdir ...`."
+    )
   return folder, json.loads(path.read_text())
 
 
@@ -239,7 +257,7 @@ def read_manifest(workdir_or_embeddings_dir: epath.PathLike,
 
 def _share(items: Sequence) -> list:
   """This process's share: items p, p + P, ..."""
-  return list(items[jax.process_index()::jax.process_count()])
+  return list(items[jax.process_index() :: jax.process_count()])
 
 
 def _video_files(video_dir: epath.Path) -> list[tuple[epath.Path, str]]:
@@ -253,25 +271,27 @@ def _video_files(video_dir: epath.Path) -> list[tuple[epath.Path, str]]:
       if path.suffix.lower() in builder.VIDEO_EXTENSIONS:
         files.append((path, "/".join(path.relative_to(video_dir).parts)))
   if not files:
-    raise FileNotFoundError(f"No video file ({', '.join(builder.VIDEO_EXTENSIONS)}) under "
-                            f"export.video_dir {video_dir}.")
+    raise FileNotFoundError(
+      f"No video file ({', '.join(builder.VIDEO_EXTENSIONS)}) under export.video_dir {video_dir}."
+    )
   return sorted(files, key=lambda file: file[1])
 
 
-def _check_frames(num_frames: int, source: str, spec: pipeline.InputSpec,
-                  max_frames: int) -> None:
+def _check_frames(num_frames: int, source: str, spec: pipeline.InputSpec, max_frames: int) -> None:
   if num_frames > max_frames:
     raise ValueError(
-        f"{source}: {num_frames} input frames ({num_frames / spec.fps:.1f} s at {spec.fps} "
-        f"fps) exceed export.max_frames={max_frames}. Raise --config.export.max_frames "
-        "(time and memory grow linearly with frames) or export per clip "
-        "(--config.export.whole_video=False).")
+      f"{source}: {num_frames} input frames ({num_frames / spec.fps:.1f} s at {spec.fps} "
+      f"fps) exceed export.max_frames={max_frames}. Raise --config.export.max_frames "
+      "(time and memory grow linearly with frames) or export per clip "
+      "(--config.export.whole_video=False)."
+    )
   if num_frames < 1:
     raise ValueError(f"{source} is shorter than one input frame ({1 / spec.fps} s).")
 
 
-def _split_videos(run, preprocessor: pipeline.Preprocessor, split: str,
-                  max_frames: int) -> tuple[int, Iterator[dict[str, Any]]]:
+def _split_videos(
+  run, preprocessor: pipeline.Preprocessor, split: str, max_frames: int
+) -> tuple[int, Iterator[dict[str, Any]]]:
   """(count, elements) of this process's source videos of a prepared split, each rebuilt
   from its clips on one timeline and preprocessed whole.
 
@@ -291,14 +311,21 @@ def _split_videos(run, preprocessor: pipeline.Preprocessor, split: str,
       num_frames = math.floor(len(frames) / run.dataset.storage.fps * run.spec.fps)
       _check_frames(num_frames, video, run.spec, max_frames)
       view = preprocessor(frames, audio, num_frames=num_frames)
-      yield {"video": view["video"], "audio": view["audio"], "id": video, "source": video,
-             "start": np.float32(examples[0]["start"]), "label": np.int32(examples[0]["label"])}
+      yield {
+        "video": view["video"],
+        "audio": view["audio"],
+        "id": video,
+        "source": video,
+        "start": np.float32(examples[0]["start"]),
+        "label": np.int32(examples[0]["label"]),
+      }
 
   return len(videos), elements()
 
 
-def _stitch(examples: Sequence[dict[str, Any]], storage: builder.StorageSpec, video: str,
-            split: str) -> tuple[np.ndarray, np.ndarray]:
+def _stitch(
+  examples: Sequence[dict[str, Any]], storage: builder.StorageSpec, video: str, split: str
+) -> tuple[np.ndarray, np.ndarray]:
   """The stored clips of one video (sorted by start) put back on one timeline.
 
   Returns uint8 frames `[N, H, W, 3]` and int16 audio `[S]` from the first clip's start to
@@ -314,28 +341,38 @@ def _stitch(examples: Sequence[dict[str, Any]], storage: builder.StorageSpec, vi
   covered = np.zeros(num_frames, bool)
   for example in examples:
     offset = frame_at(example) - first_frame
-    frames[offset:offset + len(example["frames"])] = example["frames"]
-    covered[offset:offset + len(example["frames"])] = True
+    frames[offset : offset + len(example["frames"])] = example["frames"]
+    covered[offset : offset + len(example["frames"])] = True
     offset = sample_at(example) - first_sample
-    audio[offset:offset + len(example["audio"])] = example["audio"]
+    audio[offset : offset + len(example["audio"])] = example["audio"]
   if not covered.all():
     raise ValueError(
-        f"Split {split!r} does not cover {video} without gaps (clips of "
-        f"{storage.clip_seconds} s every {storage.stride_seconds} s, or clips skipped), so it "
-        "cannot be embedded whole from the prepared dataset. Export the raw files with "
-        "--config.export.video_dir=DIR.")
+      f"Split {split!r} does not cover {video} without gaps (clips of "
+      f"{storage.clip_seconds} s every {storage.stride_seconds} s, or clips skipped), so it "
+      "cannot be embedded whole from the prepared dataset. Export the raw files with "
+      "--config.export.video_dir=DIR."
+    )
   return frames, audio
 
 
-def _file_elements(files: Iterable[tuple[epath.Path, str]], preprocessor, storage, *,
-                   whole_video: bool, max_frames: int, skip_unreadable: bool,
-                   skipped: list[str], bar) -> Iterator[dict[str, Any]]:
+def _file_elements(
+  files: Iterable[tuple[epath.Path, str]],
+  preprocessor,
+  storage,
+  *,
+  whole_video: bool,
+  max_frames: int,
+  skip_unreadable: bool,
+  skipped: list[str],
+  bar,
+) -> Iterator[dict[str, Any]]:
   """Eval elements of each file in turn (whole, or per clip); unreadable files are skipped
   (and their sources appended to `skipped`) or raise."""
   for path, source in files:
     try:
-      elements = pipeline.file_elements(path, preprocessor, storage, source=source,
-                                        whole_video=whole_video)
+      elements = pipeline.file_elements(
+        path, preprocessor, storage, source=source, whole_video=whole_video
+      )
     except video_io.VideoReadError as error:
       if not skip_unreadable:
         raise
@@ -343,8 +380,7 @@ def _file_elements(files: Iterable[tuple[epath.Path, str]], preprocessor, storag
       elements = []
     else:
       if not elements:
-        logging.warning("Skipping %s: shorter than one clip (%s s).", source,
-                        storage.clip_seconds)
+        logging.warning("Skipping %s: shorter than one clip (%s s).", source, storage.clip_seconds)
     if not elements:
       skipped.append(source)
     for element in elements:
@@ -370,34 +406,51 @@ def _embed_split(run, model: Model, export) -> dict[str, np.ndarray]:
       return _embed_whole(run, model, _ticking(elements, bar), labelled=True)
   source = run.dataset.source(split)
   batch_size = _host_batch_size(run, export.batch_size)
-  batches = iter(pipeline.eval_dataset(source, preprocessor, batch_size=batch_size,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count()))
+  batches = iter(
+    pipeline.eval_dataset(
+      source,
+      preprocessor,
+      batch_size=batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+  )
   total = pipeline.num_eval_batches(len(source), batch_size, jax.process_count())
   try:
-    with tqdm.tqdm(total=total, desc=f"Embedding {split} clips", unit="batch",
-                   disable=not primary) as bar:
+    with tqdm.tqdm(
+      total=total, desc=f"Embedding {split} clips", unit="batch", disable=not primary
+    ) as bar:
       return _embed_clips(run, model, _ticking(batches, bar), batch_size, labelled=True)
   finally:
     batches.close()  # stops grain's worker processes now, not whenever it is collected
 
 
-def _embed_files(run, model: Model, export, files: Sequence[tuple[epath.Path, str]], *,
-                skip_unreadable: bool) -> tuple[dict[str, np.ndarray], int]:
+def _embed_files(
+  run, model: Model, export, files: Sequence[tuple[epath.Path, str]], *, skip_unreadable: bool
+) -> tuple[dict[str, np.ndarray], int]:
   """Rows of this process's video files (path, source), per clip or whole as the config's
   `export` section says; returns (rows, number of files skipped)."""
   skipped = []
-  with tqdm.tqdm(total=len(files), desc="Embedding video files", unit="file",
-                 disable=jax.process_index() != 0) as bar:
-    elements = _file_elements(files, run.preprocessor(model.stats), run.dataset.storage,
-                              whole_video=export.whole_video, max_frames=export.max_frames,
-                              skip_unreadable=skip_unreadable, skipped=skipped, bar=bar)
+  with tqdm.tqdm(
+    total=len(files), desc="Embedding video files", unit="file", disable=jax.process_index() != 0
+  ) as bar:
+    elements = _file_elements(
+      files,
+      run.preprocessor(model.stats),
+      run.dataset.storage,
+      whole_video=export.whole_video,
+      max_frames=export.max_frames,
+      skip_unreadable=skip_unreadable,
+      skipped=skipped,
+      bar=bar,
+    )
     if export.whole_video:
       rows = _embed_whole(run, model, elements, labelled=False)
     else:
       batch_size = _host_batch_size(run, export.batch_size)
-      rows = _embed_clips(run, model, _batched(elements, batch_size, run.spec), batch_size,
-                          labelled=False)
+      rows = _embed_clips(
+        run, model, _batched(elements, batch_size, run.spec), batch_size, labelled=False
+      )
   return rows, len(skipped)
 
 
@@ -406,19 +459,23 @@ def _host_batch_size(run, size: int) -> int:
   processes = jax.process_count()
   unit = math.lcm(run.mesh.devices.size, processes)
   if size < 1 or size % unit:
-    raise ValueError(f"export.batch_size={size} must be a positive multiple of {unit} (the "
-                     f"{run.mesh.devices.size} devices and {processes} processes); e.g. "
-                     f"--config.export.batch_size={unit * max(1, math.ceil(size / unit))}.")
+    raise ValueError(
+      f"export.batch_size={size} must be a positive multiple of {unit} (the "
+      f"{run.mesh.devices.size} devices and {processes} processes); e.g. "
+      f"--config.export.batch_size={unit * max(1, math.ceil(size / unit))}."
+    )
   return size // processes
 
 
-def _embed_clips(run, model: Model, batches: Iterable[dict[str, np.ndarray]],
-                 batch_size: int, *, labelled: bool) -> dict[str, np.ndarray]:
+def _embed_clips(
+  run, model: Model, batches: Iterable[dict[str, np.ndarray]], batch_size: int, *, labelled: bool
+) -> dict[str, np.ndarray]:
   """This process's rows of its eval batches, embedded in global batches over the mesh.
 
   The output keeps the batch sharding: each process reads back only the rows on its own
   devices. A `row` index travels with the batch to tell which host row each one is.
   """
+
   def embed(params, video, audio):
     out = run.model.apply({"params": params}, video, audio)
     return {key: losses.l2_normalize(out[key]) for key in ("video", "audio")}
@@ -434,10 +491,12 @@ def _embed_clips(run, model: Model, batches: Iterable[dict[str, np.ndarray]],
     if batch is None:
       batch = _padding_batch(batch_size, run.spec)
     host_rows = np.arange(len(batch["mask"]), dtype=np.int32)
-    arrays = sharding.global_batch({"video": batch["video"], "audio": batch["audio"],
-                                    "row": host_rows}, run.mesh)
-    out = _local_rows({"row": arrays["row"],
-                       **embed(model.params, arrays["video"], arrays["audio"])})
+    arrays = sharding.global_batch(
+      {"video": batch["video"], "audio": batch["audio"], "row": host_rows}, run.mesh
+    )
+    out = _local_rows(
+      {"row": arrays["row"], **embed(model.params, arrays["video"], arrays["audio"])}
+    )
     keep = np.asarray(batch["mask"])[out["row"]]
     kept_rows = out["row"][keep]
     part = {key: np.asarray(batch[key])[kept_rows] for key in ("id", "source", "start")}
@@ -448,8 +507,9 @@ def _embed_clips(run, model: Model, batches: Iterable[dict[str, np.ndarray]],
   return _concatenate(parts)
 
 
-def _embed_whole(run, model: Model, elements: Iterable[dict[str, Any]], *,
-                 labelled: bool) -> dict[str, np.ndarray]:
+def _embed_whole(
+  run, model: Model, elements: Iterable[dict[str, Any]], *, labelled: bool
+) -> dict[str, np.ndarray]:
   """Whole videos, one at a time on this process's first local device (no collectives).
 
   Frames are padded (see FRAME_BUCKET) with a frame mask, so nobody attends to the padding;
@@ -466,16 +526,25 @@ def _embed_whole(run, model: Model, elements: Iterable[dict[str, Any]], *,
   parts = [_empty_rows(run, labelled=labelled, whole_video=True)]
   for element in elements:
     frames = len(element["video"])
-    padded = (2**math.ceil(math.log2(frames)) if frames <= FRAME_BUCKET else
-              FRAME_BUCKET * math.ceil(frames / FRAME_BUCKET))
+    padded = (
+      2 ** math.ceil(math.log2(frames))
+      if frames <= FRAME_BUCKET
+      else FRAME_BUCKET * math.ceil(frames / FRAME_BUCKET)
+    )
     video = np.zeros((1, padded) + element["video"].shape[1:], np.float32)
     video[0, :frames] = element["video"]
-    inputs = jax.device_put((video, np.arange(padded)[None] < frames, element["audio"][None]),
-                            device)
+    inputs = jax.device_put(
+      (video, np.arange(padded)[None] < frames, element["audio"][None]), device
+    )
     out = jax.device_get(embed(params, *inputs))
-    part = {"id": np.array([element["id"]]), "source": np.array([element["source"]]),
-            "start": np.array([element["start"]], np.float32), "video": out["video"],
-            "audio": out["audio"], "num_frames": np.array([frames], np.int32)}
+    part = {
+      "id": np.array([element["id"]]),
+      "source": np.array([element["source"]]),
+      "start": np.array([element["start"]], np.float32),
+      "video": out["video"],
+      "audio": out["audio"],
+      "num_frames": np.array([frames], np.int32),
+    }
     if labelled:
       part["label"] = np.array([element["label"]], np.int32)
     parts.append(part)
@@ -494,9 +563,11 @@ def _on_device(params, mesh, device):
 def _local_rows(arrays: dict[str, jax.Array]) -> dict[str, np.ndarray]:
   """The rows of batch-sharded global arrays that live on this process's devices, in
   global order."""
+
   def rows(x):
     shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
     return np.concatenate([np.asarray(shard.data) for shard in shards])
+
   return {key: rows(value) for key, value in arrays.items()}
 
 
@@ -514,8 +585,9 @@ def _gather_ints(values: Sequence[int]) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)
 
 
-def _batched(elements: Iterable[dict[str, Any]], batch_size: int,
-             spec: pipeline.InputSpec) -> Iterator[dict[str, np.ndarray]]:
+def _batched(
+  elements: Iterable[dict[str, Any]], batch_size: int, spec: pipeline.InputSpec
+) -> Iterator[dict[str, np.ndarray]]:
   """Eval elements → batches of `batch_size`, the last one filled with padding rows."""
   pending = []
   for element in elements:
@@ -535,12 +607,15 @@ def _stack(elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def _padding_batch(rows: int, spec: pipeline.InputSpec) -> dict[str, np.ndarray]:
   """`rows` padding rows of an eval batch (mask False)."""
-  return {"video": np.zeros((rows, spec.num_frames, spec.frame_size, spec.frame_size, 3),
-                            np.float32),
-          "audio": np.zeros((rows, spec.audio_frames, spec.mel.n_mels), np.float32),
-          "label": np.full(rows, -1, np.int32), "mask": np.zeros(rows, bool),
-          "id": np.full(rows, ""), "source": np.full(rows, ""),
-          "start": np.zeros(rows, np.float32)}
+  return {
+    "video": np.zeros((rows, spec.num_frames, spec.frame_size, spec.frame_size, 3), np.float32),
+    "audio": np.zeros((rows, spec.audio_frames, spec.mel.n_mels), np.float32),
+    "label": np.full(rows, -1, np.int32),
+    "mask": np.zeros(rows, bool),
+    "id": np.full(rows, ""),
+    "source": np.full(rows, ""),
+    "start": np.zeros(rows, np.float32),
+  }
 
 
 def _ticking(iterable: Iterable, bar) -> Iterator:
@@ -552,9 +627,13 @@ def _ticking(iterable: Iterable, bar) -> Iterator:
 def _empty_rows(run, *, labelled: bool, whole_video: bool) -> dict[str, np.ndarray]:
   """Zero rows of every key (so that a process with nothing to embed writes a valid part)."""
   dim = run.config.model.embed_dim
-  rows = {"id": np.array([], str), "source": np.array([], str),
-          "start": np.zeros(0, np.float32), "video": np.zeros((0, dim), np.float32),
-          "audio": np.zeros((0, dim), np.float32)}
+  rows = {
+    "id": np.array([], str),
+    "source": np.array([], str),
+    "start": np.zeros(0, np.float32),
+    "video": np.zeros((0, dim), np.float32),
+    "audio": np.zeros((0, dim), np.float32),
+  }
   if labelled:
     rows["label"] = np.zeros(0, np.int32)
   if whole_video:
@@ -592,22 +671,24 @@ def _write_part(folder: epath.Path, rows: dict[str, np.ndarray]) -> None:
   temporary.rename(path)
 
 
-def _write_manifest(folder: epath.Path, config, model: Model, counts: np.ndarray,
-                    label_names: Sequence[str] | None) -> None:
+def _write_manifest(
+  folder: epath.Path, config, model: Model, counts: np.ndarray, label_names: Sequence[str] | None
+) -> None:
   export = config.export
   config_json = config.to_json_best_effort(sort_keys=True)
   manifest = {
-      "split": None if export.video_dir else export.split,
-      "video_dir": export.video_dir,
-      "whole_video": bool(export.whole_video),
-      "step": model.step,
-      "config_sha256": hashlib.sha256(config_json.encode("utf-8")).hexdigest(),
-      "embed_dim": int(config.model.embed_dim),
-      "count": int(counts[:, 0].sum()),
-      "parts": {part_name(index, len(counts)): int(count)
-                for index, count in enumerate(counts[:, 0])},
-      "skipped_files": int(counts[:, 1].sum()),
-      "label_names": label_names,
+    "split": None if export.video_dir else export.split,
+    "video_dir": export.video_dir,
+    "whole_video": bool(export.whole_video),
+    "step": model.step,
+    "config_sha256": hashlib.sha256(config_json.encode("utf-8")).hexdigest(),
+    "embed_dim": int(config.model.embed_dim),
+    "count": int(counts[:, 0].sum()),
+    "parts": {
+      part_name(index, len(counts)): int(count) for index, count in enumerate(counts[:, 0])
+    },
+    "skipped_files": int(counts[:, 1].sum()),
+    "label_names": label_names,
   }
   temporary = folder / (MANIFEST + _TEMPORARY_SUFFIX)
   temporary.write_text(json.dumps(manifest, indent=2) + "\n")

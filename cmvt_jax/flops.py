@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from cmvt_jax.models import audio_encoder as audio_lib
 from cmvt_jax.models import cmvt as cmvt_lib
@@ -54,8 +54,9 @@ class ModelFlops:
     return (4 if self.remat else 3) * self.forward
 
 
-def count(model: cmvt_lib.CMVT, *, video_shape: Sequence[int],
-          audio_shape: Sequence[int]) -> ModelFlops:
+def count(
+  model: cmvt_lib.CMVT, *, video_shape: Sequence[int], audio_shape: Sequence[int]
+) -> ModelFlops:
   """FLOPs of one clip through `model` (as built by `cmvt.from_config`).
 
   Args:
@@ -64,50 +65,67 @@ def count(model: cmvt_lib.CMVT, *, video_shape: Sequence[int],
     audio_shape: one clip's log-mel `(F, M)`.
   """
   if len(video_shape) != 4 or len(audio_shape) != 2:
-    raise ValueError(f'video_shape must be (T, H, W, C) and audio_shape (F, M); got '
-                     f'{tuple(video_shape)} and {tuple(audio_shape)}.')
+    raise ValueError(
+      f"video_shape must be (T, H, W, C) and audio_shape (F, M); got "
+      f"{tuple(video_shape)} and {tuple(audio_shape)}."
+    )
   frames, height, width, channels = video_shape
   video = model.video_encoder
   frame_flops, frame_features = _image_encoder(video.frame_encoder, height, width, channels)
   temporal_flops, video_features = temporal(video.temporal, frames, frame_features)
   audio_flops, audio_features = _audio(model.audio_encoder, *audio_shape)
-  heads = sum(_dense(1, features, model.projection_hidden_dim)
-              + _dense(1, model.projection_hidden_dim, model.embed_dim)
-              for features in (video_features, audio_features))
+  heads = sum(
+    _dense(1, features, model.projection_hidden_dim)
+    + _dense(1, model.projection_hidden_dim, model.embed_dim)
+    for features in (video_features, audio_features)
+  )
   if model.num_classes:
-    heads += (_dense(1, video_features, model.classifier_hidden_dim)
-              + _dense(1, model.classifier_hidden_dim, model.num_classes))
-  modules = (video.frame_encoder, video.temporal, model.audio_encoder.backbone,
-             model.audio_encoder.temporal)
-  return ModelFlops(frame_encoder=frames * frame_flops, video_temporal=temporal_flops,
-                    audio=audio_flops, heads=heads,
-                    remat=any(getattr(m, 'remat', False) for m in modules))
+    heads += _dense(1, video_features, model.classifier_hidden_dim) + _dense(
+      1, model.classifier_hidden_dim, model.num_classes
+    )
+  modules = (
+    video.frame_encoder,
+    video.temporal,
+    model.audio_encoder.backbone,
+    model.audio_encoder.temporal,
+  )
+  return ModelFlops(
+    frame_encoder=frames * frame_flops,
+    video_temporal=temporal_flops,
+    audio=audio_flops,
+    heads=heads,
+    remat=any(getattr(m, "remat", False) for m in modules),
+  )
 
 
 def vit(module: frame_lib.ViT, height: int, width: int, channels: int) -> float:
   """One image `[H, W, C]` through a `frame_encoder.ViT`."""
-  patch_h, patch_w = frame_lib.as_pair(module.patch_size, 'patch_size')
+  patch_h, patch_w = frame_lib.as_pair(module.patch_size, "patch_size")
   grid = (height // patch_h) * (width // patch_w)
   tokens = grid + 1
   total = grid * 2 * patch_h * patch_w * channels * module.width
-  per_block = (4 * _dense(tokens, module.width, module.width)
-               + 2 * 2 * tokens * tokens * module.width
-               + _dense(tokens, module.width, module.mlp_dim)
-               + _dense(tokens, module.mlp_dim, module.width))
+  per_block = (
+    4 * _dense(tokens, module.width, module.width)
+    + 2 * 2 * tokens * tokens * module.width
+    + _dense(tokens, module.width, module.mlp_dim)
+    + _dense(tokens, module.mlp_dim, module.width)
+  )
   total += module.depth * per_block
   if module.num_classes:
     total += _dense(1, module.width, module.num_classes)
   return total
 
 
-def resnet_feature_map(module: frame_lib.ResNet, height: int, width: int,
-                       channels: int) -> tuple[float, tuple[int, int, int]]:
+def resnet_feature_map(
+  module: frame_lib.ResNet, height: int, width: int, channels: int
+) -> tuple[float, tuple[int, int, int]]:
   """One image through `ResNet.feature_map` → (FLOPs, output map (H', W', C'))."""
   height, width = _strided(height, width, module.stem_strides)
   total = _conv(height, width, module.stem_kernel, channels, module.stem_width)
   channels = module.stem_width
-  for stage_width, blocks, strides in zip(module.stage_widths, module.blocks_per_stage,
-                                          module.stage_strides):
+  for stage_width, blocks, strides in zip(
+    module.stage_widths, module.blocks_per_stage, module.stage_strides
+  ):
     for i in range(blocks):
       block_strides = tuple(strides) if i == 0 else (1, 1)
       height, width = _strided(height, width, block_strides)
@@ -119,8 +137,9 @@ def resnet_feature_map(module: frame_lib.ResNet, height: int, width: int,
   return total, (height, width, channels)
 
 
-def temporal(module: temporal_lib.TemporalEncoder, length: int,
-             in_features: int) -> tuple[float, int]:
+def temporal(
+  module: temporal_lib.TemporalEncoder, length: int, in_features: int
+) -> tuple[float, int]:
   """A `[length, in_features]` sequence through a `TemporalEncoder` → (FLOPs, output width)."""
   total = _dense(length, in_features, module.width)
   if not module.num_layers:
@@ -129,15 +148,30 @@ def temporal(module: temporal_lib.TemporalEncoder, length: int,
   windows = _per_layer(module.windows, module.num_layers)
   dilations = _per_layer(module.dilations, module.num_layers)
   for window, dilation in zip(windows, dilations):
-    total += longformer_layer(tokens, module.width, module.num_heads, module.mlp_dim, window,
-                              dilation, num_global=1,
-                              global_projections=module.global_projections)
+    total += longformer_layer(
+      tokens,
+      module.width,
+      module.num_heads,
+      module.mlp_dim,
+      window,
+      dilation,
+      num_global=1,
+      global_projections=module.global_projections,
+    )
   return total, module.width
 
 
-def longformer_layer(tokens: int, width: int, num_heads: int, mlp_dim: int, window: int,
-                     dilation: int | Sequence[int], *, num_global: int,
-                     global_projections: bool) -> float:
+def longformer_layer(
+  tokens: int,
+  width: int,
+  num_heads: int,
+  mlp_dim: int,
+  window: int,
+  dilation: int | Sequence[int],
+  *,
+  num_global: int,
+  global_projections: bool,
+) -> float:
   """One `longformer.EncoderBlock` over `tokens` positions, `num_global` of them global."""
   head_dim = width // num_heads
   dilations = (dilation,) * num_heads if isinstance(dilation, int) else tuple(dilation)

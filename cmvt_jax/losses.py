@@ -57,7 +57,7 @@ def cross_modal_nt_xent(z_video: jax.Array, z_audio: jax.Array, temperature) -> 
   Returns:
     The scalar loss, float32.
   """
-  _check_pair('z_video', z_video, 'z_audio', z_audio)
+  _check_pair("z_video", z_video, "z_audio", z_audio)
   logits = l2_normalize(z_video) @ l2_normalize(z_audio).T / temperature  # [N, N]
   labels = jnp.arange(logits.shape[0])
   video_to_audio = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -75,7 +75,7 @@ def nt_xent(z_a: jax.Array, z_b: jax.Array, temperature) -> jax.Array:
   Returns:
     The scalar loss (mean over the 2N anchors), float32.
   """
-  _check_pair('z_a', z_a, 'z_b', z_b)
+  _check_pair("z_a", z_a, "z_b", z_b)
   n = z_a.shape[0]
   z = jnp.concatenate([l2_normalize(z_a), l2_normalize(z_b)], axis=0)  # [2N, D]
   logits = z @ z.T / temperature
@@ -87,11 +87,13 @@ def nt_xent(z_a: jax.Array, z_b: jax.Array, temperature) -> jax.Array:
 def _check_pair(name_a: str, a, name_b: str, b) -> None:
   if a.ndim != 2 or a.shape != b.shape:
     raise ValueError(
-        f'{name_a} and {name_b} must both be [N, D] with the same shape; got {a.shape} and '
-        f'{b.shape}.')
+      f"{name_a} and {name_b} must both be [N, D] with the same shape; got {a.shape} and {b.shape}."
+    )
   if a.shape[0] < 2:
-    raise ValueError(f'contrastive losses need N >= 2 examples (one positive, some negatives); '
-                     f'got {name_a} of shape {a.shape}.')
+    raise ValueError(
+      f"contrastive losses need N >= 2 examples (one positive, some negatives); "
+      f"got {name_a} of shape {a.shape}."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +116,18 @@ class Temperature:
   def __post_init__(self):
     if not 0 < self.minimum <= self.initial <= self.maximum:
       raise ValueError(
-          'the temperature needs 0 < min_temperature <= temperature <= max_temperature; got '
-          f'{self.minimum}, {self.initial}, {self.maximum} (config.loss).')
+        "the temperature needs 0 < min_temperature <= temperature <= max_temperature; got "
+        f"{self.minimum}, {self.initial}, {self.maximum} (config.loss)."
+      )
 
   @classmethod
   def from_config(cls, loss_config) -> Temperature:
-    return cls(initial=float(loss_config.temperature),
-               learnable=bool(loss_config.learn_temperature),
-               minimum=float(loss_config.min_temperature),
-               maximum=float(loss_config.max_temperature))
+    return cls(
+      initial=float(loss_config.temperature),
+      learnable=bool(loss_config.learn_temperature),
+      minimum=float(loss_config.min_temperature),
+      maximum=float(loss_config.max_temperature),
+    )
 
   def init(self) -> jax.Array:
     """The initial parameter: log(initial), a float32 scalar."""
@@ -153,12 +158,15 @@ class ContrastiveLoss:
 
   @classmethod
   def from_config(cls, loss_config) -> ContrastiveLoss:
-    return cls(temperature=Temperature.from_config(loss_config),
-               cross_modal_weight=float(loss_config.cross_modal_weight),
-               intra_modal_weight=float(loss_config.intra_modal_weight))
+    return cls(
+      temperature=Temperature.from_config(loss_config),
+      cross_modal_weight=float(loss_config.cross_modal_weight),
+      intra_modal_weight=float(loss_config.intra_modal_weight),
+    )
 
-  def __call__(self, log_temperature, z_video, z_audio, *, z_video_view2=None,
-               z_audio_view2=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(
+    self, log_temperature, z_video, z_audio, *, z_video_view2=None, z_audio_view2=None
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Embeddings `[N, E]` (global batch) → (loss, metrics).
 
     Args:
@@ -173,19 +181,21 @@ class ContrastiveLoss:
     """
     two_views = z_video_view2 is not None
     if two_views != (z_audio_view2 is not None):
-      raise ValueError('give both z_video_view2 and z_audio_view2, or neither.')
+      raise ValueError("give both z_video_view2 and z_audio_view2, or neither.")
     if self.intra_modal_weight and not two_views:
       raise ValueError(
-          f'config.loss.intra_modal_weight={self.intra_modal_weight} needs a second augmented '
-          'view of each modality (z_video_view2, z_audio_view2); set it to 0 or feed two views.')
+        f"config.loss.intra_modal_weight={self.intra_modal_weight} needs a second augmented "
+        "view of each modality (z_video_view2, z_audio_view2); set it to 0 or feed two views."
+      )
     temperature = self.temperature(log_temperature)
     cross = cross_modal_nt_xent(z_video, z_audio, temperature)
     if not two_views:
       loss = self.cross_modal_weight * cross
-      return loss, {'cross_modal_loss': cross, 'temperature': temperature}
+      return loss, {"cross_modal_loss": cross, "temperature": temperature}
     cross = (cross + cross_modal_nt_xent(z_video_view2, z_audio_view2, temperature)) / 2
-    intra = (nt_xent(z_video, z_video_view2, temperature)
-             + nt_xent(z_audio, z_audio_view2, temperature)) / 2
+    intra = (
+      nt_xent(z_video, z_video_view2, temperature) + nt_xent(z_audio, z_audio_view2, temperature)
+    ) / 2
     loss = self.cross_modal_weight * cross + self.intra_modal_weight * intra
-    metrics = {'cross_modal_loss': cross, 'intra_modal_loss': intra, 'temperature': temperature}
+    metrics = {"cross_modal_loss": cross, "intra_modal_loss": intra, "temperature": temperature}
     return loss, metrics

@@ -18,27 +18,42 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/default.py; override keys with --config.KEY=VALUE.",
-    lock_config=True)
+  "config",
+  None,
+  "Config file, e.g. configs/default.py; override keys with --config.KEY=VALUE.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and exports go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "export", "plots"],
-    "train (then evaluate and export), eval (latest checkpoint), export (embeddings), plots.")
+  "mode",
+  "train",
+  ["train", "eval", "export", "plots"],
+  "train (then evaluate and export), eval (latest checkpoint), export (embeddings), plots.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-process runs on machines "
-    "that JAX cannot detect (TPU VMs, SLURM and Open MPI are detected).")
+  "coordinator_address",
+  None,
+  "host:port of process 0, for multi-process runs on machines "
+  "that JAX cannot detect (TPU VMs, SLURM and Open MPI are detected).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_MODES = {"train": ("train", "train_and_evaluate"), "eval": ("evaluate", "evaluate_latest"),
-          "export": ("export", "export_embeddings"), "plots": ("plots", "make_plots")}
+_MODES = {
+  "train": ("train", "train_and_evaluate"),
+  "eval": ("evaluate", "evaluate_latest"),
+  "export": ("export", "export_embeddings"),
+  "plots": ("plots", "make_plots"),
+}
 
 # Environment variables that mean a scheduler started one process per host: then
 # `jax.distributed.initialize()` finds the coordinator, process count and index by itself.
 _CLUSTER_MARKERS = {
-    "SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI",
-    "TPU_WORKER_HOSTNAMES": "TPU VM", "MEGASCALE_NUM_SLICES": "TPU multi-slice",
+  "SLURM_NTASKS": "SLURM",
+  "OMPI_COMM_WORLD_SIZE": "Open MPI",
+  "TPU_WORKER_HOSTNAMES": "TPU VM",
+  "MEGASCALE_NUM_SLICES": "TPU multi-slice",
 }
 
 
@@ -50,16 +65,18 @@ def initialize_distributed(config) -> None:
   # is ignored by GPU and TPU backends.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   timeouts = dict(
-      initialization_timeout=config.distributed.initialization_timeout_seconds,
-      heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds)
+    initialization_timeout=config.distributed.initialization_timeout_seconds,
+    heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
+  )
   explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(value is not None for value in explicit):
     if any(value is None for value in explicit):
       raise app.UsageError(
-          "--coordinator_address, --num_processes and --process_id go together; got "
-          f"{explicit}.")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               **timeouts)
+        f"--coordinator_address, --num_processes and --process_id go together; got {explicit}."
+      )
+    jax.distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts
+    )
     return
   detected = [name for var, name in _CLUSTER_MARKERS.items() if _more_than_one(var)]
   if not detected and _has_tpu_chips():
@@ -73,7 +90,8 @@ def initialize_distributed(config) -> None:
 
 def _has_tpu_chips() -> bool:
   """TPU chips on this machine's PCI bus (JAX's own test, which reads no network)."""
-  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  from jax._src import hardware_utils
+
   return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
@@ -101,11 +119,18 @@ def main(argv):
   # Imported here, so that no backend starts before the distributed runtime is joined.
   module_name, function = _MODES[_MODE.value]
   module = importlib.import_module(f"cmvt_jax.{module_name}")
-  from cmvt_jax.checkpoints import NoUsableCheckpointError  # pylint: disable=g-import-not-at-top
+  from cmvt_jax.checkpoints import NoUsableCheckpointError
+
   # Errors that describe a problem with the config, the data or the workdir and say what to do.
-  user_errors = (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
-                 NoUsableCheckpointError)
-  import jax  # pylint: disable=g-import-not-at-top
+  user_errors = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    FloatingPointError,
+    NoUsableCheckpointError,
+  )
+  import jax
+
   try:
     getattr(module, function)(config, _WORKDIR.value)
   except user_errors as error:
@@ -124,13 +149,17 @@ def _exit_after_failed_collective(index: int, count: int, error: Exception) -> N
   """One process of several failed in the runtime: usually because another one died."""
   detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
   logging.error(
-      "Process %d of %d stopped: %s. In a multi-host run this usually means that another "
-      "process died, hangs or was preempted (see its log). Restart every process with the "
-      "same command to resume from the last complete checkpoint.", index, count, detail)
+    "Process %d of %d stopped: %s. In a multi-host run this usually means that another "
+    "process died, hangs or was preempted (see its log). Restart every process with the "
+    "same command to resume from the last complete checkpoint.",
+    index,
+    count,
+    detail,
+  )
   logging.flush()
   # Exiting normally would run the distributed runtime's shutdown barrier, which waits for
   # the dead process until the heartbeat timeout and then aborts with a stack dump.
-  os._exit(1)  # pylint: disable=protected-access
+  os._exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -141,8 +170,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = _unknown_key_message(argv, error)
   except flags.Error as error:  # e.g. a value of the wrong type
     message = str(error)
-  sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
-                   "Pass --helpshort or --helpfull to see help on flags.\n")
+  sys.stderr.write(
+    f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.\n"
+  )
   sys.exit(1)
 
 
@@ -152,14 +182,16 @@ def _unknown_key_message(argv: list[str], error: Exception) -> str:
   for arg in argv:
     if not arg.startswith("--config."):
       continue
-    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    path = arg[len("--config.") :].split("=", 1)[0].split(".")
     node = config
     for depth, part in enumerate(path):
       keys = sorted(node.keys()) if hasattr(node, "keys") else []
       if part not in keys:
         where = ".".join(["config", *path[:depth]])
-        return (f"{arg}: {where} has no key {part!r}; its keys are: {', '.join(keys)}. "
-                "Overrides can only set keys that the config file defines.")
+        return (
+          f"{arg}: {where} has no key {part!r}; its keys are: {', '.join(keys)}. "
+          "Overrides can only set keys that the config file defines."
+        )
       node = node[part]
   return f"a --config override names a key that the config does not have ({error})."
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -33,7 +34,8 @@ class MetricsWriter:
   def _tensorboard(self):
     """The event-file writer, created with the first scalar (a refused run writes nothing)."""
     if self._writer is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX import SummaryWriter
+
       self._writer = SummaryWriter(str(self._tensorboard_dir))
     return self._writer
 
@@ -41,8 +43,11 @@ class MetricsWriter:
     """Removes lines with `step` beyond the step a resumed run starts from."""
     if not self._is_primary or not self.path.exists():
       return
-    lines = [line for line in self.path.read_text().splitlines()
-             if line.strip() and json.loads(line)["step"] <= step]
+    lines = [
+      line
+      for line in self.path.read_text().splitlines()
+      if line.strip() and json.loads(line)["step"] <= step
+    ]
     self.path.write_text("".join(line + "\n" for line in lines))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
@@ -116,8 +121,10 @@ class Progress:
       return f"step {step}/{self.total_steps}"
     rate = done / seconds
     eta = (self.total_steps - step) / rate
-    return (f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%), "
-            f"{rate:.2f} steps/s, ETA {_duration(eta)} (training time, evals excluded)")
+    return (
+      f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%), "
+      f"{rate:.2f} steps/s, ETA {_duration(eta)} (training time, evals excluded)"
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -125,5 +132,3 @@ def _duration(seconds: float) -> str:
   hours, rest = divmod(seconds, 3600)
   minutes, seconds = divmod(rest, 60)
   return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
-
-

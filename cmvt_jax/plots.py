@@ -22,7 +22,8 @@ display) at fixed sizes: `FIGURE_SIZES` inches at `DPI`. Every process must call
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +41,10 @@ from cmvt_jax.models import cmvt
 
 DPI = 100
 FIGURE_SIZES = {  # inches (width, height)
-    "training_curves": (15, 4),
-    "similarity_matrix": (7, 6),
-    "embeddings_pca": (9, 7),
-    "attention": (15, 4),
+  "training_curves": (15, 4),
+  "similarity_matrix": (7, 6),
+  "embeddings_pca": (9, 7),
+  "attention": (15, 4),
 }
 # Sequence length (CLS + time steps) at which the attention rule is drawn: long enough for
 # the band, its dilation and the global row and column to show.
@@ -55,8 +56,7 @@ PCA_CLIPS = 2048
 _EVAL_CURVES = ("eval/a2v_r1", "eval/v2a_r1", "eval/linear_probe_top1", "eval/knn_top1")
 
 
-def make_plots(config, workdir: str, *, run=None, state=None,
-               stats=None) -> list[epath.Path]:
+def make_plots(config, workdir: str, *, run=None, state=None, stats=None) -> list[epath.Path]:
   """Draws every figure of the module docstring; returns the files written (process 0).
 
   Args:
@@ -65,7 +65,7 @@ def make_plots(config, workdir: str, *, run=None, state=None,
     run, state, stats: training's, at the end of a run; otherwise the latest checkpoint
       of the workdir is restored.
   """
-  from cmvt_jax import train  # pylint: disable=g-import-not-at-top
+  from cmvt_jax import train
 
   run = run or train.Run.create(config, workdir)
   model = export_lib.load_model(run, state=state, stats=stats)
@@ -73,8 +73,7 @@ def make_plots(config, workdir: str, *, run=None, state=None,
   split = config.eval.splits[0]
   figures = {"training_curves": lambda: training_curves(metrics_lib.read(workdir))}
   # Embedding runs on every process; drawing only where the figure is written.
-  clips = evaluate.embed_split(run, model.stats, model.params, split,
-                               limit=config.plots.num_clips)
+  clips = evaluate.embed_split(run, model.stats, model.params, split, limit=config.plots.num_clips)
   figures["similarity_matrix"] = lambda: similarity_matrix(clips, split)
   points, label_names, title = _pca_points(run, model, config.export, workdir)
   figures["embeddings_pca"] = lambda: embeddings_pca(points, label_names, title)
@@ -117,21 +116,23 @@ def training_curves(lines: Sequence[dict[str, Any]]) -> figure.Figure:
     temperature_axes.plot(steps, [line["temperature"] for line in train], label="temperature")
   rate_axes = temperature_axes.twinx()
   if train and "learning_rate" in train[0]:
-    rate_axes.plot(steps, [line["learning_rate"] for line in train], color="tab:orange",
-                   label="learning rate")
+    rate_axes.plot(
+      steps, [line["learning_rate"] for line in train], color="tab:orange", label="learning rate"
+    )
   temperature_axes.set(title="temperature (left), learning rate (right)", xlabel="step")
   evals = [line for line in lines if "split" in line]
   for split in sorted({line["split"] for line in evals}):
     for key in _EVAL_CURVES:
-      points = [(line["step"], line[key]) for line in evals
-                if line["split"] == split and key in line]
+      points = [
+        (line["step"], line[key]) for line in evals if line["split"] == split and key in line
+      ]
       if points:
         eval_axes.plot(*zip(*points), marker="o", label=f"{split} {key.split('/')[1]}")
   eval_axes.set(title="evaluation", xlabel="step", ylim=(0, 1.02))
   if evals:
     eval_axes.legend(fontsize="small")
   if not train:
-    loss_axes.text(.5, .5, "no training metrics yet", ha="center", transform=loss_axes.transAxes)
+    loss_axes.text(0.5, 0.5, "no training metrics yet", ha="center", transform=loss_axes.transAxes)
   return fig
 
 
@@ -146,13 +147,15 @@ def similarity_matrix(clips: dict[str, np.ndarray], split: str) -> figure.Figure
   image = axes.imshow(similarity, cmap="viridis")
   fig.colorbar(image, ax=axes, label="cosine similarity")
   r1 = float(np.mean(evaluate.retrieval_ranks(clips["audio"], clips["video"]) == 1))
-  axes.set(title=f"{split}: {len(similarity)} clips, a→v R@1 among them {r1:.2f}",
-           xlabel="video of clip", ylabel="audio of clip")
+  axes.set(
+    title=f"{split}: {len(similarity)} clips, a→v R@1 among them {r1:.2f}",
+    xlabel="video of clip",
+    ylabel="audio of clip",
+  )
   return fig
 
 
-def _pca_points(run, model, export, workdir
-                ) -> tuple[dict[str, np.ndarray], Sequence[str], str]:
+def _pca_points(run, model, export, workdir) -> tuple[dict[str, np.ndarray], Sequence[str], str]:
   """(embeddings, label names, description) for the PCA figure: the export that the
   config's `export` section describes when it is complete."""
   name = export_lib.export_name(export)
@@ -174,8 +177,9 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return centred @ axes[:2].T, variance[:2] / max(variance.sum(), 1e-12)
 
 
-def embeddings_pca(rows: dict[str, np.ndarray], label_names: Sequence[str],
-                   title: str) -> figure.Figure:
+def embeddings_pca(
+  rows: dict[str, np.ndarray], label_names: Sequence[str], title: str
+) -> figure.Figure:
   """Video (dots) and audio (crosses) embeddings in one PCA of the shared space."""
   fig = _figure("embeddings_pca")
   axes = fig.subplots()
@@ -189,9 +193,11 @@ def embeddings_pca(rows: dict[str, np.ndarray], label_names: Sequence[str],
     name = label_names[label] if 0 <= label < len(label_names) else "unlabelled"
     axes.scatter(*coordinates[:count][where].T, s=14, color=colour, marker="o", label=name)
     axes.scatter(*coordinates[count:][where].T, s=14, color=colour, marker="x")
-  axes.set(title=f"PCA of {title}: video ●, audio ×, {count} each",
-           xlabel=f"PC 1 ({100 * explained[0]:.0f}% of variance)",
-           ylabel=f"PC 2 ({100 * explained[1]:.0f}% of variance)")
+  axes.set(
+    title=f"PCA of {title}: video ●, audio ×, {count} each",
+    xlabel=f"PC 1 ({100 * explained[0]:.0f}% of variance)",
+    ylabel=f"PC 2 ({100 * explained[1]:.0f}% of variance)",
+  )
   axes.legend(fontsize="small", markerscale=1.5, loc="best")
   return fig
 
@@ -199,8 +205,9 @@ def embeddings_pca(rows: dict[str, np.ndarray], label_names: Sequence[str],
 # ----------------------------------------------------------------------------- attention
 
 
-def band_rule(length: int, window: int, dilation: int, global_positions: Sequence[int]
-              ) -> np.ndarray:
+def band_rule(
+  length: int, window: int, dilation: int, global_positions: Sequence[int]
+) -> np.ndarray:
   """`[length, length]` bool: may query i attend key j (banded_attention's rule, no padding)."""
   offset = np.arange(length)[:, None] - np.arange(length)[None, :]
   allowed = (np.abs(offset) <= window * dilation) & (offset % dilation == 0)
@@ -226,18 +233,27 @@ def attention_maps(run, model, split: str) -> dict[str, Any] | None:
 
   @functools.partial(jax.jit, out_shardings=replicated)
   def weights_fn(params, video, rules):
-    return dense_attention_weights(run.model, params, video, rules,
-                                   global_projections=temporal.global_projections)
+    return dense_attention_weights(
+      run.model, params, video, rules, global_projections=temporal.global_projections
+    )
 
-  weights = weights_fn(model.params,
-                       jax.make_array_from_process_local_data(replicated, video),
-                       jax.make_array_from_process_local_data(replicated, rules))
-  return {"weights": np.asarray(jax.device_get(weights)), "rules": rules, "window": window,
-          "dilations": tuple(int(d) for d in dilations), "clip": clip}
+  weights = weights_fn(
+    model.params,
+    jax.make_array_from_process_local_data(replicated, video),
+    jax.make_array_from_process_local_data(replicated, rules),
+  )
+  return {
+    "weights": np.asarray(jax.device_get(weights)),
+    "rules": rules,
+    "window": window,
+    "dilations": tuple(int(d) for d in dilations),
+    "clip": clip,
+  }
 
 
-def dense_attention_weights(model: cmvt.CMVT, params, video: jax.Array, rules: jax.Array, *,
-                            global_projections: bool) -> jax.Array:
+def dense_attention_weights(
+  model: cmvt.CMVT, params, video: jax.Array, rules: jax.Array, *, global_projections: bool
+) -> jax.Array:
   """Attention weights of the video tower's first temporal layer, as a dense matrix.
 
   Recomputes what `banded_attention` does without its blocking: the layer's input (captured
@@ -255,27 +271,35 @@ def dense_attention_weights(model: cmvt.CMVT, params, video: jax.Array, rules: j
     `[heads, T + 1, T + 1]` float32; row i is query i's distribution over keys.
   """
   _, state = model.apply(
-      {"params": params}, video, method=cmvt.CMVT.embed_video, mutable=["intermediates"],
-      capture_intermediates=lambda module, method: module.name == "attention_norm")
+    {"params": params},
+    video,
+    method=cmvt.CMVT.embed_video,
+    mutable=["intermediates"],
+    capture_intermediates=lambda module, method: module.name == "attention_norm",
+  )
   inputs, layer_params = state["intermediates"], params
   for name in ("video_encoder", "temporal", "encoder", "layer_0"):
     inputs, layer_params = inputs[name], layer_params[name]
   x = inputs["attention_norm"]["__call__"][0][0].astype(jnp.float32)  # [L, D]
   attention = layer_params["attention"]  # DenseGeneral kernels [D, heads, head_dim]
-  project = lambda name: jnp.einsum("ld,dhk->hlk", x, attention[name]["kernel"]) + (
-      attention[name]["bias"][:, None] if "bias" in attention[name] else 0)
+  project = lambda name: (
+    jnp.einsum("ld,dhk->hlk", x, attention[name]["kernel"])
+    + (attention[name]["bias"][:, None] if "bias" in attention[name] else 0)
+  )
   scale = attention["query"]["kernel"].shape[-1] ** -0.5
   scores = jnp.einsum("hqk,hlk->hql", project("query"), project("key")) * scale
   if global_projections:
-    global_scores = jnp.einsum("hk,hlk->hl", project("query_global")[:, 0],
-                               project("key_global")) * scale
+    global_scores = (
+      jnp.einsum("hk,hlk->hl", project("query_global")[:, 0], project("key_global")) * scale
+    )
     scores = scores.at[:, 0].set(global_scores)
   scores = jnp.where(rules, scores, -jnp.inf)
   return jax.nn.softmax(scores, axis=-1)
 
 
-def attention_figure(weights: np.ndarray, rules: np.ndarray, window: int,
-                     dilations: Sequence[int], clip: str) -> figure.Figure:
+def attention_figure(
+  weights: np.ndarray, rules: np.ndarray, window: int, dilations: Sequence[int], clip: str
+) -> figure.Figure:
   """The rule at RULE_LENGTH per distinct dilation, then the first heads' weights (keys
   outside the rule left blank)."""
   fig = _figure("attention")
@@ -283,15 +307,21 @@ def attention_figure(weights: np.ndarray, rules: np.ndarray, window: int,
   heads = min(len(dilations), MAX_HEADS)
   panels = fig.subplots(1, len(distinct) + heads, squeeze=False)[0]
   for axes, dilation in zip(panels, distinct):
-    axes.imshow(band_rule(RULE_LENGTH, window, dilation, [0]), cmap="Greys",
-                interpolation="nearest")
-    axes.set(title=f"rule: window {window}, dilation {dilation},\nCLS (0) global; "
-                   f"{RULE_LENGTH} positions", xlabel="key", ylabel="query")
-  for head, axes in enumerate(panels[len(distinct):]):
-    image = axes.imshow(np.ma.array(weights[head], mask=~rules[head]), cmap="viridis",
-                        vmin=0, interpolation="nearest")
-    axes.set(title=f"head {head} (dilation {dilations[head]})", xlabel="key (0 = CLS)",
-             ylabel="query")
-    fig.colorbar(image, ax=axes, shrink=.8)
+    axes.imshow(
+      band_rule(RULE_LENGTH, window, dilation, [0]), cmap="Greys", interpolation="nearest"
+    )
+    axes.set(
+      title=f"rule: window {window}, dilation {dilation},\nCLS (0) global; {RULE_LENGTH} positions",
+      xlabel="key",
+      ylabel="query",
+    )
+  for head, axes in enumerate(panels[len(distinct) :]):
+    image = axes.imshow(
+      np.ma.array(weights[head], mask=~rules[head]), cmap="viridis", vmin=0, interpolation="nearest"
+    )
+    axes.set(
+      title=f"head {head} (dilation {dilations[head]})", xlabel="key (0 = CLS)", ylabel="query"
+    )
+    fig.colorbar(image, ax=axes, shrink=0.8)
   fig.suptitle(f"Video temporal layer 0: attention of clip {clip}")
   return fig

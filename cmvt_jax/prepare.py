@@ -19,7 +19,7 @@ then once, anywhere, `python -m cmvt_jax.prepare --data_dir DIR --name NAME --nu
 """
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import app
 from absl import flags
@@ -29,66 +29,84 @@ from cmvt_jax.data import parts
 from cmvt_jax.data import spectrogram
 
 _VIDEO_DIR = flags.DEFINE_string(
-    'video_dir', None, 'Folder of videos: SPLIT/CLASS/*.mp4 (or CLASS/*.mp4 with --hash_split); '
-    'needed except with --merge.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data folder to write into.',
-                                required=True)
-_NAME = flags.DEFINE_string('name', None, 'Dataset name (a lower-case identifier).',
-                            required=True)
-_CLIP_SECONDS = flags.DEFINE_float('clip_seconds', 2., 'Clip length in seconds.')
+  "video_dir",
+  None,
+  "Folder of videos: SPLIT/CLASS/*.mp4 (or CLASS/*.mp4 with --hash_split); "
+  "needed except with --merge.",
+)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data folder to write into.", required=True)
+_NAME = flags.DEFINE_string("name", None, "Dataset name (a lower-case identifier).", required=True)
+_CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 2.0, "Clip length in seconds.")
 _STRIDE_SECONDS = flags.DEFINE_float(
-    'stride_seconds', None, 'Seconds between clip starts (default: --clip_seconds, i.e. '
-    'back-to-back clips).')
-_FPS = flags.DEFINE_float('fps', 8., 'Stored frames per second.')
-_SHORT_SIDE = flags.DEFINE_integer('short_side', 32, 'Stored frames\' short side in pixels.')
-_SAMPLE_RATE = flags.DEFINE_integer('sample_rate', 16000, 'Stored audio sample rate.')
+  "stride_seconds",
+  None,
+  "Seconds between clip starts (default: --clip_seconds, i.e. back-to-back clips).",
+)
+_FPS = flags.DEFINE_float("fps", 8.0, "Stored frames per second.")
+_SHORT_SIDE = flags.DEFINE_integer("short_side", 32, "Stored frames' short side in pixels.")
+_SAMPLE_RATE = flags.DEFINE_integer("sample_rate", 16000, "Stored audio sample rate.")
 _KEEP_AUDIOLESS = flags.DEFINE_bool(
-    'keep_audioless', False, 'Keep videos without audio (silent, has_audio=False) instead of '
-    'skipping them.')
+  "keep_audioless",
+  False,
+  "Keep videos without audio (silent, has_audio=False) instead of skipping them.",
+)
 _HASH_SPLIT = flags.DEFINE_string(
-    'hash_split', None, 'Split by a hash of each file\'s path instead of by top-level split '
-    'folders, e.g. "train=0.8,validation=0.1,test=0.1"; labels are then the top-level '
-    'folders.')
+  "hash_split",
+  None,
+  "Split by a hash of each file's path instead of by top-level split "
+  'folders, e.g. "train=0.8,validation=0.1,test=0.1"; labels are then the top-level '
+  "folders.",
+)
 _NUM_WORKERS = flags.DEFINE_integer(
-    'num_workers', 0, 'Workers the video files are split among. Without --worker_index they '
-    'all run here, as processes (0: one per core); with --worker_index, this run is one of '
-    'them (decoding with one process per core) and --merge joins their parts.')
+  "num_workers",
+  0,
+  "Workers the video files are split among. Without --worker_index they "
+  "all run here, as processes (0: one per core); with --worker_index, this run is one of "
+  "them (decoding with one process per core) and --merge joins their parts.",
+)
 _WORKER_INDEX = flags.DEFINE_integer(
-    'worker_index', None, 'This run is worker I of --num_workers: it decodes files I, I+N, ... '
-    'and writes them as a part of the dataset.')
+  "worker_index",
+  None,
+  "This run is worker I of --num_workers: it decodes files I, I+N, ... "
+  "and writes them as a part of the dataset.",
+)
 _MERGE = flags.DEFINE_bool(
-    'merge', False, 'Join the parts of all --num_workers workers into the dataset (once every '
-    'worker has finished).')
-_N_FFT = flags.DEFINE_integer('n_fft', 1024, 'Log-mel FFT size (for the stored statistics).')
-_HOP_LENGTH = flags.DEFINE_integer('hop_length', 500, 'Log-mel hop in samples.')
-_N_MELS = flags.DEFINE_integer('n_mels', 64, 'Mel bins.')
-_FMIN = flags.DEFINE_float('fmin', 60., 'Lowest mel frequency (Hz).')
-_FMAX = flags.DEFINE_float('fmax', 7800., 'Highest mel frequency (Hz).')
+  "merge",
+  False,
+  "Join the parts of all --num_workers workers into the dataset (once every worker has finished).",
+)
+_N_FFT = flags.DEFINE_integer("n_fft", 1024, "Log-mel FFT size (for the stored statistics).")
+_HOP_LENGTH = flags.DEFINE_integer("hop_length", 500, "Log-mel hop in samples.")
+_N_MELS = flags.DEFINE_integer("n_mels", 64, "Mel bins.")
+_FMIN = flags.DEFINE_float("fmin", 60.0, "Lowest mel frequency (Hz).")
+_FMAX = flags.DEFINE_float("fmax", 7800.0, "Highest mel frequency (Hz).")
 
 
 def parse_hash_split(text: str) -> dict[str, float]:
   """'train=0.8,test=0.2' -> {'train': 0.8, 'test': 0.2}."""
   fractions = {}
-  for item in text.split(','):
-    split, sep, fraction = item.partition('=')
+  for item in text.split(","):
+    split, sep, fraction = item.partition("=")
     try:
       fractions[split.strip()] = float(fraction)
     except ValueError:
-      sep = ''
+      sep = ""
     if not sep:
-      raise app.UsageError(f'--hash_split item {item!r} is not SPLIT=FRACTION (e.g. '
-                           '"train=0.8,validation=0.1,test=0.1").')
+      raise app.UsageError(
+        f"--hash_split item {item!r} is not SPLIT=FRACTION (e.g. "
+        '"train=0.8,validation=0.1,test=0.1").'
+      )
   return fractions
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   try:
     _run()
   except (ValueError, FileNotFoundError) as error:
     # The message names the problem and what to do; a traceback would only bury it.
-    sys.stderr.write(f'prepare: {type(error).__name__}: {error}\n')
+    sys.stderr.write(f"prepare: {type(error).__name__}: {error}\n")
     sys.exit(1)
 
 
@@ -96,37 +114,65 @@ def _run() -> None:
   worker_index, num_workers = _WORKER_INDEX.value, _NUM_WORKERS.value
   if _MERGE.value:
     if worker_index is not None or num_workers < 1:
-      raise app.UsageError('--merge takes --num_workers N (the workers whose parts it joins) '
-                           'and no --worker_index.')
+      raise app.UsageError(
+        "--merge takes --num_workers N (the workers whose parts it joins) and no --worker_index."
+      )
     parts.merge_parts(_DATA_DIR.value, _NAME.value, num_workers=num_workers)
     return
   if _VIDEO_DIR.value is None:
-    raise app.UsageError('--video_dir is required (except with --merge).')
+    raise app.UsageError("--video_dir is required (except with --merge).")
   if worker_index is not None and not 0 <= worker_index < num_workers:
-    raise app.UsageError(f'--worker_index={worker_index} needs --num_workers N with '
-                         f'0 <= worker_index < N; got --num_workers={num_workers}.')
+    raise app.UsageError(
+      f"--worker_index={worker_index} needs --num_workers N with "
+      f"0 <= worker_index < N; got --num_workers={num_workers}."
+    )
   storage = builder.StorageSpec(
-      clip_seconds=_CLIP_SECONDS.value,
-      stride_seconds=_STRIDE_SECONDS.value or _CLIP_SECONDS.value, fps=_FPS.value,
-      short_side=_SHORT_SIDE.value, sample_rate=_SAMPLE_RATE.value,
-      keep_audioless=_KEEP_AUDIOLESS.value)
+    clip_seconds=_CLIP_SECONDS.value,
+    stride_seconds=_STRIDE_SECONDS.value or _CLIP_SECONDS.value,
+    fps=_FPS.value,
+    short_side=_SHORT_SIDE.value,
+    sample_rate=_SAMPLE_RATE.value,
+    keep_audioless=_KEEP_AUDIOLESS.value,
+  )
   mel = spectrogram.MelSettings(
-      sample_rate=_SAMPLE_RATE.value, n_fft=_N_FFT.value, hop_length=_HOP_LENGTH.value,
-      n_mels=_N_MELS.value, fmin=_FMIN.value, fmax=_FMAX.value)
-  settings = dict(storage=storage, mel=mel,
-                  hash_split=parse_hash_split(_HASH_SPLIT.value) if _HASH_SPLIT.value else None)
+    sample_rate=_SAMPLE_RATE.value,
+    n_fft=_N_FFT.value,
+    hop_length=_HOP_LENGTH.value,
+    n_mels=_N_MELS.value,
+    fmin=_FMIN.value,
+    fmax=_FMAX.value,
+  )
+  settings = dict(
+    storage=storage,
+    mel=mel,
+    hash_split=parse_hash_split(_HASH_SPLIT.value) if _HASH_SPLIT.value else None,
+  )
   if worker_index is not None:
-    parts.prepare_part(_VIDEO_DIR.value, _DATA_DIR.value, _NAME.value,
-                       worker_index=worker_index, num_workers=num_workers, **settings)
-  elif '://' in _DATA_DIR.value:
+    parts.prepare_part(
+      _VIDEO_DIR.value,
+      _DATA_DIR.value,
+      _NAME.value,
+      worker_index=worker_index,
+      num_workers=num_workers,
+      **settings,
+    )
+  elif "://" in _DATA_DIR.value:
     # ArrayRecord files are written with open(): write locally, then copy up (one part).
-    parts.prepare_part(_VIDEO_DIR.value, _DATA_DIR.value, _NAME.value, worker_index=0,
-                       num_workers=1, processes=num_workers, **settings)
+    parts.prepare_part(
+      _VIDEO_DIR.value,
+      _DATA_DIR.value,
+      _NAME.value,
+      worker_index=0,
+      num_workers=1,
+      processes=num_workers,
+      **settings,
+    )
     parts.merge_parts(_DATA_DIR.value, _NAME.value, num_workers=1)
   else:
-    builder.prepare(_VIDEO_DIR.value, _DATA_DIR.value, _NAME.value, num_workers=num_workers,
-                    **settings)
+    builder.prepare(
+      _VIDEO_DIR.value, _DATA_DIR.value, _NAME.value, num_workers=num_workers, **settings
+    )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   app.run(main)

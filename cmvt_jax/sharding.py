@@ -11,12 +11,15 @@ joined over the data-centre network) add `num_slices` along the "data" axis thro
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 # Parameters smaller than this stay replicated: splitting them saves nothing and costs
 # a collective each step.
@@ -31,18 +34,21 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> dict[str, i
     raise ValueError(f"mesh axes must have distinct names; got {names}.")
   if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
     raise ValueError(
-        f"mesh axis sizes must be positive, with at most one -1; got {dict(zip(names, sizes))}.")
+      f"mesh axis sizes must be positive, with at most one -1; got {dict(zip(names, sizes))}."
+    )
   known = math.prod(size for size in sizes if size != -1)
   if -1 in sizes:
     if num_devices % known:
       raise ValueError(
-          f"mesh {dict(zip(names, sizes))} cannot cover {num_devices} devices: the fixed axes "
-          f"multiply to {known}, which does not divide {num_devices}. Change config.mesh.axes.")
+        f"mesh {dict(zip(names, sizes))} cannot cover {num_devices} devices: the fixed axes "
+        f"multiply to {known}, which does not divide {num_devices}. Change config.mesh.axes."
+      )
     sizes[sizes.index(-1)] = num_devices // known
   elif known != num_devices:
     raise ValueError(
-        f"mesh {dict(zip(names, sizes))} has {known} positions but there are {num_devices} "
-        "devices; make the sizes multiply to the device count or use -1 for one axis.")
+      f"mesh {dict(zip(names, sizes))} has {known} positions but there are {num_devices} "
+      "devices; make the sizes multiply to the device count or use -1 for one axis."
+    )
   return dict(zip(names, sizes))
 
 
@@ -56,7 +62,8 @@ def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
   num_slices = int(mesh_config.num_slices)
   if num_slices < 1 or len(devices) % num_slices:
     raise ValueError(
-        f"mesh.num_slices={num_slices} must be >= 1 and divide the {len(devices)} devices.")
+      f"mesh.num_slices={num_slices} must be >= 1 and divide the {len(devices)} devices."
+    )
   per_slice = mesh_shape(mesh_config.axes, len(devices) // num_slices)
   names = tuple(per_slice)
   if num_slices == 1:
@@ -68,7 +75,8 @@ def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
     # CPU and GPU devices have no slice_index: then each process stands for a slice.
     process_is_granule = not hasattr(devices[0], "slice_index")
     grid = mesh_utils.create_hybrid_device_mesh(
-        tuple(per_slice.values()), dcn, devices, process_is_granule=process_is_granule)
+      tuple(per_slice.values()), dcn, devices, process_is_granule=process_is_granule
+    )
   return Mesh(grid, names)
 
 
@@ -105,9 +113,10 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   unit = math.lcm(devices, processes)
   if global_batch % unit:
     raise ValueError(
-        f"batch_size={global_batch} must be divisible by the {devices} devices of the mesh "
-        f"{dict(mesh.shape)} and the {processes} processes; e.g. "
-        f"--config.batch_size={unit * math.ceil(global_batch / unit)}.")
+      f"batch_size={global_batch} must be divisible by the {devices} devices of the mesh "
+      f"{dict(mesh.shape)} and the {processes} processes; e.g. "
+      f"--config.batch_size={unit * math.ceil(global_batch / unit)}."
+    )
 
 
 def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

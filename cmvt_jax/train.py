@@ -12,11 +12,12 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
-import math
 import signal
 import subprocess
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
 
 import flax
 import jax
@@ -41,9 +42,15 @@ from cmvt_jax.models import cmvt
 # Device peak FLOP/s for MFU (dense bf16 datasheet figures, per chip). A CPU's peak is
 # measured at start-up instead (a float32 matmul), since CPUs differ too much to tabulate.
 DEVICE_PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
+  "H100": 989e12,
+  "H200": 989e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
 }
 # Config keys that change parameter shapes: a checkpoint is only resumed when they match.
 _SHAPE_PREFIXES = ("model.",)
@@ -78,28 +85,44 @@ def check_same_model(saved_config: dict, config: config_dict.ConfigDict, workdir
   """Refuses to resume a checkpoint whose model shape keys differ from the config's."""
   saved = json.loads(json.dumps(flatten(saved_config)))
   current = json.loads(json.dumps(flatten(config)))
-  shape_key = lambda key: (key.startswith(_SHAPE_PREFIXES) or key in _SHAPE_KEYS) and \
-      key not in _SHAPE_EXEMPT
-  differ = sorted(key for key in set(saved) | set(current)
-                  if shape_key(key) and saved.get(key) != current.get(key))
+  shape_key = lambda key: (
+    (key.startswith(_SHAPE_PREFIXES) or key in _SHAPE_KEYS) and key not in _SHAPE_EXEMPT
+  )
+  differ = sorted(
+    key
+    for key in set(saved) | set(current)
+    if shape_key(key) and saved.get(key) != current.get(key)
+  )
   if differ:
-    lines = "\n".join(f"  {key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
-                      for key in differ)
+    lines = "\n".join(
+      f"  {key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}" for key in differ
+    )
     raise ConfigMismatchError(
-        f"The checkpoints in {workdir} were written by a model of another shape; these keys "
-        f"differ:\n{lines}\nUse the checkpoint's values, or a new --workdir for the new model.")
+      f"The checkpoints in {workdir} were written by a model of another shape; these keys "
+      f"differ:\n{lines}\nUse the checkpoint's values, or a new --workdir for the new model."
+    )
 
 
 def write_config_json(workdir: epath.Path, config: config_dict.ConfigDict) -> None:
   """WORKDIR/config.json: the resolved config, package versions and git revision."""
-  packages = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-              "tensorflow-datasets", "numpy", "librosa", "av"]
+  packages = [
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "tensorflow-datasets",
+    "numpy",
+    "librosa",
+    "av",
+  ]
   record = {
-      "config": json.loads(config.to_json_best_effort()),
-      "packages": {name: _version(name) for name in packages},
-      "git_revision": _git_revision(),
-      "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
-      "processes": jax.process_count(),
+    "config": json.loads(config.to_json_best_effort()),
+    "packages": {name: _version(name) for name in packages},
+    "git_revision": _git_revision(),
+    "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
+    "processes": jax.process_count(),
   }
   (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -113,8 +136,14 @@ def _version(package: str) -> str | None:
 
 def _git_revision() -> str | None:
   try:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=epath.Path(__file__).parent, timeout=10, check=True)
+    result = subprocess.run(
+      ["git", "rev-parse", "HEAD"],
+      capture_output=True,
+      text=True,
+      cwd=epath.Path(__file__).parent,
+      timeout=10,
+      check=True,
+    )
     return result.stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
@@ -131,8 +160,9 @@ def check_workdir_writable(workdir: epath.Path) -> None:
     probe.unlink()
   except OSError as error:
     raise PermissionError(
-        f"--workdir {workdir} is not writable ({type(error).__name__}: {error}); choose a "
-        "folder you can write to.") from error
+      f"--workdir {workdir} is not writable ({type(error).__name__}: {error}); choose a "
+      "folder you can write to."
+    ) from error
 
 
 # ----------------------------------------------------------------------------- train state
@@ -157,9 +187,12 @@ def learning_rate_schedule(config) -> optax.Schedule:
   optim = config.optim
   warmup = min(int(optim.warmup_steps), max(int(config.total_steps) - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
-      decay_steps=max(int(config.total_steps), warmup + 1),
-      end_value=optim.learning_rate * optim.end_learning_rate_factor)
+    init_value=0.0,
+    peak_value=optim.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(int(config.total_steps), warmup + 1),
+    end_value=optim.learning_rate * optim.end_learning_rate_factor,
+  )
 
 
 def optimizer(config) -> optax.GradientTransformation:
@@ -170,14 +203,24 @@ def optimizer(config) -> optax.GradientTransformation:
   up to full-size updates (and which differs between device layouts).
   """
   optim = config.optim
-  keyed = lambda fn: lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: fn(jax.tree_util.keystr(path), p), params)
+  keyed = lambda fn: (
+    lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: fn(jax.tree_util.keystr(path), p), params
+    )
+  )
   decay = keyed(lambda path, p: p.ndim >= 2 and "log_temperature" not in path)
   frozen = keyed(lambda path, p: "frozen" if _is_key_bias(path) else "trained")
   adamw = optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay, mask=decay))
+    optax.clip_by_global_norm(optim.grad_clip_norm),
+    optax.adamw(
+      learning_rate_schedule(config),
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+      mask=decay,
+    ),
+  )
   return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, frozen)
 
 
@@ -211,13 +254,22 @@ class Run:
     model = cmvt.from_config(config)
     tx = optimizer(config)
     loss = losses.ContrastiveLoss.from_config(config.loss)
-    run = cls(config=config, workdir=workdir, mesh=mesh, spec=spec,
-              model=model, loss=loss, tx=tx, abstract_state=None, state_shardings=None)
+    run = cls(
+      config=config,
+      workdir=workdir,
+      mesh=mesh,
+      spec=spec,
+      model=model,
+      loss=loss,
+      tx=tx,
+      abstract_state=None,
+      state_shardings=None,
+    )
     abstract = jax.eval_shape(run._init_state, jax.random.key(0))
     run.state_shardings = _state_shardings(mesh, abstract)
     run.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract, run.state_shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, run.state_shardings
+    )
     return run
 
   @functools.cached_property
@@ -229,13 +281,19 @@ class Run:
     each host makes its own, identical copy (the generator is seeded).
     """
     maker = jax.process_index()
-    if (self.config.dataset.name == prepared.SYNTHETIC_NAME and jax.process_count() > 1
-        and not folder_is_shared(self.config.dataset.data_dir or prepared.default_data_dir())):
-      logging.info("dataset.data_dir is not shared between the hosts: each host makes its "
-                   "own copy of the synthetic dataset.")
+    if (
+      self.config.dataset.name == prepared.SYNTHETIC_NAME
+      and jax.process_count() > 1
+      and not folder_is_shared(self.config.dataset.data_dir or prepared.default_data_dir())
+    ):
+      logging.info(
+        "dataset.data_dir is not shared between the hosts: each host makes its "
+        "own copy of the synthetic dataset."
+      )
       maker = 0
-    return prepared.open_from_config(self.config.dataset, self.config.input,
-                                     process_index=maker, log=logging.info)
+    return prepared.open_from_config(
+      self.config.dataset, self.config.input, process_index=maker, log=logging.info
+    )
 
   # --- model inputs
 
@@ -256,9 +314,13 @@ class Run:
     params_rng, state_rng = jax.random.split(rng)
     model_params = self.model.init(params_rng, *self.example_inputs())["params"]
     params = {"model": model_params, "log_temperature": self.loss.temperature.init()}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), rng=jax.random.key_data(state_rng),
-                      skipped_batches=jnp.zeros((), jnp.int32))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.tx.init(params),
+      rng=jax.random.key_data(state_rng),
+      skipped_batches=jnp.zeros((), jnp.int32),
+    )
 
   def init_state(self) -> TrainState:
     """A fresh state, created directly in its shardings; pretrained frames loaded if set."""
@@ -274,21 +336,27 @@ class Run:
     return self.dataset.normalization_stats(self.spec.mel, log=logging.info)
 
   def preprocessor(self, stats: normalization.NormalizationStats) -> pipeline.Preprocessor:
-    return pipeline.Preprocessor(self.spec, stats, self.dataset.storage.fps,
-                                 self.dataset.storage.sample_rate)
+    return pipeline.Preprocessor(
+      self.spec, stats, self.dataset.storage.fps, self.dataset.storage.sample_rate
+    )
 
   def restore(self, *, step: int | None = None) -> checkpoints.Restored:
     """The newest usable checkpoint of the workdir (or `step`); an error if there is none."""
-    manager = checkpoints.manager(self.workdir, max_to_keep=self.config.checkpoint.keep,
-                                  create=False)
+    manager = checkpoints.manager(
+      self.workdir, max_to_keep=self.config.checkpoint.keep, create=False
+    )
     restored = checkpoints.restore_latest(
-        manager, self.abstract_state, step=step,
-        check_meta=lambda meta: check_same_model(meta["config"], self.config, self.workdir))
+      manager,
+      self.abstract_state,
+      step=step,
+      check_meta=lambda meta: check_same_model(meta["config"], self.config, self.workdir),
+    )
     manager.close()
     if restored is None:
       raise FileNotFoundError(
-          f"No checkpoint in {checkpoints.checkpoint_dir(self.workdir)}: train first "
-          f"(--mode train) with this --workdir.")
+        f"No checkpoint in {checkpoints.checkpoint_dir(self.workdir)}: train first "
+        f"(--mode train) with this --workdir."
+      )
     return restored
 
 
@@ -336,8 +404,9 @@ def make_train_step(run: Run) -> Callable[[TrainState, dict], tuple[TrainState, 
 
   def outputs(model_params, batch, rng):
     """Per-example outputs of a (micro-)batch: embeddings, or logits when supervised."""
-    apply = functools.partial(model.apply, {"params": model_params}, train=True,
-                              rngs={"dropout": rng})
+    apply = functools.partial(
+      model.apply, {"params": model_params}, train=True, rngs={"dropout": rng}
+    )
     if supervised:
       return {"logits": apply(batch["video"], method=cmvt.CMVT.classify)}
     out = apply(batch["video"], batch["audio"])
@@ -358,15 +427,18 @@ def make_train_step(run: Run) -> Callable[[TrainState, dict], tuple[TrainState, 
 
   def loss_and_grads(params, batch, rng):
     if accumulate == 1:
+
       def full(params):
         return objective(params["log_temperature"], outputs(params["model"], batch, rng), batch)
+
       return jax.value_and_grad(full, has_aux=True)(params)
     micro = jax.tree.map(lambda x: _micro_batches(x, accumulate), batch)
     rngs = jax.random.split(rng, accumulate)
     outs = jax.lax.map(lambda args: outputs(params["model"], *args), (micro, rngs))
     outs = jax.tree.map(_merge_micro_batches, outs)
     (loss, aux), (d_temperature, d_outs) = jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True)(params["log_temperature"], outs, batch)
+      objective, argnums=(0, 1), has_aux=True
+    )(params["log_temperature"], outs, batch)
     d_micro = jax.tree.map(lambda x: _micro_batches(x, accumulate), d_outs)
 
     def backward(total, args):
@@ -390,11 +462,18 @@ def make_train_step(run: Run) -> Callable[[TrainState, dict], tuple[TrainState, 
     # (the loop then stops, or counts the skip when config.skip_nonfinite_batches).
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        skipped_batches=state.skipped_batches + (~finite).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": grad_norm,
-               "learning_rate": schedule(state.step), "finite": finite, **aux}
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      skipped_batches=state.skipped_batches + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "learning_rate": schedule(state.step),
+      "finite": finite,
+      **aux,
+    }
     if "temperature" not in metrics:
       metrics["temperature"] = run.loss.temperature(new_state.log_temperature)
     if skip_nonfinite:
@@ -402,9 +481,12 @@ def make_train_step(run: Run) -> Callable[[TrainState, dict], tuple[TrainState, 
     return new_state, metrics
 
   batch_sharding = sharding.batch_sharding(run.mesh)
-  return jax.jit(train_step, in_shardings=(run.state_shardings, batch_sharding),
-                 out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(
+    train_step,
+    in_shardings=(run.state_shardings, batch_sharding),
+    out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
+    donate_argnums=(0,),
+  )
 
 
 def _micro_batches(x: jax.Array, count: int) -> jax.Array:
@@ -437,8 +519,7 @@ def peak_flops_per_device() -> float:
     if name.lower() in kind.lower():
       return peak
   if jax.devices()[0].platform != "cpu":
-    logging.warning("No peak FLOP/s known for %r; MFU is reported against a measured matmul.",
-                    kind)
+    logging.warning("No peak FLOP/s known for %r; MFU is reported against a measured matmul.", kind)
   size = 2048
   x = jnp.ones((size, size), jnp.float32)
   matmul = jax.jit(lambda a: a @ a)
@@ -461,8 +542,7 @@ class StopSignal:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then "
-                    "exiting.")
+    logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
     self.received = True
 
   def should_stop(self) -> bool:
@@ -480,7 +560,7 @@ class StopSignal:
 
 def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> TrainState:
   """`--mode train`: trains to `config.total_steps` (resuming), evaluates, exports, plots."""
-  from cmvt_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cmvt_jax import evaluate
 
   workdir = epath.Path(workdir)
   _check_config(config)
@@ -502,8 +582,9 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> TrainSta
       write_config_json(workdir, config)
     train_step = make_train_step(run)
     evaluator = evaluate.Evaluator(run, stats)
-    state = _loop(run, state, data_iterator, stats, first_step, train_step, manager, writer,
-                  stop, evaluator)
+    state = _loop(
+      run, state, data_iterator, stats, first_step, train_step, manager, writer, stop, evaluator
+    )
   finally:
     if data_iterator is not None:
       data_iterator.close()  # stops grain's worker processes
@@ -514,10 +595,12 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> TrainSta
   if stop.received:
     return state
   if config.export.at_end:
-    from cmvt_jax import export  # pylint: disable=g-import-not-at-top
+    from cmvt_jax import export
+
     export.export_embeddings(config, str(workdir), run=run, state=state, stats=stats)
   if config.plots.at_end:
-    from cmvt_jax import plots  # pylint: disable=g-import-not-at-top
+    from cmvt_jax import plots
+
     plots.make_plots(config, str(workdir), run=run, state=state, stats=stats)
   return state
 
@@ -526,15 +609,17 @@ def _check_config(config) -> None:
   if config.total_steps < 1:
     raise ValueError(f"total_steps must be >= 1; got {config.total_steps}.")
   if config.objective not in ("contrastive", "supervised"):
-    raise ValueError(
-        f"objective must be 'contrastive' or 'supervised'; got {config.objective!r}.")
+    raise ValueError(f"objective must be 'contrastive' or 'supervised'; got {config.objective!r}.")
   if config.objective == "supervised" and config.model.num_classes < 1:
-    raise ValueError("objective='supervised' needs config.model.num_classes > 0 (the "
-                     "classifier head); set it to the number of labels.")
+    raise ValueError(
+      "objective='supervised' needs config.model.num_classes > 0 (the "
+      "classifier head); set it to the number of labels."
+    )
   accumulate = config.optim.grad_accum_steps
   if accumulate < 1 or config.batch_size % accumulate:
-    raise ValueError(f"optim.grad_accum_steps={accumulate} must be >= 1 and divide "
-                     f"batch_size={config.batch_size}.")
+    raise ValueError(
+      f"optim.grad_accum_steps={accumulate} must be >= 1 and divide batch_size={config.batch_size}."
+    )
   for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
     if config[key] < 0:
       raise ValueError(f"{key} must be >= 0 (0 = only at the end); got {config[key]}.")
@@ -547,9 +632,14 @@ def _start_or_resume(run: Run, manager, holds_run: bool, writer):
 
   def train_iterator(stats, start_step=0) -> Iterator:
     dataset = pipeline.train_dataset(
-        run.dataset.source("train"), run.preprocessor(stats), batch_size=host_batch,
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), start_step=start_step)
+      run.dataset.source("train"),
+      run.preprocessor(stats),
+      batch_size=host_batch,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      start_step=start_step,
+    )
     return iter(dataset)
 
   if not holds_run:
@@ -560,13 +650,18 @@ def _start_or_resume(run: Run, manager, holds_run: bool, writer):
 
   try:
     restored = checkpoints.restore_latest(
-        manager, run.abstract_state,
-        check_meta=lambda meta: check_same_model(meta["config"], config, run.workdir))
+      manager,
+      run.abstract_state,
+      check_meta=lambda meta: check_same_model(meta["config"], config, run.workdir),
+    )
   except checkpoints.NoUsableCheckpointError:
     if not config.checkpoint.restart_if_unusable:
       raise
-    logging.warning("No checkpoint in %s could be restored; starting over, as "
-                    "checkpoint.restart_if_unusable asks.", run.workdir)
+    logging.warning(
+      "No checkpoint in %s could be restored; starting over, as "
+      "checkpoint.restart_if_unusable asks.",
+      run.workdir,
+    )
     checkpoints.set_aside(manager, manager.all_steps())
     return _start_or_resume(run, manager, False, writer)
   # The model's own statistics, whatever the dataset says now (it may have been re-prepared).
@@ -574,20 +669,27 @@ def _start_or_resume(run: Run, manager, holds_run: bool, writer):
   data_iterator = train_iterator(stats)
   if not checkpoints.restore_data(manager, restored.step, data_iterator):
     logging.warning(
-        "The data position was rebuilt from step %d × global batch %d (the saved iterator "
-        "state is for another process count, or missing).", restored.step, config.batch_size)
+      "The data position was rebuilt from step %d × global batch %d (the saved iterator "
+      "state is for another process count, or missing).",
+      restored.step,
+      config.batch_size,
+    )
     data_iterator = train_iterator(stats, start_step=restored.step)
   logging.info("Resuming from the checkpoint at step %d in %s.", restored.step, run.workdir)
   writer.drop_after(restored.step)
   return restored.state, data_iterator, stats, restored.step
 
 
-def _loop(run: Run, state, data_iterator, stats, first_step, train_step, manager, writer,
-          stop, evaluator) -> TrainState:
+def _loop(
+  run: Run, state, data_iterator, stats, first_step, train_step, manager, writer, stop, evaluator
+) -> TrainState:
   config = run.config
   total = int(config.total_steps)
-  meta = lambda step: {"config": json.loads(config.to_json_best_effort()),
-                       "stats": stats.to_dict(), "step": step}
+  meta = lambda step: {
+    "config": json.loads(config.to_json_best_effort()),
+    "stats": stats.to_dict(),
+    "step": step,
+  }
   flops_per_step = run.flops().train_step * config.batch_size
   peak = peak_flops_per_device() * jax.device_count()
   progress = metrics_lib.Progress(first_step, total)
@@ -611,11 +713,15 @@ def _loop(run: Run, state, data_iterator, stats, first_step, train_step, manager
     steps = max(1, min(config.log_every_steps or 1, step - first_step))
     step_time = (now - last_report) / steps
     last_report = now
-    values.update(step_time_s=step_time, clips_per_s=config.batch_size / step_time,
-                  mfu=flops_per_step / step_time / peak)
+    values.update(
+      step_time_s=step_time,
+      clips_per_s=config.batch_size / step_time,
+      mfu=flops_per_step / step_time / peak,
+    )
     writer.write(step, values)
-    writer.write_scalars(step, {"input/wait_fraction": data_seconds / max(
-        progress.training_seconds(), 1e-9)})
+    writer.write_scalars(
+      step, {"input/wait_fraction": data_seconds / max(progress.training_seconds(), 1e-9)}
+    )
     logging.info("%s; loss %.4f", progress.line(step), values["loss"])
 
   def save(step):
@@ -628,8 +734,9 @@ def _loop(run: Run, state, data_iterator, stats, first_step, train_step, manager
   while step < total:
     started = time.perf_counter()
     host_batch = next(data_iterator)
-    batch = sharding.global_batch(model_inputs(host_batch, two_views=config.input.two_views),
-                                  run.mesh)
+    batch = sharding.global_batch(
+      model_inputs(host_batch, two_views=config.input.two_views), run.mesh
+    )
     wait = time.perf_counter() - started
     state, device_metrics = train_step(state, batch)
     step += 1
@@ -652,14 +759,20 @@ def _loop(run: Run, state, data_iterator, stats, first_step, train_step, manager
         saved_step = save(step)
     if stopping:
       manager.wait_until_finished()
-      logging.warning("Stopped at step %d for SIGTERM; the checkpoint is saved. Run the same "
-                      "command again to continue.", step)
+      logging.warning(
+        "Stopped at step %d for SIGTERM; the checkpoint is saved. Run the same "
+        "command again to continue.",
+        step,
+      )
       return state
   if pending is not None:
     report(pending)
   manager.wait_until_finished()
-  logging.info("Training done at step %d; input wait %.1f%% of training time.", step,
-               100 * data_seconds / max(progress.training_seconds(), 1e-9))
+  logging.info(
+    "Training done at step %d; input wait %.1f%% of training time.",
+    step,
+    100 * data_seconds / max(progress.training_seconds(), 1e-9),
+  )
   write_evals(writer, step, evaluator.evaluate(state.params["model"]))
   return state
 
@@ -672,12 +785,17 @@ def write_evals(writer, step: int, results: dict[str, dict]) -> None:
 
 def _on_nonfinite(config, step: int, values: dict, saved_step: int | None) -> None:
   if config.skip_nonfinite_batches:
-    logging.warning("Non-finite loss at step %d: that batch was skipped (%d skipped so far).",
-                    step, values.get("skipped_batches", 0))
+    logging.warning(
+      "Non-finite loss at step %d: that batch was skipped (%d skipped so far).",
+      step,
+      values.get("skipped_batches", 0),
+    )
     return
-  resume = (f"the checkpoint at step {saved_step}" if saved_step else
-            "no checkpoint yet (start again)")
+  resume = (
+    f"the checkpoint at step {saved_step}" if saved_step else "no checkpoint yet (start again)"
+  )
   raise NonFiniteLossError(
-      f"The loss became {values['loss']} at step {step}; the update was not applied. Resume "
-      f"from {resume} with a lower optim.learning_rate, or set "
-      "--config.skip_nonfinite_batches=True to skip such batches and count them.")
+    f"The loss became {values['loss']} at step {step}; the update was not applied. Resume "
+    f"from {resume} with a lower optim.learning_rate, or set "
+    "--config.skip_nonfinite_batches=True to skip such batches and count them."
+  )

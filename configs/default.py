@@ -30,7 +30,7 @@ def get_config() -> config_dict.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
   config.eval_every_steps = 0
-  config.objective = 'contrastive'  # 'contrastive' | 'supervised' (classifier head, labels)
+  config.objective = "contrastive"  # 'contrastive' | 'supervised' (classifier head, labels)
   # A non-finite loss stops the run (False) or skips that batch and counts it (True).
   config.skip_nonfinite_batches = False
 
@@ -38,12 +38,12 @@ def get_config() -> config_dict.ConfigDict:
   # name 'cmvt_synthetic' = the generated dataset, made on first use under data_dir; any
   # other name = DATA_DIR/NAME/VERSION written by `python -m cmvt_jax.prepare`.
   config.dataset = config_dict.ConfigDict()
-  config.dataset.name = 'cmvt_synthetic'
+  config.dataset.name = "cmvt_synthetic"
   config.dataset.data_dir = config_dict.placeholder(str)  # unset: ~/.cache/cmvt_jax
   # Storage (prepare's defaults; the synthetic dataset is prepared with these).
-  config.dataset.clip_seconds = 2.
-  config.dataset.stride_seconds = 2.
-  config.dataset.fps = 8.
+  config.dataset.clip_seconds = 2.0
+  config.dataset.stride_seconds = 2.0
+  config.dataset.fps = 8.0
   config.dataset.short_side = 32
   config.dataset.sample_rate = 16000
   config.dataset.keep_audioless = False
@@ -55,7 +55,7 @@ def get_config() -> config_dict.ConfigDict:
   config.dataset.synthetic.validation_files = 32
   config.dataset.synthetic.test_files = 64
   config.dataset.synthetic.segments_per_file = 4
-  config.dataset.synthetic.segment_seconds = 2.
+  config.dataset.synthetic.segment_seconds = 2.0
   config.dataset.synthetic.fps = 12
   config.dataset.synthetic.frame_size = 48
   config.dataset.synthetic.sample_rate = 22050
@@ -64,22 +64,22 @@ def get_config() -> config_dict.ConfigDict:
   # 4 fps (2 s) and a 64-frame x 64-mel log-mel of the same 2 s.
   config.input = config_dict.ConfigDict()
   config.input.num_frames = 8
-  config.input.fps = 4.
+  config.input.fps = 4.0
   config.input.frame_size = 32
   config.input.sample_rate = 16000
   config.input.n_fft = 1024
   config.input.hop_length = 500
   config.input.n_mels = 64
-  config.input.fmin = 60.
-  config.input.fmax = 7800.
+  config.input.fmin = 60.0
+  config.input.fmax = 7800.0
   # Augmentation (train only): random resized crop (area fraction, aspect ratio), flip,
   # SpecAugment masks (count and widest width, in log-mel frames / mel bins).
   # Off on the synthetic data except the flip: an object's height IS its pitch, so a
   # resized crop moves it by up to half a pitch level, and a frequency mask can erase a
   # note's fundamental. Measured at step 400 of a 600-step run (validation a->v R@1): 0.85 without,
   # 0.65 with SpecAugment alone, 0.05-0.10 with crop and SpecAugment (BENCHMARKS.md, Quality).
-  config.input.crop_scale = (1., 1.)
-  config.input.crop_ratio = (1., 1.)
+  config.input.crop_scale = (1.0, 1.0)
+  config.input.crop_ratio = (1.0, 1.0)
   config.input.flip = True  # the horizontal position is a nuisance: flipping it is harmless
   config.input.num_time_masks = 0
   config.input.max_time_mask = 4
@@ -97,7 +97,7 @@ def get_config() -> config_dict.ConfigDict:
   # The two towers and heads (cmvt_jax/models/cmvt.py: from_config). Input sizes come from
   # config.input (frame_size sizes the ViT's position table). Tiny, for a 2-core CPU.
   config.model = config_dict.ConfigDict()
-  config.model.dtype = 'float32'  # compute dtype ('bfloat16' on GPU/TPU); params stay float32
+  config.model.dtype = "float32"  # compute dtype ('bfloat16' on GPU/TPU); params stay float32
   config.model.remat = False  # recompute every block in the backward pass (nn.remat)
   config.model.embed_dim = 128  # the shared video-audio embedding space
   config.model.projection_hidden_dim = 256
@@ -107,7 +107,7 @@ def get_config() -> config_dict.ConfigDict:
   config.model.classifier_dropout = 0.5
 
   video = config.model.video = config_dict.ConfigDict()
-  video.frame_encoder = 'vit'  # 'vit' | 'resnet'
+  video.frame_encoder = "vit"  # 'vit' | 'resnet'
   video.vit = config_dict.ConfigDict()
   video.vit.patch_size = 8
   video.vit.width = 64
@@ -117,16 +117,21 @@ def get_config() -> config_dict.ConfigDict:
   video.vit.dropout_rate = 0.0
   # A local ViT .npz (Google ViT/AugReg layout) to start the frame encoder from.
   video.vit.checkpoint = config_dict.placeholder(str)
-  video.resnet = _resnet(stem_width=16, stem_strides=(2, 2), stage_widths=(32, 64),
-                         stage_strides=((1, 1), (2, 2)))
+  video.resnet = _resnet(
+    stem_width=16, stem_strides=(2, 2), stage_widths=(32, 64), stage_strides=((1, 1), (2, 2))
+  )
   # Longformer over frame time; windows/dilations: one entry for all layers, or one per layer.
   video.temporal = _temporal(width=128, num_layers=2, num_heads=4, mlp_dim=256, windows=(4,))
 
   audio = config.model.audio = config_dict.ConfigDict()
-  audio.backbone = 'cnn'  # 'cnn' (ResNet + temporal) | 'patch_transformer' (AST-like)
+  audio.backbone = "cnn"  # 'cnn' (ResNet + temporal) | 'patch_transformer' (AST-like)
   # Strides are (time, mel): 64 x 64 log-mel -> 8 steps x 4 bins x 64 channels.
-  audio.cnn = _resnet(stem_width=8, stem_strides=(1, 2), stage_widths=(16, 32, 64),
-                      stage_strides=((2, 2), (2, 2), (2, 2)))
+  audio.cnn = _resnet(
+    stem_width=8,
+    stem_strides=(1, 2),
+    stage_widths=(16, 32, 64),
+    stage_strides=((2, 2), (2, 2), (2, 2)),
+  )
   audio.patch_transformer = config_dict.ConfigDict()
   audio.patch_transformer.patch_size = (8, 16)  # (time frames, mel bins)
   audio.patch_transformer.width = 64
@@ -160,7 +165,7 @@ def get_config() -> config_dict.ConfigDict:
 
   # Evaluation (evaluate.py): retrieval on each split, linear probe and kNN against train.
   config.eval = config_dict.ConfigDict()
-  config.eval.splits = ('test',)
+  config.eval.splits = ("test",)
   config.eval.batch_size = 64  # global
   config.eval.knn_k = 10
   config.eval.probe_train_examples = 0  # train clips for the probe and kNN; 0 = all
@@ -171,7 +176,7 @@ def get_config() -> config_dict.ConfigDict:
   # Embedding export (export.py) into WORKDIR/embeddings/NAME/; `--mode export` and, with
   # at_end, the end of training.
   config.export = config_dict.ConfigDict()
-  config.export.split = 'test'
+  config.export.split = "test"
   config.export.at_end = True
   config.export.step = config_dict.placeholder(int)  # checkpoint step; unset = the latest
   config.export.batch_size = 64  # global, clips per batch
@@ -201,7 +206,7 @@ def get_config() -> config_dict.ConfigDict:
   # Devices (sharding.py): named axes within a slice, -1 = the devices left over; slices
   # joined over the data-centre network multiply the 'data' axis.
   config.mesh = config_dict.ConfigDict()
-  config.mesh.axes = (('data', -1), ('fsdp', 1))
+  config.mesh.axes = (("data", -1), ("fsdp", 1))
   config.mesh.num_slices = 1
 
   # Multi-host runtime: how long to wait for every process at start, and after how many
@@ -212,8 +217,16 @@ def get_config() -> config_dict.ConfigDict:
   return config
 
 
-def _resnet(*, stem_width, stem_strides, stage_widths, stage_strides, stem_kernel=(3, 3),
-            blocks_per_stage=None, norm_groups=8) -> config_dict.ConfigDict:
+def _resnet(
+  *,
+  stem_width,
+  stem_strides,
+  stage_widths,
+  stage_strides,
+  stem_kernel=(3, 3),
+  blocks_per_stage=None,
+  norm_groups=8,
+) -> config_dict.ConfigDict:
   """A `frame_encoder.ResNet` section: GroupNorm basic blocks, (height, width) strides."""
   cnn = config_dict.ConfigDict()
   cnn.stem_width = stem_width
@@ -226,8 +239,9 @@ def _resnet(*, stem_width, stem_strides, stage_widths, stage_strides, stem_kerne
   return cnn
 
 
-def _temporal(*, width, num_layers, num_heads, mlp_dim, windows,
-              dilations=(1,)) -> config_dict.ConfigDict:
+def _temporal(
+  *, width, num_layers, num_heads, mlp_dim, windows, dilations=(1,)
+) -> config_dict.ConfigDict:
   """A `TemporalEncoder` section (num_layers=0: mean over time instead of a Longformer)."""
   temporal = config_dict.ConfigDict()
   temporal.width = width

@@ -27,7 +27,7 @@ def get_config():
   config.optim.weight_decay = 0.1
 
   model = config.model
-  model.dtype = 'bfloat16'
+  model.dtype = "bfloat16"
   model.remat = True
   model.embed_dim = 768
   model.projection_hidden_dim = 4096
@@ -39,7 +39,7 @@ def get_config():
 
   # Within a slice: 8-way fsdp (one v5e host's chips, or two v5p hosts'), the rest data
   # parallel; slices multiply the data axis over the data-centre network.
-  config.mesh.axes = (('data', -1), ('fsdp', 8))
+  config.mesh.axes = (("data", -1), ("fsdp", 8))
   # A pod host decodes and augments 64 clips of 16 frames per step for its 4 chips.
   config.input.num_workers = 16
   config.input.worker_buffer_size = 4

@@ -15,17 +15,17 @@ def get_config():
 
   # 16 frames of 224x224 over the 2-second clips (the pipeline resamples the stored frames).
   config.input.num_frames = 16
-  config.input.fps = 8.
+  config.input.fps = 8.0
   config.input.frame_size = 224
 
   model = config.model
-  model.dtype = 'bfloat16'
+  model.dtype = "bfloat16"
   model.embed_dim = 512
   model.projection_hidden_dim = 2048
   model.classifier_hidden_dim = 768
 
   vit = model.video.vit
-  model.video.frame_encoder = 'vit'
+  model.video.frame_encoder = "vit"
   vit.patch_size = 16
   vit.width = 768
   vit.depth = 12
@@ -43,7 +43,7 @@ def get_config():
   temporal.dropout_rate = 0.1
 
   cnn = model.audio.cnn
-  model.audio.backbone = 'cnn'
+  model.audio.backbone = "cnn"
   cnn.stem_width = 64
   cnn.stem_strides = (1, 2)
   cnn.stage_widths = (64, 128, 256, 512)

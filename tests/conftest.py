@@ -15,13 +15,15 @@ _CACHE_DIR.mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update(
+  "jax_persistent_cache_min_compile_time_secs",
+  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  (after the cache settings above)
 
-from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import helpers  # noqa: E402
 
 REFERENCE_STEPS = 20
 REFERENCE_CHECKPOINT_EVERY = 5
@@ -30,15 +32,19 @@ REFERENCE_CHECKPOINT_EVERY = 5
 @pytest.fixture(scope="session")
 def micro_data_dir(tmp_path_factory):
   """The micro config's generated dataset, made once for every end-to-end test."""
-  from configs import micro  # pylint: disable=g-import-not-at-top
-  from cmvt_jax.data import prepared, spectrogram  # pylint: disable=g-import-not-at-top
+  from cmvt_jax.data import prepared
+  from cmvt_jax.data import spectrogram
+  from configs import micro
 
   data_dir = tmp_path_factory.mktemp("micro_data")
   config = micro.get_config()
   config.dataset.data_dir = str(data_dir)
   prepared.ensure_synthetic_dataset(
-      config.dataset, spectrogram.MelSettings.from_config(config.input), process_index=0,
-      log=lambda message: None)
+    config.dataset,
+    spectrogram.MelSettings.from_config(config.input),
+    process_index=0,
+    log=lambda message: None,
+  )
   return data_dir
 
 
@@ -50,8 +56,11 @@ def reference_run(tmp_path_factory, micro_data_dir):
   final parameters.
   """
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  helpers.run_main(workdir, f"--config.total_steps={REFERENCE_STEPS}",
-                   f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
-                   "--config.checkpoint.keep=10",
-                   data_dir=micro_data_dir)
+  helpers.run_main(
+    workdir,
+    f"--config.total_steps={REFERENCE_STEPS}",
+    f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
+    "--config.checkpoint.keep=10",
+    data_dir=micro_data_dir,
+  )
   return workdir

@@ -10,7 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -20,11 +21,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO_CONFIG = "configs/micro.py"
 
 
-def main_command(workdir, *overrides: str, config: str = MICRO_CONFIG, mode: str = "train",
-                 data_dir=None) -> list[str]:
+def main_command(
+  workdir, *overrides: str, config: str = MICRO_CONFIG, mode: str = "train", data_dir=None
+) -> list[str]:
   """The command line a user types, with `--config.KEY=VALUE` overrides."""
-  command = [sys.executable, "-m", "cmvt_jax.main", f"--config={config}",
-             f"--workdir={workdir}", f"--mode={mode}"]
+  command = [
+    sys.executable,
+    "-m",
+    "cmvt_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--mode={mode}",
+  ]
   if data_dir is not None:
     command.append(f"--config.dataset.data_dir={data_dir}")
   return command + list(overrides)
@@ -39,12 +47,18 @@ def environment(devices: int = 1) -> dict[str, str]:
   return env
 
 
-def run_main(workdir, *overrides: str, devices: int = 1, timeout: float = 600,
-             check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run_main(
+  workdir, *overrides: str, devices: int = 1, timeout: float = 600, check: bool = True, **kwargs
+) -> subprocess.CompletedProcess:
   """Runs `python -m cmvt_jax.main` to completion; raises with its output when it fails."""
-  result = subprocess.run(main_command(workdir, *overrides, **kwargs), cwd=REPO,
-                          env=environment(devices), capture_output=True, text=True,
-                          timeout=timeout)
+  result = subprocess.run(
+    main_command(workdir, *overrides, **kwargs),
+    cwd=REPO,
+    env=environment(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if check and result.returncode != 0:
     raise AssertionError(f"main exited {result.returncode}:\n{result.stderr[-6000:]}")
   return result
@@ -52,13 +66,19 @@ def run_main(workdir, *overrides: str, devices: int = 1, timeout: float = 600,
 
 def start_main(workdir, *overrides: str, devices: int = 1, **kwargs) -> subprocess.Popen:
   """Starts `python -m cmvt_jax.main` in the background (stderr merged into stdout)."""
-  return subprocess.Popen(main_command(workdir, *overrides, **kwargs), cwd=REPO,
-                          env=environment(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    main_command(workdir, *overrides, **kwargs),
+    cwd=REPO,
+    env=environment(devices),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
-def wait_for_line(process: subprocess.Popen, predicate: Callable[[str], bool],
-                  timeout: float = 300) -> list[str]:
+def wait_for_line(
+  process: subprocess.Popen, predicate: Callable[[str], bool], timeout: float = 300
+) -> list[str]:
   """Reads the process's output until a line satisfies `predicate`; returns the lines read."""
   deadline = time.monotonic() + timeout
   lines = []
@@ -105,8 +125,11 @@ def complete_steps(workdir) -> list[int]:
   directory = pathlib.Path(workdir) / "checkpoints"
   if not directory.exists():
     return []
-  return sorted(int(p.name) for p in directory.iterdir()
-                if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+  return sorted(
+    int(p.name)
+    for p in directory.iterdir()
+    if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()
+  )
 
 
 def load_state(workdir, step: int) -> dict:
@@ -123,8 +146,9 @@ def assert_trees_equal(a, b, *, atol: float = 0.0, rtol: float = 0.0) -> None:
   flat_b, tree_b = jax.tree.flatten(b)
   assert tree_a == tree_b
   for path_value, x, y in zip(jax.tree_util.tree_flatten_with_path(a)[0], flat_a, flat_b):
-    np.testing.assert_allclose(x, y, atol=atol, rtol=rtol,
-                               err_msg=jax.tree_util.keystr(path_value[0]))
+    np.testing.assert_allclose(
+      x, y, atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path_value[0])
+    )
 
 
 def free_port() -> int:
@@ -133,13 +157,23 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(workdir, count: int, *overrides: str, devices: int = 1,
-                    **kwargs) -> list[subprocess.Popen]:
+def start_processes(
+  workdir, count: int, *overrides: str, devices: int = 1, **kwargs
+) -> list[subprocess.Popen]:
   """`count` processes of one run on localhost (gloo collectives), `devices` each."""
   port = free_port()
-  return [start_main(workdir, *overrides, f"--coordinator_address=127.0.0.1:{port}",
-                     f"--num_processes={count}", f"--process_id={index}", devices=devices,
-                     **kwargs) for index in range(count)]
+  return [
+    start_main(
+      workdir,
+      *overrides,
+      f"--coordinator_address=127.0.0.1:{port}",
+      f"--num_processes={count}",
+      f"--process_id={index}",
+      devices=devices,
+      **kwargs,
+    )
+    for index in range(count)
+  ]
 
 
 def finish_all(processes: Sequence[subprocess.Popen], timeout: float = 600) -> list[str]:
@@ -168,8 +202,7 @@ def wait_for_save_in_progress(workdir, step: int, timeout: float = 300) -> None:
 def file_digests(root) -> dict[str, bytes]:
   """{relative path: content} of every file under `root` (to prove nothing changed)."""
   root = pathlib.Path(root)
-  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-          if p.is_file()}
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 TIMING_KEYS = ("clips_per_s", "step_time_s", "mfu")

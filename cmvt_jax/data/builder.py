@@ -34,7 +34,10 @@ import multiprocessing
 import os
 import tempfile
 import types
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -45,31 +48,31 @@ from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 from cmvt_jax.data import video_io
 
-VERSION = '1.0.0'
-SPLITS = ('train', 'validation', 'test')
-VIDEO_EXTENSIONS = ('.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi')
+VERSION = "1.0.0"
+SPLITS = ("train", "validation", "test")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 # Keys of the dataset's metadata.json.
-STORAGE_KEY = 'storage'
-NORMALIZATION_KEY = 'normalization'
-SUMMARY_KEY = 'prepare_summary'
+STORAGE_KEY = "storage"
+NORMALIZATION_KEY = "normalization"
+SUMMARY_KEY = "prepare_summary"
 
 
 @dataclasses.dataclass(frozen=True)
 class StorageSpec:
   """How clips are cut and stored. Defaults match `configs/default.py` (`dataset` section)."""
 
-  clip_seconds: float = 2.
-  stride_seconds: float = 2.
-  fps: float = 8.
+  clip_seconds: float = 2.0
+  stride_seconds: float = 2.0
+  fps: float = 8.0
   short_side: int = 32
   sample_rate: int = 16000
   keep_audioless: bool = False
 
   def __post_init__(self):
     if self.clip_seconds <= 0 or self.stride_seconds <= 0:
-      raise ValueError(f'clip_seconds and stride_seconds must be positive: {self}.')
+      raise ValueError(f"clip_seconds and stride_seconds must be positive: {self}.")
     if self.fps <= 0 or self.short_side <= 0 or self.sample_rate <= 0:
-      raise ValueError(f'fps, short_side and sample_rate must be positive: {self}.')
+      raise ValueError(f"fps, short_side and sample_rate must be positive: {self}.")
 
   @property
   def frames_per_clip(self) -> int:
@@ -96,17 +99,17 @@ class FileOutcome:
 
   file: VideoFile
   num_clips: int = 0
-  seconds: float = 0.
-  spill_path: str = ''
-  skip_reason: str = ''
-  skip_detail: str = ''
-  truncation_detail: str = ''
+  seconds: float = 0.0
+  spill_path: str = ""
+  skip_reason: str = ""
+  skip_detail: str = ""
+  truncation_detail: str = ""
   stats: normalization.StatsAccumulator | None = None
 
 
 def _printable(relative: str) -> str:
   """A file name as valid UTF-8 text: undecodable bytes become `\\xNN` escapes."""
-  return os.fsencode(relative).decode('utf-8', 'backslashreplace')
+  return os.fsencode(relative).decode("utf-8", "backslashreplace")
 
 
 def _hash_fraction(source: str) -> float:
@@ -114,9 +117,9 @@ def _hash_fraction(source: str) -> float:
   return int(hashlib.sha256(os.fsencode(source)).hexdigest()[:12], 16) / 16**12
 
 
-def scan_video_dir(video_dir: epath.PathLike,
-                   hash_split: Mapping[str, float] | None = None
-                   ) -> tuple[list[VideoFile], list[str], int]:
+def scan_video_dir(
+  video_dir: epath.PathLike, hash_split: Mapping[str, float] | None = None
+) -> tuple[list[VideoFile], list[str], int]:
   """Lists the video files of `video_dir` with their split and class.
 
   Args:
@@ -130,23 +133,25 @@ def scan_video_dir(video_dir: epath.PathLike,
   """
   video_dir = epath.Path(video_dir)
   if not video_dir.is_dir():
-    raise FileNotFoundError(f'Video folder {video_dir} does not exist or is not a folder.')
+    raise FileNotFoundError(f"Video folder {video_dir} does not exist or is not a folder.")
   if hash_split is not None:
     unknown = set(hash_split) - set(SPLITS)
-    if unknown or abs(sum(hash_split.values()) - 1.) > 1e-6 or min(hash_split.values()) < 0:
-      raise ValueError(f'hash_split must map some of {SPLITS} to fractions summing to 1, got '
-                       f'{dict(hash_split)}.')
+    if unknown or abs(sum(hash_split.values()) - 1.0) > 1e-6 or min(hash_split.values()) < 0:
+      raise ValueError(
+        f"hash_split must map some of {SPLITS} to fractions summing to 1, got {dict(hash_split)}."
+      )
   elif not any((video_dir / split).is_dir() for split in SPLITS):
     raise FileNotFoundError(
-        f'{video_dir} has none of the split folders {", ".join(SPLITS)}. Put videos in '
-        f'{video_dir}/train/CLASS/..., or split them by hash (prepare --hash_split).')
+      f"{video_dir} has none of the split folders {', '.join(SPLITS)}. Put videos in "
+      f"{video_dir}/train/CLASS/..., or split them by hash (prepare --hash_split)."
+    )
   files, ignored = [], 0
   for path in sorted(_walk_files(video_dir)):
     if path.suffix.lower() not in VIDEO_EXTENSIONS:
       ignored += 1
       continue
     parts = path.relative_to(video_dir).parts
-    source = _printable('/'.join(parts))
+    source = _printable("/".join(parts))
     if hash_split is None:
       if parts[0] not in SPLITS:
         ignored += 1
@@ -154,7 +159,7 @@ def scan_video_dir(video_dir: epath.PathLike,
       split, class_parts = parts[0], parts[1:-1]
     else:
       split, class_parts = _hash_assign(source, hash_split), parts[:-1]
-    label = _printable(class_parts[0]) if class_parts else ''
+    label = _printable(class_parts[0]) if class_parts else ""
     files.append(VideoFile(path=os.fspath(path), source=source, split=split, label=label))
   label_names = sorted({file.label for file in files if file.label})
   return files, label_names, ignored
@@ -172,9 +177,9 @@ def _walk_files(folder: epath.Path) -> Iterator[epath.Path]:
 
 def _hash_assign(source: str, fractions: Mapping[str, float]) -> str:
   position = _hash_fraction(source)
-  cumulative = 0.
+  cumulative = 0.0
   for split in SPLITS:
-    cumulative += fractions.get(split, 0.)
+    cumulative += fractions.get(split, 0.0)
     if position < cumulative:
       return split
   return max(fractions, key=fractions.get)  # float rounding at the very top
@@ -184,27 +189,34 @@ def stored_audio(waveform: np.ndarray | None, num_samples: int) -> np.ndarray:
   """A float waveform `[num_samples]` (None: no audio, silence) as stored: int16."""
   if waveform is None:
     return np.zeros(num_samples, np.int16)
-  return np.round(np.clip(waveform, -1., 32767 / 32768) * 32768).astype(np.int16)
+  return np.round(np.clip(waveform, -1.0, 32767 / 32768) * 32768).astype(np.int16)
 
 
-def _decode_file(task: tuple[VideoFile, StorageSpec, spectrogram.MelSettings | None, str]
-                 ) -> FileOutcome:
+def _decode_file(
+  task: tuple[VideoFile, StorageSpec, spectrogram.MelSettings | None, str],
+) -> FileOutcome:
   """Decodes one file and spills its clips (runs in a worker process)."""
   file, storage, mel, spill_dir = task
   outcome = FileOutcome(file=file)
   if not file.label:
-    outcome.skip_reason = 'not inside a class folder'
-    outcome.skip_detail = f'expected SPLIT/CLASS/{os.path.basename(file.source)}'
+    outcome.skip_reason = "not inside a class folder"
+    outcome.skip_detail = f"expected SPLIT/CLASS/{os.path.basename(file.source)}"
     return outcome
   try:
-    video = video_io.decode_video(file.path, fps=storage.fps, short_side=storage.short_side,
-                                  sample_rate=storage.sample_rate,
-                                  require_audio=not storage.keep_audioless)
+    video = video_io.decode_video(
+      file.path,
+      fps=storage.fps,
+      short_side=storage.short_side,
+      sample_rate=storage.sample_rate,
+      require_audio=not storage.keep_audioless,
+    )
     clips = list(video_io.iter_clips(video, storage.clip_seconds, storage.stride_seconds))
     if not clips:
       raise video_io.TooShortError(
-          file.path, f'{video.duration:.2f} s usable, clips are {storage.clip_seconds} s' +
-          (f' (truncated: {video.truncation_detail})' if video.truncated else ''))
+        file.path,
+        f"{video.duration:.2f} s usable, clips are {storage.clip_seconds} s"
+        + (f" (truncated: {video.truncation_detail})" if video.truncated else ""),
+      )
   except video_io.VideoReadError as error:
     outcome.skip_reason = error.reason
     outcome.skip_detail = error.detail
@@ -220,13 +232,17 @@ def _decode_file(task: tuple[VideoFile, StorageSpec, spectrogram.MelSettings | N
     for clip_frames, clip_audio in zip(frames, audio):
       waveform = None
       if has_audio:
-        waveform = normalization.waveform_at_rate(clip_audio, storage.sample_rate,
-                                                  mel.sample_rate)
+        waveform = normalization.waveform_at_rate(clip_audio, storage.sample_rate, mel.sample_rate)
       outcome.stats.add(clip_frames, waveform)
   spill_name = hashlib.sha256(os.fsencode(file.path)).hexdigest()
-  outcome.spill_path = os.path.join(spill_dir, f'{spill_name}.npz')
-  np.savez(outcome.spill_path, frames=frames, audio=audio,
-           starts=np.array([clip.start for clip in clips]), has_audio=has_audio)
+  outcome.spill_path = os.path.join(spill_dir, f"{spill_name}.npz")
+  np.savez(
+    outcome.spill_path,
+    frames=frames,
+    audio=audio,
+    starts=np.array([clip.start for clip in clips]),
+    has_audio=has_audio,
+  )
   return outcome
 
 
@@ -237,7 +253,7 @@ class PrepareSummary:
   found: int = 0
   good: int = 0
   ignored_non_video: int = 0
-  hours: float = 0.
+  hours: float = 0.0
   clips: dict[str, int] = dataclasses.field(default_factory=dict)
   skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
   truncated: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -252,29 +268,39 @@ class PrepareSummary:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> PrepareSummary:
-    return cls(**{**values, 'skipped': [tuple(x) for x in values['skipped']],
-                  'truncated': [tuple(x) for x in values['truncated']]})
+    return cls(
+      **{
+        **values,
+        "skipped": [tuple(x) for x in values["skipped"]],
+        "truncated": [tuple(x) for x in values["truncated"]],
+      }
+    )
 
   def format(self, max_listed: int = 20) -> str:
     """A human-readable report."""
-    lines = [f'Video files found: {self.found} = {self.good} used + {len(self.skipped)} skipped'
-             f' ({self.hours:.3f} hours of usable video).']
-    lines += [f'  clips written to {split}: {count}' for split, count in self.clips.items()]
-    lines += [f'  split {split}: every file was skipped, split not written'
-              for split in self.empty_splits]
+    lines = [
+      f"Video files found: {self.found} = {self.good} used + {len(self.skipped)} skipped"
+      f" ({self.hours:.3f} hours of usable video)."
+    ]
+    lines += [f"  clips written to {split}: {count}" for split, count in self.clips.items()]
+    lines += [
+      f"  split {split}: every file was skipped, split not written" for split in self.empty_splits
+    ]
     if self.ignored_non_video:
-      lines.append(f'  ignored {self.ignored_non_video} files that are not videos or lie '
-                   'outside the split folders')
+      lines.append(
+        f"  ignored {self.ignored_non_video} files that are not videos or lie "
+        "outside the split folders"
+      )
     for reason, count in sorted(self.skipped_by_reason.items()):
-      lines.append(f'  skipped, {reason}: {count}')
+      lines.append(f"  skipped, {reason}: {count}")
     for source, reason, detail in self.skipped[:max_listed]:
-      lines.append(f'    {source}: {reason}: {detail}')
+      lines.append(f"    {source}: {reason}: {detail}")
     if len(self.skipped) > max_listed:
-      lines.append(f'    ... and {len(self.skipped) - max_listed} more')
+      lines.append(f"    ... and {len(self.skipped) - max_listed} more")
     if self.truncated:
-      lines.append(f'  truncated, kept the clips of their decodable part: {len(self.truncated)}')
-      lines += [f'    {source}: {detail}' for source, detail in self.truncated[:max_listed]]
-    return '\n'.join(lines)
+      lines.append(f"  truncated, kept the clips of their decodable part: {len(self.truncated)}")
+      lines += [f"    {source}: {detail}" for source, detail in self.truncated[:max_listed]]
+    return "\n".join(lines)
 
 
 class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -285,8 +311,14 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   # here, and the look-up needs the importlib_resources backport, which TFDS does not install.
   code_path = None
 
-  def __init__(self, *, outcomes: Sequence[FileOutcome], label_names: Sequence[str],
-               metadata: Mapping[str, Any], **kwargs):
+  def __init__(
+    self,
+    *,
+    outcomes: Sequence[FileOutcome],
+    label_names: Sequence[str],
+    metadata: Mapping[str, Any],
+    **kwargs,
+  ):
     self._outcomes = outcomes
     self._label_names = list(label_names)
     self._dataset_metadata = dict(metadata)
@@ -294,25 +326,29 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description='Aligned video and audio clips prepared by cmvt_jax.prepare.',
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Text(),
-            'source': tfds.features.Text(),
-            'start': tfds.features.Scalar(dtype=np.float32),
-            'label': tfds.features.ClassLabel(names=self._label_names),
-            'has_audio': tfds.features.Scalar(dtype=np.bool_),
-            'frames': tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                           encoding='bytes'),
-            'audio': tfds.features.Tensor(shape=(None,), dtype=np.int16),
-        }),
-        metadata=tfds.core.MetadataDict(self._dataset_metadata),
+      builder=self,
+      description="Aligned video and audio clips prepared by cmvt_jax.prepare.",
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "source": tfds.features.Text(),
+          "start": tfds.features.Scalar(dtype=np.float32),
+          "label": tfds.features.ClassLabel(names=self._label_names),
+          "has_audio": tfds.features.Scalar(dtype=np.bool_),
+          "frames": tfds.features.Tensor(
+            shape=(None, None, None, 3), dtype=np.uint8, encoding="bytes"
+          ),
+          "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(self._dataset_metadata),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    splits = sorted({outcome.file.split for outcome in self._outcomes if outcome.num_clips},
-                    key=SPLITS.index)
+    splits = sorted(
+      {outcome.file.split for outcome in self._outcomes if outcome.num_clips}, key=SPLITS.index
+    )
     return {split: self._generate_examples(split) for split in splits}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -320,28 +356,41 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       if outcome.file.split != split or not outcome.num_clips:
         continue
       with np.load(outcome.spill_path) as spilled:
-        has_audio = bool(spilled['has_audio'])
-        for frames, audio, start in zip(spilled['frames'], spilled['audio'],
-                                        spilled['starts']):
-          example_id = f'{outcome.file.source}@{start:.3f}'
-          yield example_id, {
-              'id': example_id, 'source': outcome.file.source, 'start': start,
-              'label': outcome.file.label, 'has_audio': has_audio, 'frames': frames,
-              'audio': audio}
+        has_audio = bool(spilled["has_audio"])
+        for frames, audio, start in zip(spilled["frames"], spilled["audio"], spilled["starts"]):
+          example_id = f"{outcome.file.source}@{start:.3f}"
+          yield (
+            example_id,
+            {
+              "id": example_id,
+              "source": outcome.file.source,
+              "start": start,
+              "label": outcome.file.label,
+              "has_audio": has_audio,
+              "frames": frames,
+              "audio": audio,
+            },
+          )
 
 
 def check_name(name: str) -> None:
   """Refuses a dataset name that TFDS would refuse, before any work is done."""
   if not name.isidentifier() or name != name.lower():
-    raise ValueError(f'Dataset name {name!r} must be a lower-case Python identifier '
-                     '(letters, digits, underscores), as TFDS requires.')
+    raise ValueError(
+      f"Dataset name {name!r} must be a lower-case Python identifier "
+      "(letters, digits, underscores), as TFDS requires."
+    )
 
 
 def _builder_class(name: str) -> type[_ClipFolderBuilder]:
   """A builder class named `name` (TFDS names datasets after their builder class)."""
   check_name(name)
-  return types.new_class(name, (_ClipFolderBuilder,), {'skip_registration': True},
-                         lambda namespace: namespace.update(name=name, __module__=__name__))
+  return types.new_class(
+    name,
+    (_ClipFolderBuilder,),
+    {"skip_registration": True},
+    lambda namespace: namespace.update(name=name, __module__=__name__),
+  )
 
 
 def dataset_dir(data_dir: epath.PathLike, name: str) -> epath.Path:
@@ -351,15 +400,21 @@ def dataset_dir(data_dir: epath.PathLike, name: str) -> epath.Path:
 
 def is_prepared(directory: epath.PathLike) -> bool:
   """Whether `directory` holds a complete dataset (TFDS renames it into place when done)."""
-  return (epath.Path(directory) / 'dataset_info.json').exists()
+  return (epath.Path(directory) / "dataset_info.json").exists()
 
 
-def decode_all(files: Sequence[VideoFile], storage: StorageSpec,
-               mel: spectrogram.MelSettings, spill_dir: str, *, num_workers: int,
-               progress: bool) -> list[FileOutcome]:
+def decode_all(
+  files: Sequence[VideoFile],
+  storage: StorageSpec,
+  mel: spectrogram.MelSettings,
+  spill_dir: str,
+  *,
+  num_workers: int,
+  progress: bool,
+) -> list[FileOutcome]:
   """Phase 1 (see module docstring): decodes and spills every file, in `files` order."""
-  tasks = [(file, storage, mel if file.split == 'train' else None, spill_dir) for file in files]
-  bar = tqdm.tqdm(total=len(tasks), desc='Decoding videos', unit='file', disable=not progress)
+  tasks = [(file, storage, mel if file.split == "train" else None, spill_dir) for file in files]
+  bar = tqdm.tqdm(total=len(tasks), desc="Decoding videos", unit="file", disable=not progress)
   outcomes = []
   with bar:
     if num_workers <= 1:
@@ -367,7 +422,7 @@ def decode_all(files: Sequence[VideoFile], storage: StorageSpec,
       outcomes = [_tick(bar, outcome) for outcome in results]
     else:
       # spawn, not fork: the caller (the trainer) may already run JAX's threads.
-      with multiprocessing.get_context('spawn').Pool(num_workers) as pool:
+      with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
         outcomes = [_tick(bar, outcome) for outcome in pool.imap(_decode_file, tasks)]
   return outcomes
 
@@ -375,7 +430,7 @@ def decode_all(files: Sequence[VideoFile], storage: StorageSpec,
 def _tick(bar: tqdm.tqdm, outcome: FileOutcome) -> FileOutcome:
   bar.update()
   if outcome.skip_reason:
-    bar.set_postfix_str(f'last skipped: {outcome.file.source} ({outcome.skip_reason})')
+    bar.set_postfix_str(f"last skipped: {outcome.file.source} ({outcome.skip_reason})")
   return outcome
 
 
@@ -392,16 +447,25 @@ def summarize(outcomes: Sequence[FileOutcome], ignored: int) -> PrepareSummary:
     if outcome.truncation_detail:
       summary.truncated.append((outcome.file.source, outcome.truncation_detail))
   found_splits = {outcome.file.split for outcome in outcomes}
-  summary.empty_splits = [split for split in SPLITS
-                          if split in found_splits and split not in summary.clips]
+  summary.empty_splits = [
+    split for split in SPLITS if split in found_splits and split not in summary.clips
+  ]
   summary.clips = {split: summary.clips[split] for split in SPLITS if split in summary.clips}
   return summary
 
 
-def prepare(video_dir: epath.PathLike, data_dir: epath.PathLike, name: str, *,
-            storage: StorageSpec = StorageSpec(), mel: spectrogram.MelSettings,
-            hash_split: Mapping[str, float] | None = None, num_workers: int = 0,
-            progress: bool = True, log=print) -> epath.Path:
+def prepare(
+  video_dir: epath.PathLike,
+  data_dir: epath.PathLike,
+  name: str,
+  *,
+  storage: StorageSpec = StorageSpec(),
+  mel: spectrogram.MelSettings,
+  hash_split: Mapping[str, float] | None = None,
+  num_workers: int = 0,
+  progress: bool = True,
+  log=print,
+) -> epath.Path:
   """Prepares `video_dir` as dataset `name` in `data_dir` (a no-op when already there).
 
   Args:
@@ -426,28 +490,41 @@ def prepare(video_dir: epath.PathLike, data_dir: epath.PathLike, name: str, *,
   check_name(name)
   target = dataset_dir(data_dir, name)
   if is_prepared(target):
-    log(f'Dataset {name} is already prepared at {target}; nothing to do.')
+    log(f"Dataset {name} is already prepared at {target}; nothing to do.")
     return target
   files, label_names, ignored = scan_video_dir(video_dir, hash_split)
   if not label_names:
-    raise ValueError(f'No video file inside a class folder under {video_dir} (expected '
-                     f'SPLIT/CLASS/file{VIDEO_EXTENSIONS[0]}).')
+    raise ValueError(
+      f"No video file inside a class folder under {video_dir} (expected "
+      f"SPLIT/CLASS/file{VIDEO_EXTENSIONS[0]})."
+    )
   num_workers = num_workers or os.cpu_count() or 1
-  with tempfile.TemporaryDirectory(prefix='cmvt_prepare_') as spill_dir:
-    outcomes = decode_all(files, storage, mel, spill_dir, num_workers=num_workers,
-                          progress=progress)
+  with tempfile.TemporaryDirectory(prefix="cmvt_prepare_") as spill_dir:
+    outcomes = decode_all(
+      files, storage, mel, spill_dir, num_workers=num_workers, progress=progress
+    )
     summary = summarize(outcomes, ignored)
     if not summary.clips:
-      raise ValueError(f'No usable clip in {video_dir}:\n{summary.format()}')
-    write_dataset(name, data_dir, outcomes, label_names,
-                  dataset_metadata(summary, outcomes, storage, mel), scratch_dir=spill_dir,
-                  progress=progress)
-  log(f'Prepared dataset {name} at {target}\n{summary.format()}')
+      raise ValueError(f"No usable clip in {video_dir}:\n{summary.format()}")
+    write_dataset(
+      name,
+      data_dir,
+      outcomes,
+      label_names,
+      dataset_metadata(summary, outcomes, storage, mel),
+      scratch_dir=spill_dir,
+      progress=progress,
+    )
+  log(f"Prepared dataset {name} at {target}\n{summary.format()}")
   return target
 
 
-def dataset_metadata(summary: PrepareSummary, outcomes: Sequence[FileOutcome],
-                     storage: StorageSpec, mel: spectrogram.MelSettings) -> dict[str, Any]:
+def dataset_metadata(
+  summary: PrepareSummary,
+  outcomes: Sequence[FileOutcome],
+  storage: StorageSpec,
+  mel: spectrogram.MelSettings,
+) -> dict[str, Any]:
   """The dataset's metadata.json: storage, the summary, the train split's statistics.
 
   The statistics are merged in `outcomes` order, so the same outcomes give the same bits.
@@ -462,17 +539,27 @@ def dataset_metadata(summary: PrepareSummary, outcomes: Sequence[FileOutcome],
   return metadata
 
 
-def write_dataset(name: str, data_dir: epath.PathLike, outcomes: Sequence[FileOutcome],
-                  label_names: Sequence[str], metadata: Mapping[str, Any], *,
-                  scratch_dir: str, progress: bool) -> None:
+def write_dataset(
+  name: str,
+  data_dir: epath.PathLike,
+  outcomes: Sequence[FileOutcome],
+  label_names: Sequence[str],
+  metadata: Mapping[str, Any],
+  *,
+  scratch_dir: str,
+  progress: bool,
+) -> None:
   """Phase 2 (see module docstring): TFDS writes the spilled clips of `outcomes`.
 
   `data_dir` must be a local (POSIX) folder: ArrayRecord files are written with `open()`.
   """
-  builder = _builder_class(name)(data_dir=os.fspath(data_dir), outcomes=outcomes,
-                                 label_names=label_names, metadata=metadata)
+  builder = _builder_class(name)(
+    data_dir=os.fspath(data_dir), outcomes=outcomes, label_names=label_names, metadata=metadata
+  )
   if not progress:
     tfds.disable_progress_bar()
   builder.download_and_prepare(
-      download_dir=os.path.join(scratch_dir, 'downloads'), file_format='array_record',
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    download_dir=os.path.join(scratch_dir, "downloads"),
+    file_format="array_record",
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+  )

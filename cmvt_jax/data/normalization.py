@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import librosa
 import numpy as np
@@ -39,16 +40,23 @@ class NormalizationStats:
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-serialisable dict (plain floats, ints, lists)."""
-    return {'video_mean': list(self.video_mean), 'video_std': list(self.video_std),
-            'audio_mean': self.audio_mean, 'audio_std': self.audio_std,
-            'mel': dataclasses.asdict(self.mel)}
+    return {
+      "video_mean": list(self.video_mean),
+      "video_std": list(self.video_std),
+      "audio_mean": self.audio_mean,
+      "audio_std": self.audio_std,
+      "mel": dataclasses.asdict(self.mel),
+    }
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> NormalizationStats:
-    return cls(video_mean=tuple(float(x) for x in values['video_mean']),
-               video_std=tuple(float(x) for x in values['video_std']),
-               audio_mean=float(values['audio_mean']), audio_std=float(values['audio_std']),
-               mel=spectrogram.MelSettings(**values['mel']))
+    return cls(
+      video_mean=tuple(float(x) for x in values["video_mean"]),
+      video_std=tuple(float(x) for x in values["video_std"]),
+      audio_mean=float(values["audio_mean"]),
+      audio_std=float(values["audio_std"]),
+      mel=spectrogram.MelSettings(**values["mel"]),
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,11 +78,11 @@ class StatsAccumulator:
   pixel_sum: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3))
   pixel_square_sum: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3))
   mel_count: int = 0
-  mel_sum: float = 0.
-  mel_square_sum: float = 0.
+  mel_sum: float = 0.0
+  mel_square_sum: float = 0.0
 
   def add(self, frames: np.ndarray, waveform: np.ndarray | None) -> None:
-    pixels = frames.reshape(-1, 3).astype(np.float64) / 255.
+    pixels = frames.reshape(-1, 3).astype(np.float64) / 255.0
     self.pixel_count += len(pixels)
     self.pixel_sum += pixels.sum(axis=0)
     self.pixel_square_sum += np.square(pixels).sum(axis=0)
@@ -86,8 +94,9 @@ class StatsAccumulator:
 
   def merge(self, other: StatsAccumulator) -> None:
     if other.mel != self.mel:
-      raise ValueError(f'Cannot merge statistics of different mel settings: {self.mel} vs '
-                       f'{other.mel}.')
+      raise ValueError(
+        f"Cannot merge statistics of different mel settings: {self.mel} vs {other.mel}."
+      )
     self.pixel_count += other.pixel_count
     self.pixel_sum += other.pixel_sum
     self.pixel_square_sum += other.pixel_square_sum
@@ -98,27 +107,31 @@ class StatsAccumulator:
   def result(self) -> NormalizationStats:
     """The statistics; raises ValueError when no clip was added."""
     if self.pixel_count == 0:
-      raise ValueError('No clip was seen: cannot compute normalisation statistics.')
+      raise ValueError("No clip was seen: cannot compute normalisation statistics.")
     video_mean = self.pixel_sum / self.pixel_count
     video_std = _std(self.pixel_square_sum / self.pixel_count, video_mean)
     if self.mel_count:
       audio_mean = self.mel_sum / self.mel_count
       audio_std = float(_std(self.mel_square_sum / self.mel_count, audio_mean))
     else:  # every clip silent: normalising is then a no-op
-      audio_mean, audio_std = 0., 1.
+      audio_mean, audio_std = 0.0, 1.0
     return NormalizationStats(
-        video_mean=tuple(float(x) for x in video_mean),
-        video_std=tuple(float(x) for x in video_std),
-        audio_mean=float(audio_mean), audio_std=audio_std, mel=self.mel)
+      video_mean=tuple(float(x) for x in video_mean),
+      video_std=tuple(float(x) for x in video_std),
+      audio_mean=float(audio_mean),
+      audio_std=audio_std,
+      mel=self.mel,
+    )
 
 
 def _std(mean_of_squares, mean):
   # Floors the std so that a constant channel normalises to 0 instead of dividing by zero.
-  return np.maximum(np.sqrt(np.maximum(mean_of_squares - np.square(mean), 0.)), 1e-6)
+  return np.maximum(np.sqrt(np.maximum(mean_of_squares - np.square(mean), 0.0)), 1e-6)
 
 
-def compute_stats(examples: Iterable[dict[str, Any]], mel: spectrogram.MelSettings,
-                  storage_sample_rate: int) -> NormalizationStats:
+def compute_stats(
+  examples: Iterable[dict[str, Any]], mel: spectrogram.MelSettings, storage_sample_rate: int
+) -> NormalizationStats:
   """Statistics of stored examples (`frames`, `audio` int16, `has_audio`), for `mel`.
 
   Used when the pipeline asks for log-mel settings other than those stored with the dataset.
@@ -126,17 +139,16 @@ def compute_stats(examples: Iterable[dict[str, Any]], mel: spectrogram.MelSettin
   accumulator = StatsAccumulator(mel)
   for example in examples:
     waveform = None
-    if example['has_audio']:
-      waveform = waveform_at_rate(example['audio'], storage_sample_rate, mel.sample_rate)
-    accumulator.add(example['frames'], waveform)
+    if example["has_audio"]:
+      waveform = waveform_at_rate(example["audio"], storage_sample_rate, mel.sample_rate)
+    accumulator.add(example["frames"], waveform)
   return accumulator.result()
 
 
-def waveform_at_rate(audio: np.ndarray, audio_sample_rate: int,
-                     sample_rate: int) -> np.ndarray:
+def waveform_at_rate(audio: np.ndarray, audio_sample_rate: int, sample_rate: int) -> np.ndarray:
   """`[S]` int16 (as stored; value / 32768) or float audio -> float32 at `sample_rate`."""
   if audio.dtype == np.int16:
-    waveform = audio.astype(np.float32) / 32768.
+    waveform = audio.astype(np.float32) / 32768.0
   else:
     waveform = np.asarray(audio, np.float32)
   if sample_rate != audio_sample_rate:

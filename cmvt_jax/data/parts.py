@@ -30,7 +30,10 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,33 +44,44 @@ from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 
 # Written last into a worker's part: the part is complete when it exists.
-OUTCOMES_FILE = 'outcomes.json'
+OUTCOMES_FILE = "outcomes.json"
 _COPY_CHUNK_BYTES = 1 << 24
 
 
 def parts_dir(data_dir: epath.PathLike, name: str) -> epath.Path:
   """`DATA_DIR/NAME/VERSION.parts`: where workers put their parts until the merge."""
   target = builder.dataset_dir(data_dir, name)
-  return target.parent / f'{target.name}.parts'
+  return target.parent / f"{target.name}.parts"
 
 
-def part_dir(data_dir: epath.PathLike, name: str, worker_index: int,
-             num_workers: int) -> epath.Path:
-  return parts_dir(data_dir, name) / f'worker-{worker_index:05d}-of-{num_workers:05d}'
+def part_dir(
+  data_dir: epath.PathLike, name: str, worker_index: int, num_workers: int
+) -> epath.Path:
+  return parts_dir(data_dir, name) / f"worker-{worker_index:05d}-of-{num_workers:05d}"
 
 
 def check_worker(worker_index: int, num_workers: int) -> None:
   if num_workers < 1 or not 0 <= worker_index < num_workers:
-    raise ValueError(f'worker_index={worker_index} must be in [0, num_workers) with '
-                     f'num_workers >= 1; got num_workers={num_workers}.')
+    raise ValueError(
+      f"worker_index={worker_index} must be in [0, num_workers) with "
+      f"num_workers >= 1; got num_workers={num_workers}."
+    )
 
 
-def prepare_part(video_dir: epath.PathLike, data_dir: epath.PathLike, name: str, *,
-                 worker_index: int, num_workers: int,
-                 storage: builder.StorageSpec = builder.StorageSpec(),
-                 mel: spectrogram.MelSettings,
-                 hash_split: Mapping[str, float] | None = None, processes: int = 0,
-                 progress: bool = True, log: Callable[[str], None] = print) -> epath.Path:
+def prepare_part(
+  video_dir: epath.PathLike,
+  data_dir: epath.PathLike,
+  name: str,
+  *,
+  worker_index: int,
+  num_workers: int,
+  storage: builder.StorageSpec = builder.StorageSpec(),
+  mel: spectrogram.MelSettings,
+  hash_split: Mapping[str, float] | None = None,
+  processes: int = 0,
+  progress: bool = True,
+  log: Callable[[str], None] = print,
+) -> epath.Path:
   """Worker `worker_index` of `num_workers`: decodes its share and writes its part.
 
   Args:
@@ -88,46 +102,66 @@ def prepare_part(video_dir: epath.PathLike, data_dir: epath.PathLike, name: str,
   check_worker(worker_index, num_workers)
   builder.check_name(name)
   if builder.is_prepared(builder.dataset_dir(data_dir, name)):
-    log(f'Dataset {name} is already prepared in {data_dir}; nothing to do.')
+    log(f"Dataset {name} is already prepared in {data_dir}; nothing to do.")
     return builder.dataset_dir(data_dir, name)
   part = part_dir(data_dir, name, worker_index, num_workers)
   if (part / OUTCOMES_FILE).exists():
-    log(f'Part {part} is already complete; nothing to do.')
+    log(f"Part {part} is already complete; nothing to do.")
     return part
   files, label_names, ignored = builder.scan_video_dir(video_dir, hash_split)
   if not label_names:
-    raise ValueError(f'No video file inside a class folder under {video_dir} (expected '
-                     f'SPLIT/CLASS/file{builder.VIDEO_EXTENSIONS[0]}).')
+    raise ValueError(
+      f"No video file inside a class folder under {video_dir} (expected "
+      f"SPLIT/CLASS/file{builder.VIDEO_EXTENSIONS[0]})."
+    )
   indices = list(range(worker_index, len(files), num_workers))
-  log(f'Worker {worker_index} of {num_workers}: decoding {len(indices)} of the '
-      f'{len(files)} video files.')
+  log(
+    f"Worker {worker_index} of {num_workers}: decoding {len(indices)} of the "
+    f"{len(files)} video files."
+  )
   if part.exists():  # an earlier, interrupted attempt
     part.rmtree()
   part.mkdir(parents=True)
-  with tempfile.TemporaryDirectory(prefix='cmvt_prepare_part_') as scratch:
-    outcomes = builder.decode_all([files[i] for i in indices], storage, mel, scratch,
-                                  num_workers=processes or os.cpu_count() or 1,
-                                  progress=progress)
+  with tempfile.TemporaryDirectory(prefix="cmvt_prepare_part_") as scratch:
+    outcomes = builder.decode_all(
+      [files[i] for i in indices],
+      storage,
+      mel,
+      scratch,
+      num_workers=processes or os.cpu_count() or 1,
+      progress=progress,
+    )
     if any(outcome.num_clips for outcome in outcomes):
-      local_data = os.path.join(scratch, 'data')
-      builder.write_dataset(name, local_data, outcomes, label_names,
-                            {builder.STORAGE_KEY: dataclasses.asdict(storage)},
-                            scratch_dir=scratch, progress=progress)
+      local_data = os.path.join(scratch, "data")
+      builder.write_dataset(
+        name,
+        local_data,
+        outcomes,
+        label_names,
+        {builder.STORAGE_KEY: dataclasses.asdict(storage)},
+        scratch_dir=scratch,
+        progress=progress,
+      )
       _copy_folder(builder.dataset_dir(local_data, name), part)
   record = {
-      'worker_index': worker_index, 'num_workers': num_workers, 'num_files': len(files),
-      'ignored_non_video': ignored, 'label_names': label_names,
-      'storage': dataclasses.asdict(storage), 'mel': dataclasses.asdict(mel),
-      'outcomes': [_outcome_record(index, outcome) for index, outcome in zip(indices, outcomes)],
+    "worker_index": worker_index,
+    "num_workers": num_workers,
+    "num_files": len(files),
+    "ignored_non_video": ignored,
+    "label_names": label_names,
+    "storage": dataclasses.asdict(storage),
+    "mel": dataclasses.asdict(mel),
+    "outcomes": [_outcome_record(index, outcome) for index, outcome in zip(indices, outcomes)],
   }
   (part / OUTCOMES_FILE).write_text(json.dumps(record))
   clips = sum(outcome.num_clips for outcome in outcomes)
-  log(f'Worker {worker_index} of {num_workers} wrote {clips} clips to {part}.')
+  log(f"Worker {worker_index} of {num_workers} wrote {clips} clips to {part}.")
   return part
 
 
-def merge_parts(data_dir: epath.PathLike, name: str, *, num_workers: int,
-                log: Callable[[str], None] = print) -> epath.Path:
+def merge_parts(
+  data_dir: epath.PathLike, name: str, *, num_workers: int, log: Callable[[str], None] = print
+) -> epath.Path:
   """Joins the `num_workers` complete parts into `DATA_DIR/NAME/VERSION` (see module doc).
 
   Raises:
@@ -136,59 +170,76 @@ def merge_parts(data_dir: epath.PathLike, name: str, *, num_workers: int,
   """
   target = builder.dataset_dir(data_dir, name)
   if builder.is_prepared(target):
-    log(f'Dataset {name} is already prepared at {target}; nothing to do.')
+    log(f"Dataset {name} is already prepared at {target}; nothing to do.")
     return target
   parts = [part_dir(data_dir, name, i, num_workers) for i in range(num_workers)]
   missing = [i for i, part in enumerate(parts) if not (part / OUTCOMES_FILE).exists()]
   if missing:
     raise FileNotFoundError(
-        f'Workers {missing} of {num_workers} have not finished their part under '
-        f'{parts_dir(data_dir, name)} (a part is complete once its {OUTCOMES_FILE} is '
-        'written). Run `python -m cmvt_jax.prepare ... --num_workers '
-        f'{num_workers} --worker_index I` for each of them, then merge again.')
+      f"Workers {missing} of {num_workers} have not finished their part under "
+      f"{parts_dir(data_dir, name)} (a part is complete once its {OUTCOMES_FILE} is "
+      "written). Run `python -m cmvt_jax.prepare ... --num_workers "
+      f"{num_workers} --worker_index I` for each of them, then merge again."
+    )
   records = [json.loads((part / OUTCOMES_FILE).read_text()) for part in parts]
-  mel = spectrogram.MelSettings(**records[0]['mel'])
-  storage = builder.StorageSpec(**records[0]['storage'])
+  mel = spectrogram.MelSettings(**records[0]["mel"])
+  storage = builder.StorageSpec(**records[0]["storage"])
   outcomes, ignored = _joined_outcomes(records, mel, parts)
   summary = builder.summarize(outcomes, ignored)
   if not summary.clips:
-    raise ValueError(f'No usable clip in any part under {parts_dir(data_dir, name)}:\n'
-                     f'{summary.format()}')
+    raise ValueError(
+      f"No usable clip in any part under {parts_dir(data_dir, name)}:\n{summary.format()}"
+    )
   metadata = builder.dataset_metadata(summary, outcomes, storage, mel)
-  written = [part for part in parts if (part / 'dataset_info.json').exists()]
+  written = [part for part in parts if (part / "dataset_info.json").exists()]
   infos = [tfds.builder_from_directory(os.fspath(part)).info for part in written]
   target.mkdir(parents=True, exist_ok=True)
-  split_infos = [_move_split_shards(split, written, infos, target)
-                 for split in builder.SPLITS if any(split in info.splits for info in infos)]
+  split_infos = [
+    _move_split_shards(split, written, infos, target)
+    for split in builder.SPLITS
+    if any(split in info.splits for info in infos)
+  ]
   info = infos[0]
   info.set_splits(tfds.core.SplitDict(split_infos))
   info.metadata.clear()
   info.metadata.update(metadata)
   info.write_to_directory(target)  # dataset_info.json last: now the dataset is complete
   parts_dir(data_dir, name).rmtree()
-  log(f'Merged {num_workers} parts into dataset {name} at {target}\n{summary.format()}')
+  log(f"Merged {num_workers} parts into dataset {name} at {target}\n{summary.format()}")
   return target
 
 
-def _joined_outcomes(records: Sequence[dict[str, Any]], mel: spectrogram.MelSettings,
-                     parts: Sequence[epath.Path]) -> tuple[list[builder.FileOutcome], int]:
+def _joined_outcomes(
+  records: Sequence[dict[str, Any]], mel: spectrogram.MelSettings, parts: Sequence[epath.Path]
+) -> tuple[list[builder.FileOutcome], int]:
   """Every file's outcome in the folder's order, checking that the parts belong together."""
   first = records[0]
   for part, record in zip(parts, records):
-    differ = [key for key in ('num_workers', 'num_files', 'ignored_non_video', 'label_names',
-                              'storage', 'mel') if record[key] != first[key]]
+    differ = [
+      key
+      for key in ("num_workers", "num_files", "ignored_non_video", "label_names", "storage", "mel")
+      if record[key] != first[key]
+    ]
     if differ:
       raise ValueError(
-          f'Part {part} differs from {parts[0]} in {", ".join(differ)}: the workers saw '
-          'different video folders or settings. Prepare every part with the same '
-          'arguments (delete the parts folder to start over).')
-  outcomes = sorted(((item['index'], _outcome_from_record(item, mel))
-                     for record in records for item in record['outcomes']),
-                    key=lambda pair: pair[0])
-  if [index for index, _ in outcomes] != list(range(first['num_files'])):
-    raise ValueError(f'The parts under {parts[0].parent} do not cover the '
-                     f'{first["num_files"]} video files exactly once.')
-  return [outcome for _, outcome in outcomes], first['ignored_non_video']
+        f"Part {part} differs from {parts[0]} in {', '.join(differ)}: the workers saw "
+        "different video folders or settings. Prepare every part with the same "
+        "arguments (delete the parts folder to start over)."
+      )
+  outcomes = sorted(
+    (
+      (item["index"], _outcome_from_record(item, mel))
+      for record in records
+      for item in record["outcomes"]
+    ),
+    key=lambda pair: pair[0],
+  )
+  if [index for index, _ in outcomes] != list(range(first["num_files"])):
+    raise ValueError(
+      f"The parts under {parts[0].parent} do not cover the "
+      f"{first['num_files']} video files exactly once."
+    )
+  return [outcome for _, outcome in outcomes], first["ignored_non_video"]
 
 
 def _move_split_shards(split: str, parts: Sequence[epath.Path], infos, target: epath.Path):
@@ -197,29 +248,35 @@ def _move_split_shards(split: str, parts: Sequence[epath.Path], infos, target: e
   Returns the merged split's `SplitInfo`. A shard already moved by an interrupted merge is
   found at its destination and left there.
   """
-  pieces = [(part, info.splits[split]) for part, info in zip(parts, infos)
-            if split in info.splits]
+  pieces = [(part, info.splits[split]) for part, info in zip(parts, infos) if split in info.splits]
   template = pieces[0][1].filename_template.replace(data_dir=target)
   destinations = template.sharded_filepaths(sum(piece.num_shards for _, piece in pieces))
-  sources = [source for part, piece in pieces for source in
-             piece.filename_template.replace(data_dir=part).sharded_filepaths(piece.num_shards)]
+  sources = [
+    source
+    for part, piece in pieces
+    for source in piece.filename_template.replace(data_dir=part).sharded_filepaths(piece.num_shards)
+  ]
   for source, destination in zip(sources, destinations):
     if source.exists():
       source.rename(destination)
     elif not destination.exists():
-      raise FileNotFoundError(f'Shard {source} is missing (and not yet moved to '
-                              f'{destination}); prepare that worker\'s part again.')
+      raise FileNotFoundError(
+        f"Shard {source} is missing (and not yet moved to "
+        f"{destination}); prepare that worker's part again."
+      )
   return dataclasses.replace(
-      pieces[0][1], filename_template=template,
-      shard_lengths=[length for _, piece in pieces for length in piece.shard_lengths],
-      num_bytes=sum(int(piece.num_bytes) for _, piece in pieces))
+    pieces[0][1],
+    filename_template=template,
+    shard_lengths=[length for _, piece in pieces for length in piece.shard_lengths],
+    num_bytes=sum(int(piece.num_bytes) for _, piece in pieces),
+  )
 
 
 def _copy_folder(source: epath.Path, destination: epath.Path) -> None:
   """Copies a flat local folder's files to `destination` (any epath; streamed)."""
   destination.mkdir(parents=True, exist_ok=True)
   for path in source.iterdir():
-    with path.open('rb') as reader, (destination / path.name).open('wb') as writer:
+    with path.open("rb") as reader, (destination / path.name).open("wb") as writer:
       while chunk := reader.read(_COPY_CHUNK_BYTES):
         writer.write(chunk)
 
@@ -228,29 +285,47 @@ def _outcome_record(index: int, outcome: builder.FileOutcome) -> dict[str, Any]:
   """A JSON-able outcome; floats survive JSON exactly, so merged statistics match."""
   stats = None
   if outcome.stats is not None:
-    stats = {'pixel_count': outcome.stats.pixel_count,
-             'pixel_sum': outcome.stats.pixel_sum.tolist(),
-             'pixel_square_sum': outcome.stats.pixel_square_sum.tolist(),
-             'mel_count': outcome.stats.mel_count, 'mel_sum': outcome.stats.mel_sum,
-             'mel_square_sum': outcome.stats.mel_square_sum}
-  return {'index': index, 'file': dataclasses.asdict(outcome.file),
-          'num_clips': outcome.num_clips, 'seconds': outcome.seconds,
-          'skip_reason': outcome.skip_reason, 'skip_detail': outcome.skip_detail,
-          'truncation_detail': outcome.truncation_detail, 'stats': stats}
+    stats = {
+      "pixel_count": outcome.stats.pixel_count,
+      "pixel_sum": outcome.stats.pixel_sum.tolist(),
+      "pixel_square_sum": outcome.stats.pixel_square_sum.tolist(),
+      "mel_count": outcome.stats.mel_count,
+      "mel_sum": outcome.stats.mel_sum,
+      "mel_square_sum": outcome.stats.mel_square_sum,
+    }
+  return {
+    "index": index,
+    "file": dataclasses.asdict(outcome.file),
+    "num_clips": outcome.num_clips,
+    "seconds": outcome.seconds,
+    "skip_reason": outcome.skip_reason,
+    "skip_detail": outcome.skip_detail,
+    "truncation_detail": outcome.truncation_detail,
+    "stats": stats,
+  }
 
 
-def _outcome_from_record(item: Mapping[str, Any],
-                         mel: spectrogram.MelSettings) -> builder.FileOutcome:
+def _outcome_from_record(
+  item: Mapping[str, Any], mel: spectrogram.MelSettings
+) -> builder.FileOutcome:
   stats = None
-  if item['stats'] is not None:
-    values = item['stats']
+  if item["stats"] is not None:
+    values = item["stats"]
     stats = normalization.StatsAccumulator(
-        mel, pixel_count=values['pixel_count'], pixel_sum=np.array(values['pixel_sum']),
-        pixel_square_sum=np.array(values['pixel_square_sum']),
-        mel_count=values['mel_count'], mel_sum=values['mel_sum'],
-        mel_square_sum=values['mel_square_sum'])
+      mel,
+      pixel_count=values["pixel_count"],
+      pixel_sum=np.array(values["pixel_sum"]),
+      pixel_square_sum=np.array(values["pixel_square_sum"]),
+      mel_count=values["mel_count"],
+      mel_sum=values["mel_sum"],
+      mel_square_sum=values["mel_square_sum"],
+    )
   return builder.FileOutcome(
-      file=builder.VideoFile(**item['file']), num_clips=item['num_clips'],
-      seconds=item['seconds'], skip_reason=item['skip_reason'],
-      skip_detail=item['skip_detail'], truncation_detail=item['truncation_detail'],
-      stats=stats)
+    file=builder.VideoFile(**item["file"]),
+    num_clips=item["num_clips"],
+    seconds=item["seconds"],
+    skip_reason=item["skip_reason"],
+    skip_detail=item["skip_detail"],
+    truncation_detail=item["truncation_detail"],
+    stats=stats,
+  )

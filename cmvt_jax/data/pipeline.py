@@ -24,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import flags
-from etils import epath
 import grain
 import numpy as np
+from absl import flags
+from etils import epath
 
 from cmvt_jax.data import builder
 from cmvt_jax.data import normalization
@@ -61,18 +62,23 @@ class InputSpec:
   @classmethod
   def from_config(cls, input_config) -> InputSpec:
     return cls(
-        num_frames=int(input_config.num_frames), fps=float(input_config.fps),
-        frame_size=int(input_config.frame_size),
-        mel=spectrogram.MelSettings.from_config(input_config),
-        crop_scale=tuple(input_config.crop_scale), crop_ratio=tuple(input_config.crop_ratio),
-        flip=bool(input_config.flip), num_time_masks=int(input_config.num_time_masks),
-        max_time_mask=int(input_config.max_time_mask),
-        num_freq_masks=int(input_config.num_freq_masks),
-        max_freq_mask=int(input_config.max_freq_mask),
-        two_views=bool(input_config.two_views), num_workers=int(input_config.num_workers),
-        worker_buffer_size=int(input_config.worker_buffer_size),
-        read_threads=int(input_config.read_threads),
-        read_buffer_size=int(input_config.read_buffer_size))
+      num_frames=int(input_config.num_frames),
+      fps=float(input_config.fps),
+      frame_size=int(input_config.frame_size),
+      mel=spectrogram.MelSettings.from_config(input_config),
+      crop_scale=tuple(input_config.crop_scale),
+      crop_ratio=tuple(input_config.crop_ratio),
+      flip=bool(input_config.flip),
+      num_time_masks=int(input_config.num_time_masks),
+      max_time_mask=int(input_config.max_time_mask),
+      num_freq_masks=int(input_config.num_freq_masks),
+      max_freq_mask=int(input_config.max_freq_mask),
+      two_views=bool(input_config.two_views),
+      num_workers=int(input_config.num_workers),
+      worker_buffer_size=int(input_config.worker_buffer_size),
+      read_threads=int(input_config.read_threads),
+      read_buffer_size=int(input_config.read_buffer_size),
+    )
 
   @property
   def window_seconds(self) -> float:
@@ -83,8 +89,9 @@ class InputSpec:
     return self.mel.num_frames(round(self.window_seconds * self.mel.sample_rate))
 
 
-def crop_and_resize(frames: np.ndarray, top: float, left: float, height: float, width: float,
-                    size: int) -> np.ndarray:
+def crop_and_resize(
+  frames: np.ndarray, top: float, left: float, height: float, width: float, size: int
+) -> np.ndarray:
   """Bilinear resize of the box (top, left, height, width) of `[T, H, W, 3]` to `size`^2.
 
   Pixel centres are at integer + 0.5 (no corner alignment), so the full frame at its own size
@@ -93,7 +100,7 @@ def crop_and_resize(frames: np.ndarray, top: float, left: float, height: float, 
   frames_height, frames_width = frames.shape[1:3]
 
   def sample_points(start, extent, limit):
-    points = start + (np.arange(size) + .5) * extent / size - .5
+    points = start + (np.arange(size) + 0.5) * extent / size - 0.5
     points = np.clip(points, 0, limit - 1)
     low = np.floor(points).astype(np.int64)
     high = np.minimum(low + 1, limit - 1)
@@ -102,10 +109,14 @@ def crop_and_resize(frames: np.ndarray, top: float, left: float, height: float, 
   y_low, y_high, y_weight = sample_points(top, height, frames_height)
   x_low, x_high, x_weight = sample_points(left, width, frames_width)
   frames = frames.astype(np.float32)
-  rows = (frames[:, y_low] * (1 - y_weight)[None, :, None, None] +
-          frames[:, y_high] * y_weight[None, :, None, None])
-  return (rows[:, :, x_low] * (1 - x_weight)[None, None, :, None] +
-          rows[:, :, x_high] * x_weight[None, None, :, None])
+  rows = (
+    frames[:, y_low] * (1 - y_weight)[None, :, None, None]
+    + frames[:, y_high] * y_weight[None, :, None, None]
+  )
+  return (
+    rows[:, :, x_low] * (1 - x_weight)[None, None, :, None]
+    + rows[:, :, x_high] * x_weight[None, None, :, None]
+  )
 
 
 class Preprocessor:
@@ -118,25 +129,37 @@ class Preprocessor:
     storage_sample_rate: sample rate of the stored audio.
   """
 
-  def __init__(self, spec: InputSpec, stats: normalization.NormalizationStats,
-               storage_fps: float, storage_sample_rate: int):
+  def __init__(
+    self,
+    spec: InputSpec,
+    stats: normalization.NormalizationStats,
+    storage_fps: float,
+    storage_sample_rate: int,
+  ):
     if stats.mel != spec.mel:
-      raise ValueError(f'Normalisation statistics were computed for log-mel settings '
-                       f'{stats.mel}, the input asks for {spec.mel}.')
+      raise ValueError(
+        f"Normalisation statistics were computed for log-mel settings "
+        f"{stats.mel}, the input asks for {spec.mel}."
+      )
     self.spec = spec
     self.storage_fps = storage_fps
     self.storage_sample_rate = storage_sample_rate
-    self._video_mean = np.asarray(stats.video_mean, np.float32) * 255.
-    self._video_scale = 1. / (np.asarray(stats.video_std, np.float32) * 255.)
+    self._video_mean = np.asarray(stats.video_mean, np.float32) * 255.0
+    self._video_scale = 1.0 / (np.asarray(stats.video_std, np.float32) * 255.0)
     self._audio_mean = np.float32(stats.audio_mean)
-    self._audio_scale = np.float32(1. / stats.audio_std)
+    self._audio_scale = np.float32(1.0 / stats.audio_std)
 
   def frames_needed(self, num_frames: int) -> int:
     """Stored frames spanned by a window of `num_frames` input frames."""
     return round(num_frames / self.spec.fps * self.storage_fps)
 
-  def window(self, frames: np.ndarray, audio: np.ndarray, rng: np.random.Generator | None,
-             num_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def window(
+    self,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    rng: np.random.Generator | None,
+    num_frames: int | None = None,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """The temporal crop: the frames and the audio of the same window of the clip.
 
     Args:
@@ -154,9 +177,10 @@ class Preprocessor:
     span = self.frames_needed(num_frames)
     if span > len(frames):
       raise ValueError(
-          f'A window of {num_frames} frames at {self.spec.fps} fps needs {span} stored frames '
-          f'at {self.storage_fps} fps, the clip has {len(frames)}: prepare clips at least '
-          f'{num_frames / self.spec.fps} s long, or lower input.num_frames.')
+        f"A window of {num_frames} frames at {self.spec.fps} fps needs {span} stored frames "
+        f"at {self.storage_fps} fps, the clip has {len(frames)}: prepare clips at least "
+        f"{num_frames / self.spec.fps} s long, or lower input.num_frames."
+      )
     latest_start = len(frames) - span
     start = int(rng.integers(latest_start + 1)) if rng is not None else latest_start // 2
     indices = start + np.round(np.arange(num_frames) * self.storage_fps / self.spec.fps)
@@ -164,12 +188,16 @@ class Preprocessor:
     waveform = normalization.waveform_at_rate(audio, self.storage_sample_rate, sample_rate)
     first = round(start / self.storage_fps * sample_rate)
     count = round(num_frames / self.spec.fps * sample_rate)
-    waveform = np.pad(waveform[first:first + count], (0, max(0, first + count - len(waveform))))
+    waveform = np.pad(waveform[first : first + count], (0, max(0, first + count - len(waveform))))
     return frames[indices.astype(np.int64)], waveform
 
-  def __call__(self, frames: np.ndarray, audio: np.ndarray,
-               rng: np.random.Generator | None = None,
-               num_frames: int | None = None) -> dict[str, np.ndarray]:
+  def __call__(
+    self,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    rng: np.random.Generator | None = None,
+    num_frames: int | None = None,
+  ) -> dict[str, np.ndarray]:
     """One view of a clip: `window`, then spatial crop, log-mel, normalisation, masks.
 
     Args:
@@ -188,10 +216,14 @@ class Preprocessor:
     log_mel = (log_mel - self._audio_mean) * self._audio_scale
     if rng is not None:
       log_mel = spectrogram.spec_augment(
-          log_mel, rng, num_time_masks=self.spec.num_time_masks,
-          max_time_width=self.spec.max_time_mask, num_freq_masks=self.spec.num_freq_masks,
-          max_freq_width=self.spec.max_freq_mask)
-    return {'video': video.astype(np.float32), 'audio': log_mel.astype(np.float32)}
+        log_mel,
+        rng,
+        num_time_masks=self.spec.num_time_masks,
+        max_time_width=self.spec.max_time_mask,
+        num_freq_masks=self.spec.num_freq_masks,
+        max_freq_width=self.spec.max_freq_mask,
+      )
+    return {"video": video.astype(np.float32), "audio": log_mel.astype(np.float32)}
 
   def _spatial(self, frames: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """Random resized crop + flip (train) or centre square crop (eval), to frame_size."""
@@ -207,7 +239,7 @@ class Preprocessor:
     top = rng.uniform(0, height - crop_height)
     left = rng.uniform(0, width - crop_width)
     video = crop_and_resize(frames, top, left, crop_height, crop_width, size)
-    if self.spec.flip and rng.random() < .5:
+    if self.spec.flip and rng.random() < 0.5:
       video = video[:, :, ::-1]
     return video
 
@@ -219,19 +251,24 @@ class _TrainTransform(grain.transforms.RandomMap):
     self._preprocessor = preprocessor
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    view = self._preprocessor(element['frames'], element['audio'], rng)
-    output = {'video': view['video'], 'audio': view['audio'],
-              'label': np.int32(element['label']), 'mask': np.bool_(True)}
+    view = self._preprocessor(element["frames"], element["audio"], rng)
+    output = {
+      "video": view["video"],
+      "audio": view["audio"],
+      "label": np.int32(element["label"]),
+      "mask": np.bool_(True),
+    }
     if self._preprocessor.spec.two_views:
-      second = self._preprocessor(element['frames'], element['audio'], rng)
-      output['video_view2'] = second['video']
-      output['audio_view2'] = second['audio']
+      second = self._preprocessor(element["frames"], element["audio"], rng)
+      output["video_view2"] = second["video"]
+      output["audio_view2"] = second["audio"]
     return output
 
 
 def _read_options(spec: InputSpec) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=spec.read_threads,
-                           prefetch_buffer_size=spec.read_buffer_size)
+  return grain.ReadOptions(
+    num_threads=spec.read_threads, prefetch_buffer_size=spec.read_buffer_size
+  )
 
 
 def _with_workers(dataset: grain.IterDataset, spec: InputSpec) -> grain.IterDataset:
@@ -241,20 +278,30 @@ def _with_workers(dataset: grain.IterDataset, spec: InputSpec) -> grain.IterData
     # grain's worker processes read grain's absl flags; outside an absl program (a notebook,
     # pytest) nobody parsed them, so take their defaults.
     flags.FLAGS.mark_as_parsed()
-  return dataset.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=spec.num_workers, per_worker_buffer_size=spec.worker_buffer_size))
+  return dataset.mp_prefetch(
+    grain.MultiprocessingOptions(
+      num_workers=spec.num_workers, per_worker_buffer_size=spec.worker_buffer_size
+    )
+  )
 
 
 def _check_shard(batch_size: int, process_index: int, process_count: int) -> None:
   if batch_size <= 0:
-    raise ValueError(f'The per-host batch size must be positive, got {batch_size}.')
+    raise ValueError(f"The per-host batch size must be positive, got {batch_size}.")
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
 
 
-def train_dataset(source: Sequence[dict[str, Any]], preprocessor: Preprocessor, *,
-                  batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
-                  start_step: int = 0) -> grain.IterDataset:
+def train_dataset(
+  source: Sequence[dict[str, Any]],
+  preprocessor: Preprocessor,
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  start_step: int = 0,
+) -> grain.IterDataset:
   """The endless training stream of this host (see module docstring for the order).
 
   Args:
@@ -272,13 +319,12 @@ def train_dataset(source: Sequence[dict[str, Any]], preprocessor: Preprocessor, 
   """
   _check_shard(batch_size, process_index, process_count)
   if len(source) == 0:
-    raise ValueError('The training source is empty.')
+    raise ValueError("The training source is empty.")
   dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   dataset = dataset.random_map(_TrainTransform(preprocessor), seed=seed)
   dataset = dataset[process_index::process_count].batch(batch_size, drop_remainder=True)
   dataset = dataset[start_step:]
-  return _with_workers(dataset.to_iter_dataset(_read_options(preprocessor.spec)),
-                       preprocessor.spec)
+  return _with_workers(dataset.to_iter_dataset(_read_options(preprocessor.spec)), preprocessor.spec)
 
 
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int) -> int:
@@ -286,7 +332,7 @@ def num_eval_batches(num_examples: int, batch_size: int, process_count: int) -> 
   return math.ceil(math.ceil(num_examples / process_count) / batch_size)
 
 
-_PADDING = {'padding': True}
+_PADDING = {"padding": True}
 
 
 class _PaddedShard:
@@ -312,27 +358,41 @@ class _EvalTransform(grain.transforms.Map):
     self._preprocessor = preprocessor
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    if 'padding' in element:
+    if "padding" in element:
       spec = self._preprocessor.spec
-      return {'video': np.zeros((spec.num_frames, spec.frame_size, spec.frame_size, 3),
-                                np.float32),
-              'audio': np.zeros((spec.audio_frames, spec.mel.n_mels), np.float32),
-              'label': np.int32(-1), 'mask': np.bool_(False), 'id': np.str_(''),
-              'source': np.str_(''), 'start': np.float32(0.)}
-    view = self._preprocessor(element['frames'], element['audio'])
-    return {'video': view['video'], 'audio': view['audio'],
-            'label': np.int32(element['label']), 'mask': np.bool_(True),
-            'id': np.str_(_text(element['id'])), 'source': np.str_(_text(element['source'])),
-            'start': np.float32(element['start'])}
+      return {
+        "video": np.zeros((spec.num_frames, spec.frame_size, spec.frame_size, 3), np.float32),
+        "audio": np.zeros((spec.audio_frames, spec.mel.n_mels), np.float32),
+        "label": np.int32(-1),
+        "mask": np.bool_(False),
+        "id": np.str_(""),
+        "source": np.str_(""),
+        "start": np.float32(0.0),
+      }
+    view = self._preprocessor(element["frames"], element["audio"])
+    return {
+      "video": view["video"],
+      "audio": view["audio"],
+      "label": np.int32(element["label"]),
+      "mask": np.bool_(True),
+      "id": np.str_(_text(element["id"])),
+      "source": np.str_(_text(element["source"])),
+      "start": np.float32(element["start"]),
+    }
 
 
 def _text(value: bytes | str) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else value
+  return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def eval_dataset(source: Sequence[dict[str, Any]], preprocessor: Preprocessor, *,
-                 batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+def eval_dataset(
+  source: Sequence[dict[str, Any]],
+  preprocessor: Preprocessor,
+  *,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.IterDataset:
   """One deterministic pass over this host's share of a split, padded to whole batches.
 
   Host p gets examples p, p + P, ...; every host yields `num_eval_batches(...)` batches, the
@@ -343,13 +403,17 @@ def eval_dataset(source: Sequence[dict[str, Any]], preprocessor: Preprocessor, *
   rows = num_eval_batches(len(source), batch_size, process_count) * batch_size
   dataset = grain.MapDataset.source(_PaddedShard(source, process_index, process_count, rows))
   dataset = dataset.map(_EvalTransform(preprocessor)).batch(batch_size)
-  return _with_workers(dataset.to_iter_dataset(_read_options(preprocessor.spec)),
-                       preprocessor.spec)
+  return _with_workers(dataset.to_iter_dataset(_read_options(preprocessor.spec)), preprocessor.spec)
 
 
-def file_elements(path: epath.PathLike, preprocessor: Preprocessor,
-                  storage: builder.StorageSpec, *, source: str | None = None,
-                  whole_video: bool = False) -> list[dict[str, Any]]:
+def file_elements(
+  path: epath.PathLike,
+  preprocessor: Preprocessor,
+  storage: builder.StorageSpec,
+  *,
+  source: str | None = None,
+  whole_video: bool = False,
+) -> list[dict[str, Any]]:
   """Eval elements of a video file, without preparing a dataset (export from raw files).
 
   The file is decoded and stored exactly as `prepare` would (fps, size, int16 audio), then
@@ -371,17 +435,25 @@ def file_elements(path: epath.PathLike, preprocessor: Preprocessor,
   Raises:
     video_io.VideoReadError: the file cannot be used (see video_io).
   """
-  if (preprocessor.storage_fps, preprocessor.storage_sample_rate) != (storage.fps,
-                                                                      storage.sample_rate):
-    raise ValueError(f'The preprocessor expects {preprocessor.storage_fps} fps and '
-                     f'{preprocessor.storage_sample_rate} Hz storage, not {storage}.')
+  if (preprocessor.storage_fps, preprocessor.storage_sample_rate) != (
+    storage.fps,
+    storage.sample_rate,
+  ):
+    raise ValueError(
+      f"The preprocessor expects {preprocessor.storage_fps} fps and "
+      f"{preprocessor.storage_sample_rate} Hz storage, not {storage}."
+    )
   source = os.fspath(path) if source is None else source
-  video = video_io.decode_video(path, fps=storage.fps, short_side=storage.short_side,
-                                sample_rate=storage.sample_rate,
-                                require_audio=not storage.keep_audioless)
+  video = video_io.decode_video(
+    path,
+    fps=storage.fps,
+    short_side=storage.short_side,
+    sample_rate=storage.sample_rate,
+    require_audio=not storage.keep_audioless,
+  )
   if whole_video:
     num_frames = math.floor(len(video.frames) / storage.fps * preprocessor.spec.fps)
-    clips = [video_io.Clip(start=0., frames=video.frames, audio=video.audio)]
+    clips = [video_io.Clip(start=0.0, frames=video.frames, audio=video.audio)]
   else:
     num_frames = None
     clips = list(video_io.iter_clips(video, storage.clip_seconds, storage.stride_seconds))
@@ -390,7 +462,15 @@ def file_elements(path: epath.PathLike, preprocessor: Preprocessor,
     num_samples = round(len(clip.frames) / storage.fps * storage.sample_rate)
     audio = builder.stored_audio(clip.audio, num_samples)
     view = preprocessor(clip.frames, audio, num_frames=num_frames)
-    elements.append({'video': view['video'], 'audio': view['audio'], 'label': np.int32(-1),
-                     'mask': np.bool_(True), 'id': np.str_(f'{source}@{clip.start:.3f}'),
-                     'source': np.str_(source), 'start': np.float32(clip.start)})
+    elements.append(
+      {
+        "video": view["video"],
+        "audio": view["audio"],
+        "label": np.int32(-1),
+        "mask": np.bool_(True),
+        "id": np.str_(f"{source}@{clip.start:.3f}"),
+        "source": np.str_(source),
+        "start": np.float32(clip.start),
+      }
+    )
   return elements

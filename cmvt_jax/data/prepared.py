@@ -17,7 +17,9 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -27,25 +29,27 @@ from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 from cmvt_jax.data import synthetic
 
-SYNTHETIC_NAME = 'cmvt_synthetic'
+SYNTHETIC_NAME = "cmvt_synthetic"
 # Examples read to recompute normalisation statistics for other log-mel settings.
 _STATS_EXAMPLES = 512
 
 
 def default_data_dir() -> epath.Path:
   """The cache folder: `$XDG_CACHE_HOME/cmvt_jax`, by default `~/.cache/cmvt_jax`."""
-  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return epath.Path(cache) / 'cmvt_jax'
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return epath.Path(cache) / "cmvt_jax"
 
 
 def storage_from_config(dataset_config) -> builder.StorageSpec:
   """The storage settings of the config's `dataset` section."""
   return builder.StorageSpec(
-      clip_seconds=float(dataset_config.clip_seconds),
-      stride_seconds=float(dataset_config.stride_seconds),
-      fps=float(dataset_config.fps), short_side=int(dataset_config.short_side),
-      sample_rate=int(dataset_config.sample_rate),
-      keep_audioless=bool(dataset_config.keep_audioless))
+    clip_seconds=float(dataset_config.clip_seconds),
+    stride_seconds=float(dataset_config.stride_seconds),
+    fps=float(dataset_config.fps),
+    short_side=int(dataset_config.short_side),
+    sample_rate=int(dataset_config.sample_rate),
+    keep_audioless=bool(dataset_config.keep_audioless),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,26 +78,32 @@ class PreparedDataset:
     Examples are dicts of numpy arrays and Python scalars; text fields are bytes.
     """
     if split not in self.num_examples:
-      raise ValueError(f'Split {split!r} is not in the dataset at {self.directory}; it has '
-                       f'{", ".join(self.num_examples)}.')
+      raise ValueError(
+        f"Split {split!r} is not in the dataset at {self.directory}; it has "
+        f"{', '.join(self.num_examples)}."
+      )
     return tfds.builder_from_directory(os.fspath(self.directory)).as_data_source(split)
 
-  def normalization_stats(self, mel: spectrogram.MelSettings,
-                          log: Callable[[str], None] = print
-                          ) -> normalization.NormalizationStats:
+  def normalization_stats(
+    self, mel: spectrogram.MelSettings, log: Callable[[str], None] = print
+  ) -> normalization.NormalizationStats:
     """The stored statistics; recomputed from train examples when `mel` differs from theirs."""
     if self.stored_stats is not None and self.stored_stats.mel == mel:
       return self.stored_stats
-    if 'train' not in self.num_examples:
+    if "train" not in self.num_examples:
       raise ValueError(
-          f'The dataset at {self.directory} has no train split to compute normalisation '
-          'statistics from; take them from the checkpoint of the model that uses them.')
-    source = self.source('train')
+        f"The dataset at {self.directory} has no train split to compute normalisation "
+        "statistics from; take them from the checkpoint of the model that uses them."
+      )
+    source = self.source("train")
     count = min(len(source), _STATS_EXAMPLES)
-    log(f'Log-mel settings {mel} differ from those of the statistics stored with '
-        f'{self.directory}; computing statistics from {count} train examples.')
-    return normalization.compute_stats((source[i] for i in range(count)), mel,
-                                       self.storage.sample_rate)
+    log(
+      f"Log-mel settings {mel} differ from those of the statistics stored with "
+      f"{self.directory}; computing statistics from {count} train examples."
+    )
+    return normalization.compute_stats(
+      (source[i] for i in range(count)), mel, self.storage.sample_rate
+    )
 
 
 def open_prepared(directory: epath.PathLike) -> PreparedDataset:
@@ -101,20 +111,25 @@ def open_prepared(directory: epath.PathLike) -> PreparedDataset:
   directory = epath.Path(directory)
   if not builder.is_prepared(directory):
     raise FileNotFoundError(
-        f'No prepared dataset at {directory}: prepare one with `python -m cmvt_jax.prepare '
-        '--video_dir DIR --data_dir DATA_DIR --name NAME`.')
+      f"No prepared dataset at {directory}: prepare one with `python -m cmvt_jax.prepare "
+      "--video_dir DIR --data_dir DATA_DIR --name NAME`."
+    )
   info = tfds.builder_from_directory(os.fspath(directory)).info
   metadata = info.metadata or {}
   if builder.STORAGE_KEY not in metadata:
-    raise ValueError(f'{directory} is a TFDS dataset but was not written by cmvt_jax.prepare '
-                     f'(its metadata.json has no {builder.STORAGE_KEY!r}).')
+    raise ValueError(
+      f"{directory} is a TFDS dataset but was not written by cmvt_jax.prepare "
+      f"(its metadata.json has no {builder.STORAGE_KEY!r})."
+    )
   stats = metadata.get(builder.NORMALIZATION_KEY)
   return PreparedDataset(
-      directory=directory, label_names=tuple(info.features['label'].names),
-      num_examples={split: info.splits[split].num_examples for split in info.splits},
-      storage=builder.StorageSpec(**metadata[builder.STORAGE_KEY]),
-      stored_stats=normalization.NormalizationStats.from_dict(stats) if stats else None,
-      summary=builder.PrepareSummary.from_dict(metadata[builder.SUMMARY_KEY]))
+    directory=directory,
+    label_names=tuple(info.features["label"].names),
+    num_examples={split: info.splits[split].num_examples for split in info.splits},
+    storage=builder.StorageSpec(**metadata[builder.STORAGE_KEY]),
+    stored_stats=normalization.NormalizationStats.from_dict(stats) if stats else None,
+    summary=builder.PrepareSummary.from_dict(metadata[builder.SUMMARY_KEY]),
+  )
 
 
 def synthetic_dataset_dir(dataset_config) -> epath.Path:
@@ -124,12 +139,17 @@ def synthetic_dataset_dir(dataset_config) -> epath.Path:
   settings = json.dumps([dataclasses.asdict(spec), dataclasses.asdict(storage)], sort_keys=True)
   digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
   data_dir = epath.Path(dataset_config.data_dir or default_data_dir())
-  return builder.dataset_dir(data_dir / f'{SYNTHETIC_NAME}-{digest}', SYNTHETIC_NAME)
+  return builder.dataset_dir(data_dir / f"{SYNTHETIC_NAME}-{digest}", SYNTHETIC_NAME)
 
 
-def ensure_synthetic_dataset(dataset_config, mel: spectrogram.MelSettings, *,
-                             process_index: int, timeout_s: float = 3600.,
-                             log: Callable[[str], None] = print) -> epath.Path:
+def ensure_synthetic_dataset(
+  dataset_config,
+  mel: spectrogram.MelSettings,
+  *,
+  process_index: int,
+  timeout_s: float = 3600.0,
+  log: Callable[[str], None] = print,
+) -> epath.Path:
   """Generates and prepares the synthetic dataset unless it is there; returns its folder.
 
   Process 0 does the work (videos in a local temporary folder, deleted afterwards; the
@@ -146,23 +166,30 @@ def ensure_synthetic_dataset(dataset_config, mel: spectrogram.MelSettings, *,
   if builder.is_prepared(directory):
     return directory
   if process_index != 0:
-    log(f'Waiting for process 0 to prepare the synthetic dataset at {directory}.')
+    log(f"Waiting for process 0 to prepare the synthetic dataset at {directory}.")
     deadline = time.monotonic() + timeout_s
     while not builder.is_prepared(directory):
       if time.monotonic() > deadline:
         raise TimeoutError(
-            f'Process {process_index} waited {timeout_s:.0f} s for process 0 to prepare the '
-            f'synthetic dataset at {directory}. All processes must see the same '
-            'dataset.data_dir (e.g. a gs:// folder on multi-host runs).')
-      time.sleep(1.)
+          f"Process {process_index} waited {timeout_s:.0f} s for process 0 to prepare the "
+          f"synthetic dataset at {directory}. All processes must see the same "
+          "dataset.data_dir (e.g. a gs:// folder on multi-host runs)."
+        )
+      time.sleep(1.0)
     return directory
   spec = synthetic.SyntheticSpec.from_config(dataset_config.synthetic)
-  log(f'Generating the synthetic dataset into {directory} (once; later runs reuse it).')
-  with tempfile.TemporaryDirectory(prefix='cmvt_synthetic_videos_') as video_dir:
+  log(f"Generating the synthetic dataset into {directory} (once; later runs reuse it).")
+  with tempfile.TemporaryDirectory(prefix="cmvt_synthetic_videos_") as video_dir:
     synthetic.generate(video_dir, spec)
     try:
-      builder.prepare(video_dir, directory.parent.parent, SYNTHETIC_NAME,
-                      storage=storage_from_config(dataset_config), mel=mel, log=log)
+      builder.prepare(
+        video_dir,
+        directory.parent.parent,
+        SYNTHETIC_NAME,
+        storage=storage_from_config(dataset_config),
+        mel=mel,
+        log=log,
+      )
     except OSError:
       # Another run on the same cache folder finished the same dataset first.
       if not builder.is_prepared(directory):
@@ -170,14 +197,19 @@ def ensure_synthetic_dataset(dataset_config, mel: spectrogram.MelSettings, *,
   return directory
 
 
-def open_from_config(dataset_config, input_config, *, process_index: int = 0,
-                     log: Callable[[str], None] = print) -> PreparedDataset:
+def open_from_config(
+  dataset_config, input_config, *, process_index: int = 0, log: Callable[[str], None] = print
+) -> PreparedDataset:
   """The dataset the config names (see module docstring), made first when synthetic."""
   if dataset_config.name == SYNTHETIC_NAME:
     directory = ensure_synthetic_dataset(
-        dataset_config, spectrogram.MelSettings.from_config(input_config),
-        process_index=process_index, log=log)
+      dataset_config,
+      spectrogram.MelSettings.from_config(input_config),
+      process_index=process_index,
+      log=log,
+    )
   else:
-    directory = builder.dataset_dir(dataset_config.data_dir or default_data_dir(),
-                                    dataset_config.name)
+    directory = builder.dataset_dir(
+      dataset_config.data_dir or default_data_dir(), dataset_config.name
+    )
   return open_prepared(directory)

@@ -33,17 +33,23 @@ class MelSettings:
   def __post_init__(self):
     if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
       raise ValueError(
-          f'Mel range must satisfy 0 <= fmin < fmax <= sample_rate / 2, got fmin={self.fmin}, '
-          f'fmax={self.fmax}, sample_rate={self.sample_rate}.')
+        f"Mel range must satisfy 0 <= fmin < fmax <= sample_rate / 2, got fmin={self.fmin}, "
+        f"fmax={self.fmax}, sample_rate={self.sample_rate}."
+      )
     if self.hop_length <= 0 or self.n_fft <= 0 or self.n_mels <= 0:
-      raise ValueError(f'n_fft, hop_length and n_mels must be positive: {self}.')
+      raise ValueError(f"n_fft, hop_length and n_mels must be positive: {self}.")
 
   @classmethod
   def from_config(cls, input_config) -> MelSettings:
     """From the config's `input` section."""
-    return cls(sample_rate=int(input_config.sample_rate), n_fft=int(input_config.n_fft),
-               hop_length=int(input_config.hop_length), n_mels=int(input_config.n_mels),
-               fmin=float(input_config.fmin), fmax=float(input_config.fmax))
+    return cls(
+      sample_rate=int(input_config.sample_rate),
+      n_fft=int(input_config.n_fft),
+      hop_length=int(input_config.hop_length),
+      n_mels=int(input_config.n_mels),
+      fmin=float(input_config.fmin),
+      fmax=float(input_config.fmax),
+    )
 
   def num_frames(self, num_samples: int) -> int:
     """Log-mel frames of a waveform of `num_samples` samples."""
@@ -62,23 +68,32 @@ class LogMel:
 
   def __init__(self, settings: MelSettings):
     self.settings = settings
-    self._window = librosa.filters.get_window('hann', settings.n_fft,
-                                              fftbins=True).astype(np.float32)
+    self._window = librosa.filters.get_window("hann", settings.n_fft, fftbins=True).astype(
+      np.float32
+    )
     # Sparse (each filter spans a few FFT bins): the product then also stays off multithreaded
     # BLAS, whose threads stall for milliseconds per call on a busy 2-core host.
-    self._mel_basis_transposed = sparse.csr_matrix(librosa.filters.mel(
-        sr=settings.sample_rate, n_fft=settings.n_fft, n_mels=settings.n_mels,
-        fmin=settings.fmin, fmax=settings.fmax).astype(np.float32).T)
+    self._mel_basis_transposed = sparse.csr_matrix(
+      librosa.filters.mel(
+        sr=settings.sample_rate,
+        n_fft=settings.n_fft,
+        n_mels=settings.n_mels,
+        fmin=settings.fmin,
+        fmax=settings.fmax,
+      )
+      .astype(np.float32)
+      .T
+    )
 
   def __call__(self, waveform: np.ndarray) -> np.ndarray:
     waveform = np.asarray(waveform, np.float32)
     if waveform.ndim < 1:
-      raise ValueError(f'Expected waveforms [..., S], got shape {waveform.shape}.')
+      raise ValueError(f"Expected waveforms [..., S], got shape {waveform.shape}.")
     n_fft, hop = self.settings.n_fft, self.settings.hop_length
     num_frames = self.settings.num_frames(waveform.shape[-1])
     padded = np.pad(waveform, [(0, 0)] * (waveform.ndim - 1) + [(n_fft // 2, n_fft // 2)])
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)
-    frames = frames[..., :num_frames * hop:hop, :]  # [..., num_frames, n_fft]
+    frames = frames[..., : num_frames * hop : hop, :]  # [..., num_frames, n_fft]
     spectrum = scipy.fft.rfft(frames * self._window, axis=-1)
     power = np.square(spectrum.real) + np.square(spectrum.imag)
     mel = power.reshape(-1, power.shape[-1]) @ self._mel_basis_transposed
@@ -86,9 +101,16 @@ class LogMel:
     return np.log(mel + LOG_FLOOR).astype(np.float32)
 
 
-def spec_augment(log_mel: np.ndarray, rng: np.random.Generator, *, num_time_masks: int,
-                 max_time_width: int, num_freq_masks: int, max_freq_width: int,
-                 fill_value: float = 0.) -> np.ndarray:
+def spec_augment(
+  log_mel: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  num_time_masks: int,
+  max_time_width: int,
+  num_freq_masks: int,
+  max_freq_width: int,
+  fill_value: float = 0.0,
+) -> np.ndarray:
   """SpecAugment time and frequency masking (Park et al., 2019), without time warping.
 
   Args:
@@ -105,8 +127,10 @@ def spec_augment(log_mel: np.ndarray, rng: np.random.Generator, *, num_time_mask
     A masked copy, `[frames, n_mels]`.
   """
   masked = np.array(log_mel, copy=True)
-  for axis, count, max_width in ((0, num_time_masks, max_time_width),
-                                 (1, num_freq_masks, max_freq_width)):
+  for axis, count, max_width in (
+    (0, num_time_masks, max_time_width),
+    (1, num_freq_masks, max_freq_width),
+  ):
     size = masked.shape[axis]
     for _ in range(count):
       width = int(rng.integers(0, min(max_width, size) + 1))

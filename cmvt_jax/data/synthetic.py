@@ -50,19 +50,20 @@ import functools
 import json
 import multiprocessing
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import app
-from absl import flags
 import av
 import numpy as np
 import tqdm
+from absl import app
+from absl import flags
 from etils import epath
 
-SPLITS = ('train', 'validation', 'test')
+SPLITS = ("train", "validation", "test")
 SLOTS_PER_SEGMENT = 8
 EVENTS_PER_SEGMENT = 4
-PITCHES_HZ = (262., 392., 587., 880.)
+PITCHES_HZ = (262.0, 392.0, 587.0, 880.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,22 +84,30 @@ class ObjectKind:
   colour: tuple[float, float, float]
   partials: tuple[tuple[float, float], ...]
   decay_s: float
-  vibrato: float = 0.
+  vibrato: float = 0.0
 
 
 CLASSES = (
-    ObjectKind('red_disc', 'disc', (1., .15, .15), ((1, 1.),), .5),
-    ObjectKind('green_square', 'square', (.15, 1., .15),
-               tuple((n, 1. / n) for n in (1, 3, 5, 7, 9)), .5),
-    ObjectKind('blue_triangle', 'triangle', (.25, .35, 1.),
-               tuple((n, 1. / n) for n in range(1, 8)), .4),
-    ObjectKind('yellow_plus', 'plus', (1., 1., .1), ((1, 1.), (2, .8), (3, .6), (5, .3)), 1.),
-    ObjectKind('magenta_diamond', 'diamond', (1., .2, 1.),
-               ((1, 1.), (2.76, .6), (5.4, .4), (8.93, .25)), .3),
-    ObjectKind('cyan_ring', 'ring', (.1, 1., 1.), tuple((n, 1. / n**2) for n in range(1, 6)),
-               .08),
-    ObjectKind('orange_bar', 'bar', (1., .55, .05), ((1, .3), (2, 1.), (3, 1.), (4, .8)), .6),
-    ObjectKind('white_cross', 'cross', (1., 1., 1.), ((1, 1.), (2, .3)), .5, vibrato=.03),
+  ObjectKind("red_disc", "disc", (1.0, 0.15, 0.15), ((1, 1.0),), 0.5),
+  ObjectKind(
+    "green_square", "square", (0.15, 1.0, 0.15), tuple((n, 1.0 / n) for n in (1, 3, 5, 7, 9)), 0.5
+  ),
+  ObjectKind(
+    "blue_triangle", "triangle", (0.25, 0.35, 1.0), tuple((n, 1.0 / n) for n in range(1, 8)), 0.4
+  ),
+  ObjectKind("yellow_plus", "plus", (1.0, 1.0, 0.1), ((1, 1.0), (2, 0.8), (3, 0.6), (5, 0.3)), 1.0),
+  ObjectKind(
+    "magenta_diamond",
+    "diamond",
+    (1.0, 0.2, 1.0),
+    ((1, 1.0), (2.76, 0.6), (5.4, 0.4), (8.93, 0.25)),
+    0.3,
+  ),
+  ObjectKind(
+    "cyan_ring", "ring", (0.1, 1.0, 1.0), tuple((n, 1.0 / n**2) for n in range(1, 6)), 0.08
+  ),
+  ObjectKind("orange_bar", "bar", (1.0, 0.55, 0.05), ((1, 0.3), (2, 1.0), (3, 1.0), (4, 0.8)), 0.6),
+  ObjectKind("white_cross", "cross", (1.0, 1.0, 1.0), ((1, 1.0), (2, 0.3)), 0.5, vibrato=0.03),
 )
 
 
@@ -111,23 +120,24 @@ class SyntheticSpec:
   validation_files: int = 32
   test_files: int = 64
   segments_per_file: int = 4
-  segment_seconds: float = 2.
+  segment_seconds: float = 2.0
   fps: int = 12
   frame_size: int = 48
   sample_rate: int = 22050
 
   def __post_init__(self):
     if min(self.train_files, self.validation_files, self.test_files) < 0:
-      raise ValueError(f'File counts must be >= 0: {self}.')
+      raise ValueError(f"File counts must be >= 0: {self}.")
     if self.segments_per_file < 1 or self.segment_seconds <= 0:
-      raise ValueError(f'segments_per_file and segment_seconds must be positive: {self}.')
+      raise ValueError(f"segments_per_file and segment_seconds must be positive: {self}.")
     frames_per_slot = self.fps * self.segment_seconds / SLOTS_PER_SEGMENT
     if abs(frames_per_slot - round(frames_per_slot)) > 1e-9 or frames_per_slot < 1:
       raise ValueError(
-          f'fps * segment_seconds / {SLOTS_PER_SEGMENT} must be a whole number of frames per '
-          f'slot, got fps={self.fps}, segment_seconds={self.segment_seconds}.')
+        f"fps * segment_seconds / {SLOTS_PER_SEGMENT} must be a whole number of frames per "
+        f"slot, got fps={self.fps}, segment_seconds={self.segment_seconds}."
+      )
     if self.frame_size < 32 or self.frame_size % 2:
-      raise ValueError(f'frame_size must be even and >= 32 (H.264), got {self.frame_size}.')
+      raise ValueError(f"frame_size must be even and >= 32 (H.264), got {self.frame_size}.")
 
   @classmethod
   def from_config(cls, synthetic_config) -> SyntheticSpec:
@@ -135,8 +145,11 @@ class SyntheticSpec:
     return cls(**{field.name: synthetic_config[field.name] for field in dataclasses.fields(cls)})
 
   def num_files(self, split: str) -> int:
-    return {'train': self.train_files, 'validation': self.validation_files,
-            'test': self.test_files}[split]
+    return {
+      "train": self.train_files,
+      "validation": self.validation_files,
+      "test": self.test_files,
+    }[split]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +167,7 @@ class Event:
 def file_path(split: str, index: int) -> str:
   """The file's path relative to the output folder."""
   label = CLASSES[index % len(CLASSES)].name
-  return f'{split}/{label}/{split}_{index:05d}.mp4'
+  return f"{split}/{label}/{split}_{index:05d}.mp4"
 
 
 def sample_events(spec: SyntheticSpec, rng: np.random.Generator) -> list[Event]:
@@ -164,39 +177,44 @@ def sample_events(spec: SyntheticSpec, rng: np.random.Generator) -> list[Event]:
   for segment in range(spec.segments_per_file):
     slots = np.sort(rng.choice(SLOTS_PER_SEGMENT, EVENTS_PER_SEGMENT, replace=False))
     for slot in slots:
-      events.append(Event(
+      events.append(
+        Event(
           onset=(segment * SLOTS_PER_SEGMENT + int(slot)) * slot_seconds,
-          duration=slot_seconds, pitch=int(rng.integers(len(PITCHES_HZ))),
-          x_start=float(rng.uniform(.2, .8)),
-          x_velocity=float(rng.uniform(.3, .8) * rng.choice([-1, 1])),
-          loudness=float(rng.uniform(.25, .45))))
+          duration=slot_seconds,
+          pitch=int(rng.integers(len(PITCHES_HZ))),
+          x_start=float(rng.uniform(0.2, 0.8)),
+          x_velocity=float(rng.uniform(0.3, 0.8) * rng.choice([-1, 1])),
+          loudness=float(rng.uniform(0.25, 0.45)),
+        )
+      )
   return events
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
   """`[size, size]` bool mask of a centred shape."""
   coords = (np.arange(size) - (size - 1) / 2) / (size / 2)  # in [-1, 1]
-  y, x = np.meshgrid(coords, coords, indexing='ij')
+  y, x = np.meshgrid(coords, coords, indexing="ij")
   radius = np.hypot(x, y)
   return {
-      'disc': radius <= 1.,
-      'square': np.maximum(abs(x), abs(y)) <= .8,
-      'triangle': (y <= .8) & (abs(x) <= (y + 1.) / 2),
-      'plus': (abs(x) <= .3) | (abs(y) <= .3),
-      'diamond': abs(x) + abs(y) <= 1.,
-      'ring': (radius <= 1.) & (radius >= .55),
-      'bar': (abs(y) <= .4) & (abs(x) <= 1.),
-      'cross': (abs(x - y) <= .35) | (abs(x + y) <= .35),
+    "disc": radius <= 1.0,
+    "square": np.maximum(abs(x), abs(y)) <= 0.8,
+    "triangle": (y <= 0.8) & (abs(x) <= (y + 1.0) / 2),
+    "plus": (abs(x) <= 0.3) | (abs(y) <= 0.3),
+    "diamond": abs(x) + abs(y) <= 1.0,
+    "ring": (radius <= 1.0) & (radius >= 0.55),
+    "bar": (abs(y) <= 0.4) & (abs(x) <= 1.0),
+    "cross": (abs(x - y) <= 0.35) | (abs(x + y) <= 0.35),
   }[shape]
 
 
-def render_video(spec: SyntheticSpec, kind: ObjectKind, events: Sequence[Event],
-                 rng: np.random.Generator) -> np.ndarray:
+def render_video(
+  spec: SyntheticSpec, kind: ObjectKind, events: Sequence[Event], rng: np.random.Generator
+) -> np.ndarray:
   """`[segments * segment_seconds * fps, size, size, 3]` uint8 frames of one file."""
   size = spec.frame_size
   num_frames = round(spec.segments_per_file * spec.segment_seconds * spec.fps)
-  background = rng.uniform(.03, .2)
-  frames = background + rng.normal(0., .012, (num_frames, size, size, 3))
+  background = rng.uniform(0.03, 0.2)
+  frames = background + rng.normal(0.0, 0.012, (num_frames, size, size, 3))
   object_size = (size * 2 // 9) | 1  # odd, so that the shape has a centre pixel
   mask = _shape_mask(kind.shape, object_size)
   half = object_size // 2
@@ -208,59 +226,65 @@ def render_video(spec: SyntheticSpec, kind: ObjectKind, events: Sequence[Event],
     row = round(size * (len(PITCHES_HZ) - event.pitch) / (len(PITCHES_HZ) + 1)) - half
     for frame in range(first, min(last, num_frames)):
       seconds = (frame - first) / spec.fps
-      position = (event.x_start + event.x_velocity * seconds) % 2.  # bounce: reflect in [0, 1]
-      position = 2. - position if position > 1. else position
+      position = (event.x_start + event.x_velocity * seconds) % 2.0  # bounce: reflect in [0, 1]
+      position = 2.0 - position if position > 1.0 else position
       column = round(position * travel)
-      patch = frames[frame, row:row + object_size, column:column + object_size]
+      patch = frames[frame, row : row + object_size, column : column + object_size]
       patch[mask] = kind.colour
-  return np.clip(frames * 255. + .5, 0, 255).astype(np.uint8)
+  return np.clip(frames * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_audio(spec: SyntheticSpec, kind: ObjectKind, events: Sequence[Event],
-                 rng: np.random.Generator) -> np.ndarray:
+def render_audio(
+  spec: SyntheticSpec, kind: ObjectKind, events: Sequence[Event], rng: np.random.Generator
+) -> np.ndarray:
   """`[segments * segment_seconds * sample_rate]` float32 mono in [-1, 1] of one file."""
   rate = spec.sample_rate
   num_samples = round(spec.segments_per_file * spec.segment_seconds * rate)
-  audio = rng.normal(0., rng.uniform(.002, .01), num_samples)
+  audio = rng.normal(0.0, rng.uniform(0.002, 0.01), num_samples)
   for event in events:
     first = round(event.onset * rate)
     length = min(round(event.duration * rate), num_samples - first)
     t = np.arange(length) / rate
     fundamental = PITCHES_HZ[event.pitch]
-    phase = 2 * np.pi * fundamental * (
-        t - kind.vibrato * np.cos(2 * np.pi * 7. * t) / (2 * np.pi * 7.))
+    phase = (
+      2 * np.pi * fundamental * (t - kind.vibrato * np.cos(2 * np.pi * 7.0 * t) / (2 * np.pi * 7.0))
+    )
     note = np.zeros(length)
     for ratio, amplitude in kind.partials:
-      if ratio * fundamental < .45 * rate:  # no aliased partials
+      if ratio * fundamental < 0.45 * rate:  # no aliased partials
         note += amplitude * np.sin(ratio * phase)
     # 8 ms attack, decay, 15 ms release so that the note ends when the object vanishes.
-    envelope = (np.minimum(t / .008, 1.) * np.exp(-t / kind.decay_s) *
-                np.minimum((event.duration - t) / .015, 1.))
-    audio[first:first + length] += event.loudness * note * envelope / np.abs(note).max()
-  return np.clip(audio, -1., 1.).astype(np.float32)
+    envelope = (
+      np.minimum(t / 0.008, 1.0)
+      * np.exp(-t / kind.decay_s)
+      * np.minimum((event.duration - t) / 0.015, 1.0)
+    )
+    audio[first : first + length] += event.loudness * note * envelope / np.abs(note).max()
+  return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
-def write_mp4(path: epath.PathLike, frames: np.ndarray, fps: int, audio: np.ndarray,
-              sample_rate: int) -> None:
+def write_mp4(
+  path: epath.PathLike, frames: np.ndarray, fps: int, audio: np.ndarray, sample_rate: int
+) -> None:
   """Writes `[N, H, W, 3]` uint8 frames (H.264) and `[S]` float mono audio (AAC) as .mp4."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   # The mp4 muxer seeks back to finish the file, so it writes to a local path, not a stream.
-  with av.open(os.fspath(path), 'w') as container:
-    video = container.add_stream('libx264', rate=fps)
+  with av.open(os.fspath(path), "w") as container:
+    video = container.add_stream("libx264", rate=fps)
     video.height, video.width = frames.shape[1:3]
-    video.pix_fmt = 'yuv420p'
+    video.pix_fmt = "yuv420p"
     # One thread per encoder: files are encoded in parallel processes already.
-    video.options = {'preset': 'ultrafast', 'crf': '16', 'threads': '1'}
-    sound = container.add_stream('aac', rate=sample_rate, layout='mono')
-    sound.options = {'aac_coder': 'fast'}
+    video.options = {"preset": "ultrafast", "crf": "16", "threads": "1"}
+    sound = container.add_stream("aac", rate=sample_rate, layout="mono")
+    sound.options = {"aac_coder": "fast"}
     for frame in frames:
-      container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+      container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
     container.mux(video.encode())
     chunk = 1024  # AAC's frame size
     for start in range(0, len(audio), chunk):
-      samples = np.ascontiguousarray(audio[None, start:start + chunk], np.float32)
-      frame = av.AudioFrame.from_ndarray(samples, format='fltp', layout='mono')
+      samples = np.ascontiguousarray(audio[None, start : start + chunk], np.float32)
+      frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
       frame.sample_rate = sample_rate
       frame.pts = start
       container.mux(sound.encode(frame))
@@ -277,12 +301,17 @@ def _make_file(task: tuple[SyntheticSpec, str, str, int]) -> dict[str, Any]:
   audio = render_audio(spec, kind, events, rng)
   relative_path = file_path(split, index)
   write_mp4(epath.Path(output_dir) / relative_path, frames, spec.fps, audio, spec.sample_rate)
-  return {'path': relative_path, 'split': split, 'label': kind.name,
-          'events': [dataclasses.asdict(event) for event in events]}
+  return {
+    "path": relative_path,
+    "split": split,
+    "label": kind.name,
+    "events": [dataclasses.asdict(event) for event in events],
+  }
 
 
-def generate(output_dir: epath.PathLike, spec: SyntheticSpec, *, num_workers: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+def generate(
+  output_dir: epath.PathLike, spec: SyntheticSpec, *, num_workers: int = 0, progress: bool = True
+) -> dict[str, Any]:
   """Writes the dataset's files and `manifest.json` into `output_dir` (a local folder).
 
   Args:
@@ -295,42 +324,57 @@ def generate(output_dir: epath.PathLike, spec: SyntheticSpec, *, num_workers: in
     The manifest: `spec` and, per file, `path`, `split`, `label` and `events`.
   """
   output_dir = epath.Path(output_dir)
-  tasks = [(spec, os.fspath(output_dir), split, index)
-           for split in SPLITS for index in range(spec.num_files(split))]
+  tasks = [
+    (spec, os.fspath(output_dir), split, index)
+    for split in SPLITS
+    for index in range(spec.num_files(split))
+  ]
   num_workers = num_workers or os.cpu_count() or 1
-  bar = functools.partial(tqdm.tqdm, total=len(tasks), desc='Generating synthetic videos',
-                          unit='file', disable=not progress)
+  bar = functools.partial(
+    tqdm.tqdm,
+    total=len(tasks),
+    desc="Generating synthetic videos",
+    unit="file",
+    disable=not progress,
+  )
   if num_workers == 1:
     entries = [_make_file(task) for task in bar(tasks)]
   else:
     # spawn, not fork: the caller (the trainer) may already run JAX's threads.
-    with multiprocessing.get_context('spawn').Pool(num_workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
       entries = list(bar(pool.imap(_make_file, tasks, chunksize=4)))
-  manifest = {'spec': dataclasses.asdict(spec),
-              'classes': [kind.name for kind in CLASSES], 'files': entries}
-  (output_dir / 'manifest.json').write_text(json.dumps(manifest))
+  manifest = {
+    "spec": dataclasses.asdict(spec),
+    "classes": [kind.name for kind in CLASSES],
+    "files": entries,
+  }
+  (output_dir / "manifest.json").write_text(json.dumps(manifest))
   return manifest
 
 
 def main(argv: Sequence[str]) -> None:
   del argv  # unused
-  spec = SyntheticSpec(seed=flags.FLAGS.seed, train_files=flags.FLAGS.train_files,
-                       validation_files=flags.FLAGS.validation_files,
-                       test_files=flags.FLAGS.test_files,
-                       segments_per_file=flags.FLAGS.segments_per_file)
+  spec = SyntheticSpec(
+    seed=flags.FLAGS.seed,
+    train_files=flags.FLAGS.train_files,
+    validation_files=flags.FLAGS.validation_files,
+    test_files=flags.FLAGS.test_files,
+    segments_per_file=flags.FLAGS.segments_per_file,
+  )
   manifest = generate(flags.FLAGS.output_dir, spec, num_workers=flags.FLAGS.num_workers)
-  print(f'Wrote {len(manifest["files"])} files to {flags.FLAGS.output_dir}.')
+  print(f"Wrote {len(manifest['files'])} files to {flags.FLAGS.output_dir}.")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   # Flags are defined only when this module is the program, so that importing it next to
   # other command-line modules (prepare, main) defines no clashing flags.
-  flags.DEFINE_string('output_dir', None, 'Folder to write the videos into.', required=True)
-  flags.DEFINE_integer('seed', SyntheticSpec.seed, 'Random seed.')
-  flags.DEFINE_integer('train_files', SyntheticSpec.train_files, 'Train files.')
-  flags.DEFINE_integer('validation_files', SyntheticSpec.validation_files, 'Validation files.')
-  flags.DEFINE_integer('test_files', SyntheticSpec.test_files, 'Test files.')
-  flags.DEFINE_integer('segments_per_file', SyntheticSpec.segments_per_file,
-                       'Independent segments (clips) per file.')
-  flags.DEFINE_integer('num_workers', 0, 'Processes (0: one per core).')
+  flags.DEFINE_string("output_dir", None, "Folder to write the videos into.", required=True)
+  flags.DEFINE_integer("seed", SyntheticSpec.seed, "Random seed.")
+  flags.DEFINE_integer("train_files", SyntheticSpec.train_files, "Train files.")
+  flags.DEFINE_integer("validation_files", SyntheticSpec.validation_files, "Validation files.")
+  flags.DEFINE_integer("test_files", SyntheticSpec.test_files, "Test files.")
+  flags.DEFINE_integer(
+    "segments_per_file", SyntheticSpec.segments_per_file, "Independent segments (clips) per file."
+  )
+  flags.DEFINE_integer("num_workers", 0, "Processes (0: one per core).")
   app.run(main)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import av
-from av.video import reformatter
 import numpy as np
+from av.video import reformatter
 from etils import epath
 
 # Timestamps are compared with this slack (seconds) so that a frame stamped at exactly k / fps
@@ -40,48 +40,48 @@ DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
 class VideoReadError(Exception):
   """A video file that cannot be used. `reason` is a short phrase used to group skips."""
 
-  reason = 'unreadable'
+  reason = "unreadable"
 
   def __init__(self, path: epath.PathLike, detail: str):
     self.path = path
     self.detail = detail
-    super().__init__(f'{path}: {self.reason}: {detail}')
+    super().__init__(f"{path}: {self.reason}: {detail}")
 
 
 class UnreadableVideoError(VideoReadError):
   """The file is not a media file PyAV/FFmpeg can open, or its streams cannot be decoded."""
 
-  reason = 'unreadable'
+  reason = "unreadable"
 
 
 class EmptyVideoError(VideoReadError):
   """The file has zero bytes or no decodable video frame."""
 
-  reason = 'empty'
+  reason = "empty"
 
 
 class NoVideoStreamError(VideoReadError):
   """The file has no video stream (e.g. an audio-only file)."""
 
-  reason = 'no video stream'
+  reason = "no video stream"
 
 
 class NoAudioStreamError(VideoReadError):
   """The file has no (decodable) audio stream while audio was required."""
 
-  reason = 'no audio stream'
+  reason = "no audio stream"
 
 
 class FrameTooLargeError(VideoReadError):
   """The video's frames exceed the pixel limit."""
 
-  reason = 'frame too large'
+  reason = "frame too large"
 
 
 class TooShortError(VideoReadError):
   """The decodable part of the file is shorter than one clip."""
 
-  reason = 'shorter than one clip'
+  reason = "shorter than one clip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,7 @@ class DecodedVideo:
   sample_rate: int
   duration: float
   truncated: bool
-  truncation_detail: str = ''
+  truncation_detail: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,16 +137,15 @@ def clip_starts(duration: float, clip_seconds: float, stride_seconds: float) -> 
   """
   if clip_seconds <= 0 or stride_seconds <= 0:
     raise ValueError(
-        f'clip_seconds and stride_seconds must be positive, got {clip_seconds} and '
-        f'{stride_seconds}.')
+      f"clip_seconds and stride_seconds must be positive, got {clip_seconds} and {stride_seconds}."
+    )
   if duration + _TIME_EPSILON < clip_seconds:
     return []
   count = math.floor((duration - clip_seconds + _TIME_EPSILON) / stride_seconds) + 1
   return [i * stride_seconds for i in range(count)]
 
 
-def iter_clips(video: DecodedVideo, clip_seconds: float,
-               stride_seconds: float) -> Iterator[Clip]:
+def iter_clips(video: DecodedVideo, clip_seconds: float, stride_seconds: float) -> Iterator[Clip]:
   """Cuts `video` into clip windows (see `clip_starts`), frames and audio aligned.
 
   A start that is not a multiple of 1 / fps is moved to the nearest frame time (which is then
@@ -162,16 +161,23 @@ def iter_clips(video: DecodedVideo, clip_seconds: float,
     audio = None
     if video.audio is not None:
       first_sample = round(start * video.sample_rate)
-      audio = video.audio[first_sample:first_sample + num_samples]
+      audio = video.audio[first_sample : first_sample + num_samples]
       if len(audio) < num_samples:
         break
-    yield Clip(start=start, frames=video.frames[first_frame:first_frame + num_frames],
-               audio=audio)
+    yield Clip(
+      start=start, frames=video.frames[first_frame : first_frame + num_frames], audio=audio
+    )
 
 
-def decode_video(path: epath.PathLike, *, fps: float, short_side: int, sample_rate: int,
-                 require_audio: bool = True,
-                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> DecodedVideo:
+def decode_video(
+  path: epath.PathLike,
+  *,
+  fps: float,
+  short_side: int,
+  sample_rate: int,
+  require_audio: bool = True,
+  max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+) -> DecodedVideo:
   """Decodes a whole file: frames at `fps` with short side `short_side`, mono audio.
 
   Args:
@@ -191,48 +197,59 @@ def decode_video(path: epath.PathLike, *, fps: float, short_side: int, sample_ra
   """
   path = epath.Path(path)
   if fps <= 0 or short_side <= 0 or sample_rate <= 0:
-    raise ValueError(f'fps, short_side and sample_rate must be positive, got {fps}, '
-                     f'{short_side}, {sample_rate}.')
+    raise ValueError(
+      f"fps, short_side and sample_rate must be positive, got {fps}, {short_side}, {sample_rate}."
+    )
   try:
     if not path.exists():
-      raise UnreadableVideoError(path, 'file does not exist')
+      raise UnreadableVideoError(path, "file does not exist")
     if path.stat().length == 0:
-      raise EmptyVideoError(path, 'file has zero bytes')
-    with path.open('rb') as file:
+      raise EmptyVideoError(path, "file has zero bytes")
+    with path.open("rb") as file:
       try:
         container = av.open(file)
       # PyAV also reads the container's metadata tags, as UTF-8.
       except (av.FFmpegError, UnicodeDecodeError) as error:
-        raise UnreadableVideoError(path, f'FFmpeg cannot open it ({error})') from error
+        raise UnreadableVideoError(path, f"FFmpeg cannot open it ({error})") from error
       with container:
-        return _decode_container(path, container, fps=fps, short_side=short_side,
-                                 sample_rate=sample_rate, require_audio=require_audio,
-                                 max_frame_pixels=max_frame_pixels)
+        return _decode_container(
+          path,
+          container,
+          fps=fps,
+          short_side=short_side,
+          sample_rate=sample_rate,
+          require_audio=require_audio,
+          max_frame_pixels=max_frame_pixels,
+        )
   except OSError as error:  # permissions, a vanished file, a network read that failed
-    raise UnreadableVideoError(path, f'cannot read the file ({error})') from error
+    raise UnreadableVideoError(path, f"cannot read the file ({error})") from error
 
 
-def _decode_container(path, container, *, fps, short_side, sample_rate, require_audio,
-                      max_frame_pixels) -> DecodedVideo:
+def _decode_container(
+  path, container, *, fps, short_side, sample_rate, require_audio, max_frame_pixels
+) -> DecodedVideo:
   """`decode_video` on an open container."""
   if not container.streams.video:
-    raise NoVideoStreamError(path, 'the file has no video stream')
+    raise NoVideoStreamError(path, "the file has no video stream")
   video_stream = container.streams.video[0]
   audio_stream = container.streams.audio[0] if container.streams.audio else None
   if audio_stream is None and require_audio:
     raise NoAudioStreamError(
-        path, 'the file has no audio stream (keep such files with silence by allowing '
-        'audio-less videos, e.g. prepare --keep_audioless)')
+      path,
+      "the file has no audio stream (keep such files with silence by allowing "
+      "audio-less videos, e.g. prepare --keep_audioless)",
+    )
   width = video_stream.codec_context.width
   height = video_stream.codec_context.height
   if width * height > max_frame_pixels:
     raise FrameTooLargeError(
-        path, f'{width}x{height} frames exceed the limit of {max_frame_pixels} pixels')
+      path, f"{width}x{height} frames exceed the limit of {max_frame_pixels} pixels"
+    )
 
   frames = _FrameSampler(fps, short_side)
   audio = _AudioCollector(sample_rate) if audio_stream is not None else None
   streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
-  decode_error = ''
+  decode_error = ""
   try:
     for packet in container.demux(streams):
       for frame in packet.decode():
@@ -241,24 +258,24 @@ def _decode_container(path, container, *, fps, short_side, sample_rate, require_
         else:
           audio.add(frame)
   except av.FFmpegError as error:
-    decode_error = f'decoding stopped with an error ({error})'
+    decode_error = f"decoding stopped with an error ({error})"
   if frames.count == 0:
     if decode_error:
-      raise UnreadableVideoError(path, f'no video frame could be decoded: {decode_error}')
-    raise EmptyVideoError(path, 'the video stream has no decodable frame')
+      raise UnreadableVideoError(path, f"no video frame could be decoded: {decode_error}")
+    raise EmptyVideoError(path, "the video stream has no decodable frame")
 
   frame_interval = frames.typical_interval(video_stream)
   video_end = frames.end_time(frame_interval)
   declared_video_end = _declared_end(container, video_stream, frames.first_time)
   usable_end = video_end
-  stream_report = [f'video decoded to {video_end:.2f} s']
+  stream_report = [f"video decoded to {video_end:.2f} s"]
   if declared_video_end is not None:
-    stream_report[-1] += f' of {declared_video_end:.2f} s declared'
+    stream_report[-1] += f" of {declared_video_end:.2f} s declared"
 
   waveform = audio.waveform(frames.first_time) if audio is not None else None
   if audio is not None and waveform is None and require_audio:
-    detail = f' ({decode_error})' if decode_error else ''
-    raise NoAudioStreamError(path, f'the audio stream has no decodable sample{detail}')
+    detail = f" ({decode_error})" if decode_error else ""
+    raise NoAudioStreamError(path, f"the audio stream has no decodable sample{detail}")
   if waveform is not None:
     declared_audio_end = _declared_end(container, audio_stream, frames.first_time)
     audio_end = len(waveform) / sample_rate
@@ -266,36 +283,43 @@ def _decode_container(path, container, *, fps, short_side, sample_rate, require_
       # Codecs pad their last frame (AAC: up to 1024 samples); the header says where the
       # real signal ends.
       audio_end = declared_audio_end
-    stream_report.append(f'audio decoded to {audio_end:.2f} s')
+    stream_report.append(f"audio decoded to {audio_end:.2f} s")
     if declared_audio_end is not None:
-      stream_report[-1] += f' of {declared_audio_end:.2f} s declared'
+      stream_report[-1] += f" of {declared_audio_end:.2f} s declared"
       if audio_end < declared_audio_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval:
-        decode_error = decode_error or 'the audio stream ends before its declared end'
+        decode_error = decode_error or "the audio stream ends before its declared end"
     usable_end = min(usable_end, audio_end)
-  if (declared_video_end is not None and
-      video_end < declared_video_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval):
-    decode_error = decode_error or 'the video stream ends before its declared end'
+  if (
+    declared_video_end is not None
+    and video_end < declared_video_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval
+  ):
+    decode_error = decode_error or "the video stream ends before its declared end"
 
   num_frames = math.floor(usable_end * fps + _TIME_EPSILON)
   if num_frames == 0:
-    raise EmptyVideoError(path, f'the usable part is shorter than one frame at {fps} fps')
+    raise EmptyVideoError(path, f"the usable part is shorter than one frame at {fps} fps")
   duration = num_frames / fps
   if waveform is not None:
     num_samples = round(duration * sample_rate)
     waveform = np.pad(waveform[:num_samples], (0, max(0, num_samples - len(waveform))))
   return DecodedVideo(
-      frames=frames.frames(num_frames), fps=fps, audio=waveform, sample_rate=sample_rate,
-      duration=duration, truncated=bool(decode_error),
-      truncation_detail=f'{decode_error}; {", ".join(stream_report)}' if decode_error else '')
+    frames=frames.frames(num_frames),
+    fps=fps,
+    audio=waveform,
+    sample_rate=sample_rate,
+    duration=duration,
+    truncated=bool(decode_error),
+    truncation_detail=f"{decode_error}; {', '.join(stream_report)}" if decode_error else "",
+  )
 
 
 def _declared_end(container, stream, time_zero: float) -> float | None:
   """The stream's end on the common timeline according to the headers, if they say."""
   if stream.duration is not None and stream.time_base is not None:
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     return start + float(stream.duration * stream.time_base) - time_zero
   if container.duration is not None:
-    start = container.start_time / av.time_base if container.start_time is not None else 0.
+    start = container.start_time / av.time_base if container.start_time is not None else 0.0
     return start + container.duration / av.time_base - time_zero
   return None
 
@@ -317,7 +341,7 @@ class _FrameSampler:
     # frame costs more than the decoding).
     self._reformatter = reformatter.VideoReformatter()
     self._times: list[float] = []
-    self.first_time = 0.
+    self.first_time = 0.0
     self.count = 0
 
   def _time(self, frame, stream) -> float:
@@ -344,11 +368,10 @@ class _FrameSampler:
     """Selects the previous frame for every output time before `time`."""
     while self._previous is not None and len(self._selected) / self._fps < time - _TIME_EPSILON:
       if self._previous_rgb is None:
-        height, width = resized_shape(self._previous.height, self._previous.width,
-                                      self._short_side)
+        height, width = resized_shape(self._previous.height, self._previous.width, self._short_side)
         self._previous_rgb = self._reformatter.reformat(
-            self._previous, width=width, height=height, format='rgb24',
-            interpolation='AREA').to_ndarray()
+          self._previous, width=width, height=height, format="rgb24", interpolation="AREA"
+        ).to_ndarray()
       self._selected.append(self._previous_rgb)
 
   def typical_interval(self, stream) -> float:
@@ -356,7 +379,7 @@ class _FrameSampler:
     if len(self._times) > 1:
       return float(np.median(np.diff(self._times)))
     rate = stream.average_rate or stream.guessed_rate or 25
-    return 1. / float(rate)
+    return 1.0 / float(rate)
 
   def end_time(self, frame_interval: float) -> float:
     """When the last frame leaves the screen."""
@@ -373,7 +396,7 @@ class _AudioCollector:
 
   def __init__(self, sample_rate: int):
     self._sample_rate = sample_rate
-    self._resampler = av.AudioResampler(format='flt', layout='mono', rate=sample_rate)
+    self._resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     self._chunks: list[np.ndarray] = []
     self._start_time = None
 
@@ -390,7 +413,7 @@ class _AudioCollector:
     if not self._chunks:
       return None
     waveform = np.concatenate(self._chunks).astype(np.float32)
-    offset = round(((self._start_time or 0.) - time_zero) * self._sample_rate)
+    offset = round(((self._start_time or 0.0) - time_zero) * self._sample_rate)
     if offset > 0:
       waveform = np.concatenate([np.zeros(offset, np.float32), waveform])
     elif offset < 0:

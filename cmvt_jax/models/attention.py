@@ -33,8 +33,7 @@ Softmax statistics are float32 whatever the input dtype; a query with no valid k
 from __future__ import annotations
 
 import functools
-import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,16 +47,16 @@ _BLOCK_SCORE_ELEMENTS = 1 << 21
 
 
 def banded_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    window: int,
-    dilation: int | Sequence[int] = 1,
-    global_mask: jax.Array | None = None,
-    max_global: int | None = None,
-    kv_mask: jax.Array | None = None,
-    scale: float | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  window: int,
+  dilation: int | Sequence[int] = 1,
+  global_mask: jax.Array | None = None,
+  max_global: int | None = None,
+  kv_mask: jax.Array | None = None,
+  scale: float | None = None,
 ) -> jax.Array:
   """Sliding-window (optionally dilated) attention with Longformer global tokens.
 
@@ -101,8 +100,9 @@ def banded_attention(
   global_keys_valid = present & jnp.take_along_axis(key_valid, positions, axis=1)
   out_g, lse_g = _dense_part(q, k_global, v_global, global_keys_valid, scale)
   out = _merge(out, lse, out_g, lse_g)
-  out = replace_global_rows(out, take_rows(q, positions), k, v, positions, present,
-                            key_valid=key_valid, scale=scale)
+  out = replace_global_rows(
+    out, take_rows(q, positions), k, v, positions, present, key_valid=key_valid, scale=scale
+  )
   return out.astype(q.dtype)
 
 
@@ -143,14 +143,16 @@ def _check_qkv(q, k, v) -> tuple[int, int, int, int]:
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
       raise ValueError(
-          f"{name} must have rank 4 [batch, length, heads, head_dim]; got shape "
-          f"{getattr(x, 'shape', type(x).__name__)}.")
+        f"{name} must have rank 4 [batch, length, heads, head_dim]; got shape "
+        f"{getattr(x, 'shape', type(x).__name__)}."
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{name} must be a floating dtype; got {x.dtype}.")
   if k.shape != q.shape or v.shape != q.shape:
     raise ValueError(
-        f"q, k and v must have the same shape [batch, length, heads, head_dim]; got "
-        f"q {q.shape}, k {k.shape}, v {v.shape}.")
+      f"q, k and v must have the same shape [batch, length, heads, head_dim]; got "
+      f"q {q.shape}, k {k.shape}, v {v.shape}."
+    )
   if k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
   return q.shape
@@ -160,8 +162,9 @@ def _check_dilation(dilation, heads: int) -> tuple[int, ...]:
   per_head = (dilation,) * heads if isinstance(dilation, (int, np.integer)) else tuple(dilation)
   if len(per_head) != heads:
     raise ValueError(
-        f"dilation must be an int or a tuple of one int per head ({heads} heads); got a "
-        f"sequence of length {len(per_head)}: {dilation!r}.")
+      f"dilation must be an int or a tuple of one int per head ({heads} heads); got a "
+      f"sequence of length {len(per_head)}: {dilation!r}."
+    )
   for d in per_head:
     if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
       raise ValueError(f"dilation values must be ints >= 1; got {dilation!r}.")
@@ -186,16 +189,18 @@ def resolve_max_global(global_mask, max_global) -> int:
   if max_global is None:
     if counts is None:
       raise ValueError(
-          "global_mask is traced (inside jit/grad/vmap), so the number of global tokens is "
-          "not known statically: pass max_global=<largest count of global positions in a row>.")
+        "global_mask is traced (inside jit/grad/vmap), so the number of global tokens is "
+        "not known statically: pass max_global=<largest count of global positions in a row>."
+      )
     return int(counts.max())
   is_int = isinstance(max_global, (int, np.integer)) and not isinstance(max_global, bool)
   if not is_int or max_global < 0:
     raise ValueError(f"max_global must be a static int >= 0; got {max_global!r}.")
   if counts is not None and counts.max() > max_global:
     raise ValueError(
-        f"global_mask marks {int(counts.max())} positions in one row but max_global is "
-        f"{max_global}; raise max_global to at least that count.")
+      f"global_mask marks {int(counts.max())} positions in one row but max_global is "
+      f"{max_global}; raise max_global to at least that count."
+    )
   return int(max_global)
 
 
@@ -264,22 +269,25 @@ def _dilated_band(q, k, v, key_valid, window, dilations, scale):
     head_ids = [h for h in range(heads) if dilations[h] == d]
     select = _head_selector(head_ids, heads)
     out, lse = _band_one_dilation(
-        select(q), select(k), select(v), key_valid, window=window, dilation=d, scale=scale)
+      select(q), select(k), select(v), key_valid, window=window, dilation=d, scale=scale
+    )
     outs.append(out)
     lses.append(lse)
     order.extend(head_ids)
   if len(outs) == 1:
     return outs[0], lses[0]
   inverse = np.argsort(order)
-  return (jnp.concatenate(outs, axis=2)[:, :, inverse],
-          jnp.concatenate(lses, axis=2)[:, :, inverse])
+  return (
+    jnp.concatenate(outs, axis=2)[:, :, inverse],
+    jnp.concatenate(lses, axis=2)[:, :, inverse],
+  )
 
 
 def _head_selector(head_ids, heads):
   if head_ids == list(range(heads)):
     return lambda x: x
   if head_ids == list(range(head_ids[0], head_ids[-1] + 1)):
-    return lambda x: x[:, :, head_ids[0]:head_ids[-1] + 1]
+    return lambda x: x[:, :, head_ids[0] : head_ids[-1] + 1]
   return lambda x: x[:, :, np.asarray(head_ids)]
 
 
@@ -306,8 +314,9 @@ def _band_one_dilation(q, k, v, key_valid, *, window, dilation, scale):
     return x.reshape(batch * d, plan.num_chunks, plan.chunk, *x.shape[3:])
 
   # One masked chunk on each side: the halo of the first and last query chunks.
-  key_bias = jnp.pad(jnp.where(regroup(key_valid), 0.0, -jnp.inf), ((0, 0), (1, 1), (0, 0)),
-                     constant_values=-jnp.inf)
+  key_bias = jnp.pad(
+    jnp.where(regroup(key_valid), 0.0, -jnp.inf), ((0, 0), (1, 1), (0, 0)), constant_values=-jnp.inf
+  )
   out, lse = _band_core(plan, regroup(q), regroup(k), regroup(v), key_bias)
 
   def ungroup(x):  # [B·d, chunks, c, ...] → [B, T, ...]
@@ -373,10 +382,18 @@ def _key_span(plan, x, start):
     middle = jax.lax.dynamic_slice_in_dim(x, start, plan.block, axis=1)
     return _heads_first(jnp.pad(middle, ((0, 0), (1, 1)) + ((0, 0),) * (x.ndim - 2)))
   last = plan.num_chunks - 1
-  parts = [jax.lax.dynamic_slice_in_dim(x, jnp.maximum(start - 1, 0), 1, axis=1),
-           jax.lax.dynamic_slice_in_dim(x, start, plan.block, axis=1),
-           jax.lax.dynamic_slice_in_dim(x, jnp.minimum(start + plan.block, last), 1, axis=1)]
+  parts = [
+    jax.lax.dynamic_slice_in_dim(x, jnp.maximum(start - 1, 0), 1, axis=1),
+    jax.lax.dynamic_slice_in_dim(x, start, plan.block, axis=1),
+    jax.lax.dynamic_slice_in_dim(x, jnp.minimum(start + plan.block, last), 1, axis=1),
+  ]
   return _heads_first(jnp.concatenate(parts, axis=1))
+
+
+def _onto_span(x, piece: int):
+  """A piece's key gradient `[B, H, block, c, D]` placed on the span of chunks start−1 …
+  start+block: piece −1 (the chunk before) shifts it one chunk back, piece +1 one ahead."""
+  return jnp.pad(x, ((0, 0), (0, 0), (1 + piece, 1 - piece), (0, 0), (0, 0)))
 
 
 def _add_span(total, span, start, plan):
@@ -387,7 +404,8 @@ def _add_span(total, span, start, plan):
   """
   span = _heads_last(span)
   add_at = lambda total, part, at: jax.lax.dynamic_update_slice_in_dim(
-      total, jax.lax.dynamic_slice_in_dim(total, at, part.shape[1], axis=1) + part, at, axis=1)
+    total, jax.lax.dynamic_slice_in_dim(total, at, part.shape[1], axis=1) + part, at, axis=1
+  )
   total = add_at(total, span[:, 1:-1], start)
   if plan.pieces == (0,):
     return total
@@ -399,11 +417,18 @@ def _block_inputs(plan, q, k, v, key_bias, start):
   """One loop step: scaled q `[B, H, block, c, D]` and, per piece, its key chunks."""
   q_block = _heads_first(jax.lax.dynamic_slice_in_dim(q, start, plan.block, axis=1))
   q_block = q_block * jnp.asarray(plan.scale, q.dtype)
-  spans = (_key_span(plan, k, start), _key_span(plan, v, start),
-           jax.lax.dynamic_slice_in_dim(key_bias, start, plan.block + 2, axis=1))
-  pieces = [tuple(span[(slice(None),) * axis + (slice(1 + p, 1 + p + plan.block),)]
-                  for span, axis in zip(spans, (2, 2, 1)))
-            for p in plan.pieces]
+  spans = (
+    _key_span(plan, k, start),
+    _key_span(plan, v, start),
+    jax.lax.dynamic_slice_in_dim(key_bias, start, plan.block + 2, axis=1),
+  )
+  pieces = [
+    tuple(
+      span[(slice(None),) * axis + (slice(1 + p, 1 + p + plan.block),)]
+      for span, axis in zip(spans, (2, 2, 1))
+    )
+    for p in plan.pieces
+  ]
   return q_block, pieces
 
 
@@ -429,19 +454,24 @@ def _band_forward(plan, q, k, v, key_bias):
     out, lse = carry
     start = plan.block_start(index)
     q_block, pieces = _block_inputs(plan, q, k, v, key_bias, start)
-    scores = [_piece_scores(plan, p, q_block, k_piece, bias_piece)
-              for p, (k_piece, _, bias_piece) in zip(plan.pieces, pieces)]
+    scores = [
+      _piece_scores(plan, p, q_block, k_piece, bias_piece)
+      for p, (k_piece, _, bias_piece) in zip(plan.pieces, pieces)
+    ]
     row_max = functools.reduce(jnp.maximum, [s.max(axis=-1) for s in scores])
     row_max = _finite_or_zero(row_max)[..., None]
     weights = [jnp.exp(s - row_max) for s in scores]
     total = sum(w.sum(axis=-1) for w in weights)
-    acc = sum(_matmul("bhnck,bhnkd->bhncd", w.astype(v.dtype), vp)
-              for w, (_, vp, _) in zip(weights, pieces))
+    acc = sum(
+      _matmul("bhnck,bhnkd->bhncd", w.astype(v.dtype), vp) for w, (_, vp, _) in zip(weights, pieces)
+    )
     out_block = acc / jnp.where(total > 0, total, 1.0)[..., None]
     lse_block = row_max[..., 0] + jnp.log(total)
     # A recomputed chunk (last step) is written again with the same values.
-    return (jax.lax.dynamic_update_slice_in_dim(out, _heads_last(out_block), start, axis=1),
-            jax.lax.dynamic_update_slice_in_dim(lse, _heads_last(lse_block), start, axis=1))
+    return (
+      jax.lax.dynamic_update_slice_in_dim(out, _heads_last(out_block), start, axis=1),
+      jax.lax.dynamic_update_slice_in_dim(lse, _heads_last(lse_block), start, axis=1),
+    )
 
   out = jnp.zeros(q.shape, jnp.float32)
   lse = jnp.zeros(q.shape[:-1], jnp.float32)
@@ -480,13 +510,12 @@ def _band_core_bwd(plan, residuals, cotangents):
       d_probs = _matmul("bhncd,bhnkd->bhnck", d_out_block, v_piece)
       d_scores = (probs * (d_probs + row_block)).astype(q.dtype)
       d_q_block += _matmul("bhnck,bhnkd->bhncd", d_scores, k_piece)
-      onto_span = lambda x: jnp.pad(x, ((0, 0), (0, 0), (1 + p, 1 - p), (0, 0), (0, 0)))
-      d_k_span += onto_span(_matmul("bhnck,bhncd->bhnkd", d_scores, q_block))
-      d_v_span += onto_span(_matmul("bhnck,bhncd->bhnkd", probs.astype(v.dtype), d_out_block))
+      d_k_span += _onto_span(_matmul("bhnck,bhncd->bhnkd", d_scores, q_block), p)
+      d_v_span += _onto_span(_matmul("bhnck,bhncd->bhnkd", probs.astype(v.dtype), d_out_block), p)
     d_q_block = _heads_last(d_q_block * plan.scale)
     d_q = jax.lax.dynamic_update_slice_in_dim(
-        d_q, jax.lax.dynamic_slice_in_dim(d_q, start, plan.block, axis=1) + d_q_block,
-        start, axis=1)
+      d_q, jax.lax.dynamic_slice_in_dim(d_q, start, plan.block, axis=1) + d_q_block, start, axis=1
+    )
     return d_q, _add_span(d_k, d_k_span, start, plan), _add_span(d_v, d_v_span, start, plan)
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)

@@ -38,18 +38,18 @@ class AudioEncoder(nn.Module):
   def __call__(self, log_mel: jax.Array, *, deterministic: bool = True) -> jax.Array:
     """log_mel `[B, F, M]` → `[B, D]`."""
     if log_mel.ndim != 3:
-      raise ValueError(
-          f'log_mel must be [B, frames, n_mels]; got shape {log_mel.shape}.')
+      raise ValueError(f"log_mel must be [B, frames, n_mels]; got shape {log_mel.shape}.")
     image = log_mel[..., None]
     if isinstance(self.backbone, frame_encoder.ResNet):
       if self.temporal is None:
-        raise ValueError('the CNN audio backbone needs a temporal encoder (num_layers=0 for a '
-                         'mean over time).')
+        raise ValueError(
+          "the CNN audio backbone needs a temporal encoder (num_layers=0 for a mean over time)."
+        )
       feature_map = self.backbone.feature_map(image)  # [B, F', M', C]
       sequence = feature_map.reshape(feature_map.shape[:2] + (-1,))  # [B, F', M'·C]
       return self.temporal(sequence, deterministic=deterministic)
     if self.temporal is not None:
-      raise ValueError('the patch-transformer audio backbone has no temporal encoder; pass '
-                       'temporal=None.')
+      raise ValueError(
+        "the patch-transformer audio backbone has no temporal encoder; pass temporal=None."
+      )
     return self.backbone(image, deterministic=deterministic)
-

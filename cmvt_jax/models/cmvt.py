@@ -24,7 +24,8 @@ Building, initialising and applying (what the trainer does):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -37,7 +38,7 @@ from cmvt_jax.models import temporal_encoder
 
 Dtype = Any
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class VideoEncoder(nn.Module):
@@ -57,16 +58,21 @@ class VideoEncoder(nn.Module):
     Padding frames are still encoded (shapes stay static) but nobody attends to them.
     """
     if video.ndim != 5:
-      raise ValueError(f'video must be [B, T, H, W, C]; got shape {video.shape}.')
+      raise ValueError(f"video must be [B, T, H, W, C]; got shape {video.shape}.")
     batch, frames = video.shape[:2]
-    if frame_mask is not None and (frame_mask.shape != (batch, frames)
-                                   or frame_mask.dtype != jnp.bool_):
-      raise ValueError(f'frame_mask must be bool [B, T] = {(batch, frames)}; got '
-                       f'{frame_mask.dtype} {frame_mask.shape}.')
-    features = self.frame_encoder(video.reshape((batch * frames,) + video.shape[2:]),
-                                  deterministic=deterministic)
-    return self.temporal(features.reshape(batch, frames, -1), frame_mask,
-                         deterministic=deterministic)
+    if frame_mask is not None and (
+      frame_mask.shape != (batch, frames) or frame_mask.dtype != jnp.bool_
+    ):
+      raise ValueError(
+        f"frame_mask must be bool [B, T] = {(batch, frames)}; got "
+        f"{frame_mask.dtype} {frame_mask.shape}."
+      )
+    features = self.frame_encoder(
+      video.reshape((batch * frames,) + video.shape[2:]), deterministic=deterministic
+    )
+    return self.temporal(
+      features.reshape(batch, frames, -1), frame_mask, deterministic=deterministic
+    )
 
 
 class ProjectionHead(nn.Module):
@@ -79,10 +85,12 @@ class ProjectionHead(nn.Module):
 
   @nn.compact
   def __call__(self, features):
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='hidden')(features)
-    x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='output')(nn.gelu(x))
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(
+      features
+    )
+    x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="output")(
+      nn.gelu(x)
+    )
     return x.astype(jnp.float32)
 
 
@@ -97,12 +105,10 @@ class ClassifierHead(nn.Module):
 
   @nn.compact
   def __call__(self, features, *, deterministic: bool = True):
-    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(features)
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='hidden')(x)
+    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(features)
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(x)
     x = nn.Dropout(self.dropout_rate)(nn.gelu(x), deterministic=deterministic)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='logits')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="logits")(x)
     return x.astype(jnp.float32)
 
 
@@ -130,14 +136,19 @@ class CMVT(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    head = lambda: ProjectionHead(self.projection_hidden_dim, self.embed_dim, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+    head = lambda: ProjectionHead(
+      self.projection_hidden_dim, self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype
+    )
     self.video_projection = head()
     self.audio_projection = head()
     if self.num_classes:
-      self.classifier = ClassifierHead(self.num_classes, self.classifier_hidden_dim,
-                                       self.classifier_dropout, dtype=self.dtype,
-                                       param_dtype=self.param_dtype)
+      self.classifier = ClassifierHead(
+        self.num_classes,
+        self.classifier_hidden_dim,
+        self.classifier_dropout,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+      )
 
   def __call__(self, video, audio, *, frame_mask=None, train: bool = False) -> dict:
     """Both modalities.
@@ -156,29 +167,31 @@ class CMVT(nn.Module):
     """
     video_out = self.embed_video(video, frame_mask=frame_mask, train=train)
     audio_out = self.embed_audio(audio, train=train)
-    out = {'video': video_out['embedding'], 'audio': audio_out['embedding'],
-           'video_features': video_out['features'], 'audio_features': audio_out['features']}
+    out = {
+      "video": video_out["embedding"],
+      "audio": audio_out["embedding"],
+      "video_features": video_out["features"],
+      "audio_features": audio_out["features"],
+    }
     if self.num_classes:
-      out['logits'] = self.classifier(video_out['features'], deterministic=not train)
+      out["logits"] = self.classifier(video_out["features"], deterministic=not train)
     return out
 
   def embed_video(self, video, *, frame_mask=None, train: bool = False) -> dict:
     """video `[B, T, H, W, C]` (any T: 16-frame clips or whole videos) →
     {'embedding': `[B, E]`, 'features': `[B, D_v]`}, float32."""
     features = self.video_encoder(video, frame_mask, deterministic=not train)
-    return {'embedding': self.video_projection(features),
-            'features': features.astype(jnp.float32)}
+    return {"embedding": self.video_projection(features), "features": features.astype(jnp.float32)}
 
   def embed_audio(self, audio, *, train: bool = False) -> dict:
     """audio `[B, F, M]` → {'embedding': `[B, E]`, 'features': `[B, D_a]`}, float32."""
     features = self.audio_encoder(audio, deterministic=not train)
-    return {'embedding': self.audio_projection(features),
-            'features': features.astype(jnp.float32)}
+    return {"embedding": self.audio_projection(features), "features": features.astype(jnp.float32)}
 
   def classify(self, video, *, frame_mask=None, train: bool = False) -> jax.Array:
     """video `[B, T, H, W, C]` → logits `[B, num_classes]` float32 (VTN's supervised path)."""
     if not self.num_classes:
-      raise ValueError('classify needs a classifier head: set config.model.num_classes > 0.')
+      raise ValueError("classify needs a classifier head: set config.model.num_classes > 0.")
     features = self.video_encoder(video, frame_mask, deterministic=not train)
     return self.classifier(features, deterministic=not train)
 
@@ -189,7 +202,7 @@ class CMVT(nn.Module):
 def compute_dtype(name: str) -> Dtype:
   """'float32' | 'bfloat16' | 'float16' → the jnp dtype."""
   if name not in _DTYPES:
-    raise ValueError(f'config.model.dtype must be one of {sorted(_DTYPES)}; got {name!r}.')
+    raise ValueError(f"config.model.dtype must be one of {sorted(_DTYPES)}; got {name!r}.")
   return _DTYPES[name]
 
 
@@ -198,14 +211,19 @@ def from_config(config: config_dict.ConfigDict) -> CMVT:
   model = config.model
   dtype = compute_dtype(model.dtype)
   video = VideoEncoder(
-      frame_encoder=_frame_encoder(model.video, int(config.input.frame_size), model.remat, dtype),
-      temporal=_temporal(model.video.temporal, 'model.video.temporal', model.remat, dtype))
+    frame_encoder=_frame_encoder(model.video, int(config.input.frame_size), model.remat, dtype),
+    temporal=_temporal(model.video.temporal, "model.video.temporal", model.remat, dtype),
+  )
   return CMVT(
-      video_encoder=video,
-      audio_encoder=_audio_encoder(model.audio, model.remat, dtype),
-      embed_dim=model.embed_dim, projection_hidden_dim=model.projection_hidden_dim,
-      num_classes=model.num_classes, classifier_hidden_dim=model.classifier_hidden_dim,
-      classifier_dropout=model.classifier_dropout, dtype=dtype)
+    video_encoder=video,
+    audio_encoder=_audio_encoder(model.audio, model.remat, dtype),
+    embed_dim=model.embed_dim,
+    projection_hidden_dim=model.projection_hidden_dim,
+    num_classes=model.num_classes,
+    classifier_hidden_dim=model.classifier_hidden_dim,
+    classifier_dropout=model.classifier_dropout,
+    dtype=dtype,
+  )
 
 
 def load_pretrained(params: dict, config: config_dict.ConfigDict) -> dict:
@@ -217,65 +235,99 @@ def load_pretrained(params: dict, config: config_dict.ConfigDict) -> dict:
   video = config.model.video
   if not video.vit.checkpoint:
     return params
-  if video.frame_encoder != 'vit':
+  if video.frame_encoder != "vit":
     raise ValueError(
-        f'config.model.video.vit.checkpoint is set but config.model.video.frame_encoder is '
-        f"{video.frame_encoder!r}; a ViT checkpoint needs frame_encoder='vit'.")
+      f"config.model.video.vit.checkpoint is set but config.model.video.frame_encoder is "
+      f"{video.frame_encoder!r}; a ViT checkpoint needs frame_encoder='vit'."
+    )
   vit = from_config(config).video_encoder.frame_encoder
   loaded = frame_encoder.load_vit_checkpoint(
-      video.vit.checkpoint, params['video_encoder']['frame_encoder'], grid=vit.table_grid())
-  return {**params, 'video_encoder': {**params['video_encoder'], 'frame_encoder': loaded}}
+    video.vit.checkpoint, params["video_encoder"]["frame_encoder"], grid=vit.table_grid()
+  )
+  return {**params, "video_encoder": {**params["video_encoder"], "frame_encoder": loaded}}
 
 
 def _frame_encoder(video, frame_size: int, remat: bool, dtype) -> nn.Module:
-  if video.frame_encoder == 'vit':
+  if video.frame_encoder == "vit":
     vit = video.vit
     if frame_size % vit.patch_size:
       raise ValueError(
-          f'config.input.frame_size={frame_size} must be a multiple of '
-          f'config.model.video.vit.patch_size={vit.patch_size}.')
+        f"config.input.frame_size={frame_size} must be a multiple of "
+        f"config.model.video.vit.patch_size={vit.patch_size}."
+      )
     return frame_encoder.ViT(
-        patch_size=vit.patch_size, width=vit.width, depth=vit.depth, num_heads=vit.num_heads,
-        mlp_dim=vit.mlp_dim, image_size=frame_size, dropout_rate=vit.dropout_rate,
-        remat=remat, dtype=dtype)
-  if video.frame_encoder == 'resnet':
+      patch_size=vit.patch_size,
+      width=vit.width,
+      depth=vit.depth,
+      num_heads=vit.num_heads,
+      mlp_dim=vit.mlp_dim,
+      image_size=frame_size,
+      dropout_rate=vit.dropout_rate,
+      remat=remat,
+      dtype=dtype,
+    )
+  if video.frame_encoder == "resnet":
     return _resnet(video.resnet, remat, dtype)
-  raise ValueError(f"config.model.video.frame_encoder must be 'vit' or 'resnet'; got "
-                   f'{video.frame_encoder!r}.')
+  raise ValueError(
+    f"config.model.video.frame_encoder must be 'vit' or 'resnet'; got {video.frame_encoder!r}."
+  )
 
 
 def _audio_encoder(audio, remat: bool, dtype) -> audio_encoder.AudioEncoder:
-  if audio.backbone == 'cnn':
+  if audio.backbone == "cnn":
     return audio_encoder.AudioEncoder(
-        backbone=_resnet(audio.cnn, remat, dtype),
-        temporal=_temporal(audio.temporal, 'model.audio.temporal', remat, dtype))
-  if audio.backbone == 'patch_transformer':
+      backbone=_resnet(audio.cnn, remat, dtype),
+      temporal=_temporal(audio.temporal, "model.audio.temporal", remat, dtype),
+    )
+  if audio.backbone == "patch_transformer":
     patches = audio.patch_transformer
-    return audio_encoder.AudioEncoder(backbone=frame_encoder.ViT(
-        patch_size=tuple(patches.patch_size), width=patches.width, depth=patches.depth,
-        num_heads=patches.num_heads, mlp_dim=patches.mlp_dim, posemb='sincos2d',
-        dropout_rate=patches.dropout_rate, remat=remat, dtype=dtype))
-  raise ValueError(f"config.model.audio.backbone must be 'cnn' or 'patch_transformer'; got "
-                   f'{audio.backbone!r}.')
+    return audio_encoder.AudioEncoder(
+      backbone=frame_encoder.ViT(
+        patch_size=tuple(patches.patch_size),
+        width=patches.width,
+        depth=patches.depth,
+        num_heads=patches.num_heads,
+        mlp_dim=patches.mlp_dim,
+        posemb="sincos2d",
+        dropout_rate=patches.dropout_rate,
+        remat=remat,
+        dtype=dtype,
+      )
+    )
+  raise ValueError(
+    f"config.model.audio.backbone must be 'cnn' or 'patch_transformer'; got {audio.backbone!r}."
+  )
 
 
 def _resnet(cnn, remat: bool, dtype) -> frame_encoder.ResNet:
   return frame_encoder.ResNet(
-      stem_width=cnn.stem_width, stem_kernel=tuple(cnn.stem_kernel),
-      stem_strides=tuple(cnn.stem_strides), stage_widths=tuple(cnn.stage_widths),
-      blocks_per_stage=tuple(cnn.blocks_per_stage),
-      stage_strides=tuple(tuple(s) for s in cnn.stage_strides), norm_groups=cnn.norm_groups,
-      remat=remat, dtype=dtype)
+    stem_width=cnn.stem_width,
+    stem_kernel=tuple(cnn.stem_kernel),
+    stem_strides=tuple(cnn.stem_strides),
+    stage_widths=tuple(cnn.stage_widths),
+    blocks_per_stage=tuple(cnn.blocks_per_stage),
+    stage_strides=tuple(tuple(s) for s in cnn.stage_strides),
+    norm_groups=cnn.norm_groups,
+    remat=remat,
+    dtype=dtype,
+  )
 
 
 def _temporal(temporal, name: str, remat: bool, dtype) -> temporal_encoder.TemporalEncoder:
   """A TemporalEncoder; one-entry `windows`/`dilations` apply to every layer."""
-  per_layer = lambda key: _per_layer(temporal[key], f'config.{name}.{key}', temporal.num_layers)
+  per_layer = lambda key: _per_layer(temporal[key], f"config.{name}.{key}", temporal.num_layers)
   return temporal_encoder.TemporalEncoder(
-      width=temporal.width, num_layers=temporal.num_layers, num_heads=temporal.num_heads,
-      mlp_dim=temporal.mlp_dim, windows=per_layer('windows'), dilations=per_layer('dilations'),
-      global_projections=temporal.global_projections, dropout_rate=temporal.dropout_rate,
-      remat=remat, dtype=dtype)
+    width=temporal.width,
+    num_layers=temporal.num_layers,
+    num_heads=temporal.num_heads,
+    mlp_dim=temporal.mlp_dim,
+    windows=per_layer("windows"),
+    dilations=per_layer("dilations"),
+    global_projections=temporal.global_projections,
+    dropout_rate=temporal.dropout_rate,
+    remat=remat,
+    dtype=dtype,
+  )
 
 
 def _per_layer(values: Sequence, name: str, num_layers: int) -> tuple:
@@ -283,5 +335,5 @@ def _per_layer(values: Sequence, name: str, num_layers: int) -> tuple:
   if len(values) == 1:
     return values * num_layers
   if len(values) != num_layers:
-    raise ValueError(f'{name} needs one entry, or one per layer ({num_layers}); got {values}.')
+    raise ValueError(f"{name} needs one entry, or one per layer ({num_layers}); got {values}.")
   return values

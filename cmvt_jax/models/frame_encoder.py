@@ -30,7 +30,8 @@ time kept and frequency pooled (`ResNet.feature_map`).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -45,36 +46,38 @@ Dtype = Any
 _VIT_LAYER_NORM_EPSILON = 1e-6
 # Checkpoint entries a frame encoder never uses: the classifier of a checkpoint loaded
 # without one, and the pre-logits layer of the original ImageNet-21k releases.
-_IGNORED_CHECKPOINT_PREFIXES = ('head/', 'pre_logits/')
-_POSEMB_PATH = 'Transformer/posembed_input/pos_embedding'
+_IGNORED_CHECKPOINT_PREFIXES = ("head/", "pre_logits/")
+_POSEMB_PATH = "Transformer/posembed_input/pos_embedding"
 
 
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
   """An int or a pair of ints → (height, width)."""
   pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
   if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in pair):
-    raise ValueError(f'{name} must be an int >= 1 or a pair of them; got {value!r}.')
+    raise ValueError(f"{name} must be an int >= 1 or a pair of them; got {value!r}.")
   return int(pair[0]), int(pair[1])
 
 
 def check_images(images: jax.Array) -> None:
   if images.ndim != 4:
     raise ValueError(
-        f'images must be [N, H, W, C]; got shape {images.shape}. Fold frames into the batch '
-        'first ([B, T, H, W, C] → [B·T, H, W, C]).')
+      f"images must be [N, H, W, C]; got shape {images.shape}. Fold frames into the batch "
+      "first ([B, T, H, W, C] → [B·T, H, W, C])."
+    )
 
 
 # ----------------------------------------------------------------------------- ViT
 
 
-def resize_position_grid(posemb: jax.Array, old_grid: tuple[int, int],
-                         new_grid: tuple[int, int]) -> jax.Array:
+def resize_position_grid(
+  posemb: jax.Array, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> jax.Array:
   """Bilinear resize of a learned position table `[1, 1 + gh·gw, D]` (CLS entry first)."""
   if old_grid == new_grid:
     return posemb
   cls, grid = posemb[:, :1], posemb[:, 1:]
   grid = grid.reshape(old_grid + (posemb.shape[-1],))
-  grid = jax.image.resize(grid, new_grid + (posemb.shape[-1],), method='bilinear')
+  grid = jax.image.resize(grid, new_grid + (posemb.shape[-1],), method="bilinear")
   return jnp.concatenate([cls, grid.reshape(1, -1, posemb.shape[-1]).astype(cls.dtype)], axis=1)
 
 
@@ -82,8 +85,8 @@ def sincos_position_grid(grid: tuple[int, int], width: int) -> jax.Array:
   """Fixed 2D sine-cosine positions `[1, gh·gw, width]` (a quarter of the channels per sin/cos
   of each axis); needs no table, so any grid size works."""
   if width % 4:
-    raise ValueError(f'sincos position embedding needs a width divisible by 4; got {width}.')
-  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing='ij')
+    raise ValueError(f"sincos position embedding needs a width divisible by 4; got {width}.")
+  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
   frequencies = 1.0 / 10_000 ** (np.arange(width // 4) / (width // 4))
   angles = [np.outer(axis.reshape(-1), frequencies) for axis in (rows, cols)]
   table = np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1)
@@ -101,10 +104,9 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     width = x.shape[-1]
-    y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='Dense_0')(x)
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_0")(x)
     y = nn.Dropout(self.dropout_rate)(nn.gelu(y), deterministic=deterministic)
-    y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_1')(y)
+    y = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_1")(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -119,16 +121,24 @@ class ViTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    norm = lambda name: nn.LayerNorm(epsilon=_VIT_LAYER_NORM_EPSILON, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
+    norm = lambda name: nn.LayerNorm(
+      epsilon=_VIT_LAYER_NORM_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout_rate, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='MultiHeadDotProductAttention_1',
-    )(norm('LayerNorm_0')(x), deterministic=deterministic)
+      num_heads=self.num_heads,
+      dropout_rate=self.dropout_rate,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="MultiHeadDotProductAttention_1",
+    )(norm("LayerNorm_0")(x), deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name='MlpBlock_3')(
-                     norm('LayerNorm_2')(x), deterministic=deterministic)
+    y = MlpBlock(
+      self.mlp_dim,
+      self.dropout_rate,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="MlpBlock_3",
+    )(norm("LayerNorm_2")(x), deterministic=deterministic)
     return x + y
 
 
@@ -141,9 +151,12 @@ class PositionTable(nn.Module):
   @nn.compact
   def __call__(self, tokens, grid: tuple[int, int]):
     """tokens `[N, 1 + gh·gw, D]` (CLS first) → tokens + positions."""
-    table = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
-                       (1, 1 + self.grid[0] * self.grid[1], tokens.shape[-1]),
-                       self.param_dtype)
+    table = self.param(
+      "pos_embedding",
+      nn.initializers.normal(stddev=0.02),
+      (1, 1 + self.grid[0] * self.grid[1], tokens.shape[-1]),
+      self.param_dtype,
+    )
     return tokens + resize_position_grid(table, self.grid, grid).astype(tokens.dtype)
 
 
@@ -163,19 +176,30 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, grid: tuple[int, int], *, deterministic: bool):
     """tokens `[N, 1 + gh·gw, D]` (CLS first) → `[N, 1 + gh·gw, D]`."""
-    if self.posemb == 'learn':
-      tokens = PositionTable(self.posemb_grid, self.param_dtype, name='posembed_input')(
-          tokens, grid)
+    if self.posemb == "learn":
+      tokens = PositionTable(self.posemb_grid, self.param_dtype, name="posembed_input")(
+        tokens, grid
+      )
     else:
       grid_positions = sincos_position_grid(grid, tokens.shape[-1])
       tokens = tokens.at[:, 1:].add(grid_positions.astype(tokens.dtype))
     x = nn.Dropout(self.dropout_rate)(tokens, deterministic=deterministic)
     block_cls = nn.remat(ViTBlock, static_argnums=(2,)) if self.remat else ViTBlock
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_dim, self.dropout_rate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f'encoderblock_{i}')(x, deterministic)
-    return nn.LayerNorm(epsilon=_VIT_LAYER_NORM_EPSILON, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name='encoder_norm')(x)
+      x = block_cls(
+        self.num_heads,
+        self.mlp_dim,
+        self.dropout_rate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"encoderblock_{i}",
+      )(x, deterministic)
+    return nn.LayerNorm(
+      epsilon=_VIT_LAYER_NORM_EPSILON,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="encoder_norm",
+    )(x)
 
 
 class ViT(nn.Module):
@@ -202,7 +226,7 @@ class ViT(nn.Module):
   num_heads: int
   mlp_dim: int
   image_size: int | tuple[int, int] = 224
-  posemb: str = 'learn'
+  posemb: str = "learn"
   num_classes: int = 0
   dropout_rate: float = 0.0
   remat: bool = False
@@ -211,36 +235,53 @@ class ViT(nn.Module):
 
   def table_grid(self) -> tuple[int, int]:
     """The patch grid of `image_size`: the grid the learned position table is stored in."""
-    patch = as_pair(self.patch_size, 'patch_size')
-    size = as_pair(self.image_size, 'image_size')
+    patch = as_pair(self.patch_size, "patch_size")
+    size = as_pair(self.image_size, "image_size")
     return size[0] // patch[0], size[1] // patch[1]
 
   @nn.compact
   def __call__(self, images, *, deterministic: bool = True):
     """images `[N, H, W, C]` → features `[N, width]` (or logits `[N, num_classes]`)."""
     check_images(images)
-    if self.posemb not in ('learn', 'sincos2d'):
+    if self.posemb not in ("learn", "sincos2d"):
       raise ValueError(f"posemb must be 'learn' or 'sincos2d'; got {self.posemb!r}.")
-    patch = as_pair(self.patch_size, 'patch_size')
+    patch = as_pair(self.patch_size, "patch_size")
     if images.shape[1] < patch[0] or images.shape[2] < patch[1]:
       raise ValueError(
-          f'images [N, H, W, C] = {images.shape} are smaller than one patch {patch}; use '
-          'larger images or a smaller patch_size.')
-    x = nn.Conv(self.width, patch, strides=patch, padding='VALID', dtype=self.dtype,
-                param_dtype=self.param_dtype, name='embedding')(images)
+        f"images [N, H, W, C] = {images.shape} are smaller than one patch {patch}; use "
+        "larger images or a smaller patch_size."
+      )
+    x = nn.Conv(
+      self.width,
+      patch,
+      strides=patch,
+      padding="VALID",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="embedding",
+    )(images)
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, self.width)
-    cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width), self.param_dtype)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width)), x], 1)
-    x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.posemb, self.table_grid(),
-                    self.dropout_rate, self.remat, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name='Transformer')(
-                        x, (grid_h, grid_w), deterministic=deterministic)
+    x = Transformer(
+      self.depth,
+      self.num_heads,
+      self.mlp_dim,
+      self.posemb,
+      self.table_grid(),
+      self.dropout_rate,
+      self.remat,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="Transformer",
+    )(x, (grid_h, grid_w), deterministic=deterministic)
     features = x[:, 0]
     if not self.num_classes:
       return features
-    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name='head')(features)
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(
+      features
+    )
 
 
 def load_vit_checkpoint(path: str, target: Any, *, grid: tuple[int, int]) -> dict:
@@ -262,31 +303,44 @@ def load_vit_checkpoint(path: str, target: Any, *, grid: tuple[int, int]) -> dic
   """
   path = epath.Path(path)
   if not path.exists():
-    raise ValueError(f'ViT checkpoint {path} does not exist; give the path of a local .npz file '
-                     '(nothing is downloaded).')
-  with path.open('rb') as f, np.load(f) as npz:
+    raise ValueError(
+      f"ViT checkpoint {path} does not exist; give the path of a local .npz file "
+      "(nothing is downloaded)."
+    )
+  with path.open("rb") as f, np.load(f) as npz:
     checkpoint = {name: np.asarray(npz[name]) for name in npz.files}
-  wanted = traverse_util.flatten_dict(target, sep='/')
+  wanted = traverse_util.flatten_dict(target, sep="/")
 
   if _POSEMB_PATH in checkpoint and _POSEMB_PATH in wanted:
     checkpoint[_POSEMB_PATH] = _resize_checkpoint_table(checkpoint[_POSEMB_PATH], grid, path)
 
   missing = sorted(set(wanted) - set(checkpoint))
-  unexpected = sorted(name for name in set(checkpoint) - set(wanted)
-                      if not name.startswith(_IGNORED_CHECKPOINT_PREFIXES))
-  misshaped = sorted(f'{name}: checkpoint {checkpoint[name].shape}, model {wanted[name].shape}'
-                     for name in set(wanted) & set(checkpoint)
-                     if checkpoint[name].shape != tuple(wanted[name].shape))
-  problems = [f'{title} ({len(names)}): ' + ', '.join(names)
-              for title, names in (('missing', missing), ('unexpected', unexpected),
-                                   ('mis-shaped', misshaped)) if names]
+  unexpected = sorted(
+    name
+    for name in set(checkpoint) - set(wanted)
+    if not name.startswith(_IGNORED_CHECKPOINT_PREFIXES)
+  )
+  misshaped = sorted(
+    f"{name}: checkpoint {checkpoint[name].shape}, model {wanted[name].shape}"
+    for name in set(wanted) & set(checkpoint)
+    if checkpoint[name].shape != tuple(wanted[name].shape)
+  )
+  problems = [
+    f"{title} ({len(names)}): " + ", ".join(names)
+    for title, names in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("mis-shaped", misshaped),
+    )
+    if names
+  ]
   if problems:
     raise ValueError(
-        f'ViT checkpoint {path} does not match the model (expected the Google ViT/AugReg '
-        'layout with the configured patch size, width, depth and heads):\n  '
-        + '\n  '.join(problems))
+      f"ViT checkpoint {path} does not match the model (expected the Google ViT/AugReg "
+      "layout with the configured patch size, width, depth and heads):\n  " + "\n  ".join(problems)
+    )
   loaded = {name: checkpoint[name].astype(wanted[name].dtype) for name in wanted}
-  return traverse_util.unflatten_dict(loaded, sep='/')
+  return traverse_util.unflatten_dict(loaded, sep="/")
 
 
 def _resize_checkpoint_table(table: np.ndarray, grid: tuple[int, int], path) -> np.ndarray:
@@ -296,8 +350,9 @@ def _resize_checkpoint_table(table: np.ndarray, grid: tuple[int, int], path) -> 
   side = math.isqrt(table.shape[1] - 1)
   if side * side + 1 != table.shape[1]:
     raise ValueError(
-        f'{_POSEMB_PATH} in {path} has {table.shape[1]} entries; expected a CLS entry plus a '
-        'square grid (1 + g·g), as in the ViT/AugReg releases.')
+      f"{_POSEMB_PATH} in {path} has {table.shape[1]} entries; expected a CLS entry plus a "
+      "square grid (1 + g·g), as in the ViT/AugReg releases."
+    )
   return np.asarray(resize_position_grid(jnp.asarray(table), (side, side), grid))
 
 
@@ -320,15 +375,26 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = lambda kernel, strides, name: nn.Conv(
-        self.width, kernel, strides=strides, padding='SAME', use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+      self.width,
+      kernel,
+      strides=strides,
+      padding="SAME",
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
     norm = lambda name, scale_init=nn.initializers.ones: nn.GroupNorm(
-        num_groups=self.norm_groups, scale_init=scale_init, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
-    y = nn.relu(norm('norm_1')(conv((3, 3), self.strides, 'conv_1')(x)))
-    y = norm('norm_2', nn.initializers.zeros)(conv((3, 3), (1, 1), 'conv_2')(y))
+      num_groups=self.norm_groups,
+      scale_init=scale_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
+    y = nn.relu(norm("norm_1")(conv((3, 3), self.strides, "conv_1")(x)))
+    y = norm("norm_2", nn.initializers.zeros)(conv((3, 3), (1, 1), "conv_2")(y))
     if x.shape[-1] != self.width or self.strides != (1, 1):
-      x = norm('shortcut_norm')(conv((1, 1), self.strides, 'shortcut_conv')(x))
+      x = norm("shortcut_norm")(conv((1, 1), self.strides, "shortcut_conv")(x))
     return nn.relu(x + y)
 
 
@@ -361,25 +427,42 @@ class ResNet(nn.Module):
     stages = (len(self.stage_widths), len(self.blocks_per_stage), len(self.stage_strides))
     if len(set(stages)) != 1:
       raise ValueError(
-          'stage_widths, blocks_per_stage and stage_strides need one entry per stage; got '
-          f'{self.stage_widths}, {self.blocks_per_stage}, {self.stage_strides}.')
+        "stage_widths, blocks_per_stage and stage_strides need one entry per stage; got "
+        f"{self.stage_widths}, {self.blocks_per_stage}, {self.stage_strides}."
+      )
     for width in (self.stem_width, *self.stage_widths):
       if width % self.norm_groups:
-        raise ValueError(f'ResNet widths must divide by norm_groups={self.norm_groups}; got '
-                         f'stem {self.stem_width}, stages {tuple(self.stage_widths)}.')
-    self.stem = nn.Conv(self.stem_width, tuple(self.stem_kernel),
-                        strides=tuple(self.stem_strides), padding='SAME', use_bias=False,
-                        dtype=self.dtype, param_dtype=self.param_dtype)
-    self.stem_norm = nn.GroupNorm(num_groups=self.norm_groups, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+        raise ValueError(
+          f"ResNet widths must divide by norm_groups={self.norm_groups}; got "
+          f"stem {self.stem_width}, stages {tuple(self.stage_widths)}."
+        )
+    self.stem = nn.Conv(
+      self.stem_width,
+      tuple(self.stem_kernel),
+      strides=tuple(self.stem_strides),
+      padding="SAME",
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    self.stem_norm = nn.GroupNorm(
+      num_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype
+    )
     block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     self.blocks = [
-        block_cls(width, tuple(strides) if i == 0 else (1, 1), self.norm_groups,
-                  dtype=self.dtype, param_dtype=self.param_dtype,
-                  name=f'stage_{stage}_block_{i}')
-        for stage, (width, count, strides) in enumerate(
-            zip(self.stage_widths, self.blocks_per_stage, self.stage_strides))
-        for i in range(count)]
+      block_cls(
+        width,
+        tuple(strides) if i == 0 else (1, 1),
+        self.norm_groups,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"stage_{stage}_block_{i}",
+      )
+      for stage, (width, count, strides) in enumerate(
+        zip(self.stage_widths, self.blocks_per_stage, self.stage_strides)
+      )
+      for i in range(count)
+    ]
 
   def feature_map(self, images):
     """images `[N, H, W, C]` → the last stage's map `[N, H', W', stage_widths[-1]]`."""

@@ -9,10 +9,10 @@ which leaves every non-global row untouched.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cmvt_jax.models import attention
@@ -44,19 +44,29 @@ class LongformerSelfAttention(nn.Module):
     """x `[B, T, D]`, global_mask and kv_mask `[B, T]` bool or None → `[B, T, D]`."""
     width = x.shape[-1]
     if width % self.num_heads:
-      raise ValueError(
-          f"model width {width} must be divisible by num_heads={self.num_heads}.")
+      raise ValueError(f"model width {width} must be divisible by num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
     # Keys get no bias: it would add the same q·b to every score of a row, which softmax
     # ignores, so its gradient is rounding noise that Adam would amplify into updates.
     project = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), use_bias=not name.startswith("key"), dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+      (self.num_heads, head_dim),
+      use_bias=not name.startswith("key"),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=name,
+    )
     q, k, v = (project(name)(x) for name in ("query", "key", "value"))
     dilation = self.dilation if isinstance(self.dilation, int) else tuple(self.dilation)
     out = attention.banded_attention(
-        q, k, v, window=self.window, dilation=dilation, global_mask=global_mask,
-        max_global=self.max_global, kv_mask=kv_mask)
+      q,
+      k,
+      v,
+      window=self.window,
+      dilation=dilation,
+      global_mask=global_mask,
+      max_global=self.max_global,
+      kv_mask=kv_mask,
+    )
 
     if self.global_projections and global_mask is not None:
       max_global = self.max_global
@@ -67,11 +77,19 @@ class LongformerSelfAttention(nn.Module):
       k_global, v_global = project("key_global")(x), project("value_global")(x)
       key_valid = jnp.ones(x.shape[:2], bool) if kv_mask is None else kv_mask
       out = attention.replace_global_rows(
-          out, q_global, k_global, v_global, positions, present, key_valid=key_valid,
-          scale=head_dim**-0.5)
+        out,
+        q_global,
+        k_global,
+        v_global,
+        positions,
+        present,
+        key_valid=key_valid,
+        scale=head_dim**-0.5,
+      )
 
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="out")(out)
+    return nn.DenseGeneral(
+      width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out"
+    )(out)
 
 
 class EncoderBlock(nn.Module):
@@ -92,13 +110,19 @@ class EncoderBlock(nn.Module):
     """x `[B, T, D]` → `[B, T, D]`."""
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     dropout = nn.Dropout(self.dropout_rate)
 
     y = LongformerSelfAttention(
-        num_heads=self.num_heads, window=self.window, dilation=self.dilation,
-        max_global=self.max_global, global_projections=self.global_projections,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="attention",
+      num_heads=self.num_heads,
+      window=self.window,
+      dilation=self.dilation,
+      max_global=self.max_global,
+      global_projections=self.global_projections,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="attention",
     )(norm("attention_norm")(x), global_mask, kv_mask)
     x = x + dropout(y, deterministic=deterministic)
 
@@ -144,10 +168,16 @@ class LongformerEncoder(nn.Module):
     block_cls = nn.remat(EncoderBlock, static_argnums=(4,)) if self.remat else EncoderBlock
     for layer, (window, dilation) in enumerate(zip(windows, dilations)):
       x = block_cls(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim, window=window, dilation=dilation,
-          max_global=self.max_global, global_projections=self.global_projections,
-          dropout_rate=self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f"layer_{layer}",
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        window=window,
+        dilation=dilation,
+        max_global=self.max_global,
+        global_projections=self.global_projections,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"layer_{layer}",
       )(x, global_mask, kv_mask, deterministic)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
 
@@ -159,6 +189,7 @@ def _per_layer(name: str, value, num_layers: int) -> list:
   value = list(value)
   if len(value) != num_layers:
     raise ValueError(
-        f"{name} must be an int or a list of {num_layers} entries (one per layer); "
-        f"got {len(value)}: {value!r}.")
+      f"{name} must be an int or a list of {num_layers} entries (one per layer); "
+      f"got {len(value)}: {value!r}."
+    )
   return [v if isinstance(v, int) else tuple(v) for v in value]

@@ -18,7 +18,8 @@ for the whole clip.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,7 +39,7 @@ def time_embedding(length: int, width: int) -> jax.Array:
   Channel 2i is sin(t / 10000^(2i/width)) and channel 2i+1 the matching cosine.
   """
   if width % 2:
-    raise ValueError(f'the time embedding needs an even width; got {width}.')
+    raise ValueError(f"the time embedding needs an even width; got {width}.")
   frequencies = 1.0 / _MAX_PERIOD ** (np.arange(0, width, 2) / width)
   angles = np.arange(length)[:, None] * frequencies[None, :]
   table = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(length, width)
@@ -76,30 +77,40 @@ class TemporalEncoder(nn.Module):
   def __call__(self, features, mask=None, *, deterministic: bool = True):
     """features `[B, T, D_in]`, mask `[B, T]` bool (True = a real step) or None → `[B, width]`."""
     if features.ndim != 3:
-      raise ValueError(f'features must be [B, T, D]; got shape {features.shape}.')
+      raise ValueError(f"features must be [B, T, D]; got shape {features.shape}.")
     batch, length, _ = features.shape
     if mask is not None and mask.shape != (batch, length):
       raise ValueError(
-          f'the mask must be [B, T] = {(batch, length)} to match the features; got '
-          f'{mask.shape}.')
-    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='input_projection')(features)
+        f"the mask must be [B, T] = {(batch, length)} to match the features; got {mask.shape}."
+      )
+    x = nn.Dense(
+      self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="input_projection"
+    )(features)
     x = x + time_embedding(length, self.width).astype(x.dtype)
     if self.num_layers == 0:
       return _masked_mean(x, mask)
 
-    cls = self.param('cls', nn.initializers.normal(stddev=0.02), (1, 1, self.width),
-                     self.param_dtype)
+    cls = self.param(
+      "cls", nn.initializers.normal(stddev=0.02), (1, 1, self.width), self.param_dtype
+    )
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width)), x], 1)
     global_mask = jnp.zeros((batch, length + 1), bool).at[:, 0].set(True)
     kv_mask = None
     if mask is not None:
       kv_mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask.astype(bool)], axis=1)
     x = longformer.LongformerEncoder(
-        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        windows=self.windows, dilations=self.dilations, max_global=1,
-        global_projections=self.global_projections, dropout_rate=self.dropout_rate,
-        remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype, name='encoder',
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      windows=self.windows,
+      dilations=self.dilations,
+      max_global=1,
+      global_projections=self.global_projections,
+      dropout_rate=self.dropout_rate,
+      remat=self.remat,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="encoder",
     )(x, global_mask=global_mask, kv_mask=kv_mask, deterministic=deterministic)
     return x[:, 0]
 

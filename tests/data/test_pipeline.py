@@ -11,29 +11,47 @@ from cmvt_jax.data import spectrogram
 from tests.data import media
 
 NUM_EXAMPLES = 24
-STORAGE_FPS = 8.
+STORAGE_FPS = 8.0
 
 
 def _example(index):
   # 16 stored frames (2 s at 8 fps) all at grey level `index`: any crop, resize or flip of
   # them is still `index`, so an augmented batch row tells which example it came from.
   rng = np.random.default_rng(index)
-  return {'frames': np.full((16, 32, 40, 3), index, np.uint8),
-          'audio': (rng.normal(0, 3000, 32000)).astype(np.int16), 'label': index % 3,
-          'id': f'clip{index}'.encode(), 'source': f'dir/v{index}.mp4'.encode(),
-          'start': np.float32(index / 2), 'has_audio': True}
+  return {
+    "frames": np.full((16, 32, 40, 3), index, np.uint8),
+    "audio": (rng.normal(0, 3000, 32000)).astype(np.int16),
+    "label": index % 3,
+    "id": f"clip{index}".encode(),
+    "source": f"dir/v{index}.mp4".encode(),
+    "start": np.float32(index / 2),
+    "has_audio": True,
+  }
 
 
 SOURCE = [_example(i) for i in range(NUM_EXAMPLES)]
 # Identity normalisation keeps frame values readable: video = grey level.
 STATS = normalization.NormalizationStats(
-    video_mean=(0., 0., 0.), video_std=(1 / 255,) * 3, audio_mean=0., audio_std=1.,
-    mel=media.MEL)
+  video_mean=(0.0, 0.0, 0.0), video_std=(1 / 255,) * 3, audio_mean=0.0, audio_std=1.0, mel=media.MEL
+)
 SPEC = pipeline.InputSpec(
-    num_frames=4, fps=4., frame_size=16, mel=media.MEL, crop_scale=(.5, 1.),
-    crop_ratio=(3 / 4, 4 / 3), flip=True, num_time_masks=1, max_time_mask=4,
-    num_freq_masks=1, max_freq_mask=8, two_views=False, num_workers=0, worker_buffer_size=1,
-    read_threads=0, read_buffer_size=2)
+  num_frames=4,
+  fps=4.0,
+  frame_size=16,
+  mel=media.MEL,
+  crop_scale=(0.5, 1.0),
+  crop_ratio=(3 / 4, 4 / 3),
+  flip=True,
+  num_time_masks=1,
+  max_time_mask=4,
+  num_freq_masks=1,
+  max_freq_mask=8,
+  two_views=False,
+  num_workers=0,
+  worker_buffer_size=1,
+  read_threads=0,
+  read_buffer_size=2,
+)
 
 
 def _preprocessor(spec=SPEC, stats=STATS):
@@ -42,7 +60,7 @@ def _preprocessor(spec=SPEC, stats=STATS):
 
 def _indices(batch):
   """The example index of each row (the grey level of its frames)."""
-  levels = batch['video'].reshape(len(batch['video']), -1)
+  levels = batch["video"].reshape(len(batch["video"]), -1)
   assert np.allclose(levels, levels[:, :1], atol=1e-3)
   return [int(round(level)) for level in levels[:, 0]]
 
@@ -56,18 +74,24 @@ def _take(dataset, count, **kwargs):
 
 
 def _train(seed=0, process_index=0, process_count=1, batch_size=4, spec=SPEC, **kwargs):
-  return pipeline.train_dataset(SOURCE, _preprocessor(spec), batch_size=batch_size, seed=seed,
-                                process_index=process_index, process_count=process_count,
-                                **kwargs)
+  return pipeline.train_dataset(
+    SOURCE,
+    _preprocessor(spec),
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    **kwargs,
+  )
 
 
 def test_train_batch_keys_shapes_and_dtypes():
   [batch] = _take(_train(), 1)
-  assert batch['video'].shape == (4, 4, 16, 16, 3) and batch['video'].dtype == np.float32
-  assert batch['audio'].shape == (4, 32, 64) and batch['audio'].dtype == np.float32
-  assert batch['label'].dtype == np.int32 and batch['mask'].dtype == np.bool_
-  assert batch['mask'].all()
-  assert list(batch['label']) == [index % 3 for index in _indices(batch)]
+  assert batch["video"].shape == (4, 4, 16, 16, 3) and batch["video"].dtype == np.float32
+  assert batch["audio"].shape == (4, 32, 64) and batch["audio"].dtype == np.float32
+  assert batch["label"].dtype == np.int32 and batch["mask"].dtype == np.bool_
+  assert batch["mask"].all()
+  assert list(batch["label"]) == [index % 3 for index in _indices(batch)]
 
 
 def test_same_seed_same_batches_other_seed_other_batches():
@@ -75,7 +99,7 @@ def test_same_seed_same_batches_other_seed_other_batches():
   for a, b in zip(first, again):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-  assert any(not np.array_equal(a['audio'], c['audio']) for a, c in zip(first, other))
+  assert any(not np.array_equal(a["audio"], c["audio"]) for a, c in zip(first, other))
 
 
 def test_one_epoch_is_a_permutation():
@@ -83,13 +107,19 @@ def test_one_epoch_is_a_permutation():
   assert sorted(sum((_indices(b) for b in batches), [])) == list(range(NUM_EXAMPLES))
 
 
-@pytest.mark.parametrize('process_count', [1, 2, 4])
+@pytest.mark.parametrize("process_count", [1, 2, 4])
 def test_host_shards_are_disjoint_cover_and_form_the_same_global_batches(process_count):
   global_batch, steps = 8, 6  # 2 epochs
   reference = _take(_train(batch_size=global_batch), steps)
-  hosts = [_take(_train(process_index=p, process_count=process_count,
-                        batch_size=global_batch // process_count), steps)
-           for p in range(process_count)]
+  hosts = [
+    _take(
+      _train(
+        process_index=p, process_count=process_count, batch_size=global_batch // process_count
+      ),
+      steps,
+    )
+    for p in range(process_count)
+  ]
   for step in range(steps):
     rows = [index for host in hosts for index in _indices(host[step])]
     assert len(set(rows)) == global_batch  # disjoint within a global batch
@@ -98,8 +128,9 @@ def test_host_shards_are_disjoint_cover_and_form_the_same_global_batches(process
     for host in hosts:
       for row, index in enumerate(_indices(host[step])):
         reference_row = _indices(reference[step]).index(index)
-        np.testing.assert_array_equal(host[step]['audio'][row],
-                                      reference[step]['audio'][reference_row])
+        np.testing.assert_array_equal(
+          host[step]["audio"][row], reference[step]["audio"][reference_row]
+        )
   epoch = [index for step in range(3) for host in hosts for index in _indices(host[step])]
   assert sorted(epoch) == list(range(NUM_EXAMPLES))  # every example once per epoch
 
@@ -108,11 +139,11 @@ def test_start_step_resumes_the_stream():
   batches = _take(_train(), 5)
   resumed = _take(_train(start_step=3), 2)
   for a, b in zip(batches[3:], resumed):
-    np.testing.assert_array_equal(a['video'], b['video'])
-    np.testing.assert_array_equal(a['audio'], b['audio'])
+    np.testing.assert_array_equal(a["video"], b["video"])
+    np.testing.assert_array_equal(a["audio"], b["audio"])
 
 
-@pytest.mark.parametrize('num_workers', [0, 1])
+@pytest.mark.parametrize("num_workers", [0, 1])
 def test_iterator_state_restores_the_next_batches(num_workers):
   spec = dataclasses.replace(SPEC, num_workers=num_workers)
   iterator = iter(_train(spec=spec))
@@ -134,40 +165,41 @@ def test_iterator_state_restores_the_next_batches(num_workers):
 def test_two_views_are_independent_augmentations_of_the_same_clip():
   spec = dataclasses.replace(SPEC, two_views=True)
   [batch] = _take(_train(spec=spec), 1)
-  assert batch['video_view2'].shape == batch['video'].shape
-  assert batch['audio_view2'].shape == batch['audio'].shape
-  assert _indices({'video': batch['video_view2']}) == _indices(batch)
-  assert not np.array_equal(batch['audio_view2'], batch['audio'])
+  assert batch["video_view2"].shape == batch["video"].shape
+  assert batch["audio_view2"].shape == batch["audio"].shape
+  assert _indices({"video": batch["video_view2"]}) == _indices(batch)
+  assert not np.array_equal(batch["audio_view2"], batch["audio"])
 
 
-@pytest.mark.parametrize('process_count, batch_size', [(1, 5), (2, 4), (3, 4), (5, 8)])
+@pytest.mark.parametrize("process_count, batch_size", [(1, 5), (2, 4), (3, 4), (5, 8)])
 def test_eval_padding_masks_exactly_the_padded_rows(process_count, batch_size):
   source = SOURCE[:10]
   num_batches = pipeline.num_eval_batches(10, batch_size, process_count)
   seen = []
   for p in range(process_count):
-    dataset = pipeline.eval_dataset(source, _preprocessor(), batch_size=batch_size,
-                                    process_index=p, process_count=process_count)
+    dataset = pipeline.eval_dataset(
+      source, _preprocessor(), batch_size=batch_size, process_index=p, process_count=process_count
+    )
     batches = list(dataset)
     assert len(batches) == num_batches  # every host the same count
-    mask = np.concatenate([b['mask'] for b in batches])
-    ids = np.concatenate([b['id'] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    ids = np.concatenate([b["id"] for b in batches])
     share = len(range(p, 10, process_count))
     assert mask.tolist() == [True] * share + [False] * (len(mask) - share)
-    assert all(i == '' for i in ids[~mask])
-    assert (np.concatenate([b['label'] for b in batches])[~mask] == -1).all()
-    assert (np.concatenate([b['video'] for b in batches])[~mask] == 0).all()
+    assert all(i == "" for i in ids[~mask])
+    assert (np.concatenate([b["label"] for b in batches])[~mask] == -1).all()
+    assert (np.concatenate([b["video"] for b in batches])[~mask] == 0).all()
     seen += list(ids[mask])
-  assert sorted(seen) == sorted(f'clip{i}' for i in range(10))  # each example exactly once
+  assert sorted(seen) == sorted(f"clip{i}" for i in range(10))  # each example exactly once
 
 
 def test_eval_batches_are_deterministic_centre_crops_with_metadata():
   [batch] = list(pipeline.eval_dataset(SOURCE[:4], _preprocessor(), batch_size=4))
   [again] = list(pipeline.eval_dataset(SOURCE[:4], _preprocessor(), batch_size=4))
-  np.testing.assert_array_equal(batch['audio'], again['audio'])
-  assert list(batch['id']) == ['clip0', 'clip1', 'clip2', 'clip3']
-  assert list(batch['source']) == [f'dir/v{i}.mp4' for i in range(4)]
-  np.testing.assert_array_equal(batch['start'], np.float32([0., .5, 1., 1.5]))
+  np.testing.assert_array_equal(batch["audio"], again["audio"])
+  assert list(batch["id"]) == ["clip0", "clip1", "clip2", "clip3"]
+  assert list(batch["source"]) == [f"dir/v{i}.mp4" for i in range(4)]
+  np.testing.assert_array_equal(batch["start"], np.float32([0.0, 0.5, 1.0, 1.5]))
   assert _indices(batch) == [0, 1, 2, 3]
 
 
@@ -175,7 +207,7 @@ def test_window_keeps_frames_and_audio_aligned():
   # Stored frame k has grey level k; stored sample j has value j (a time ramp).
   frames = np.stack([np.full((8, 8, 3), k, np.uint8) for k in range(16)])
   audio = np.arange(32000).astype(np.int16)
-  spec = dataclasses.replace(SPEC, num_frames=3, fps=2.)  # 1.5 s: 12 of 16 stored frames
+  spec = dataclasses.replace(SPEC, num_frames=3, fps=2.0)  # 1.5 s: 12 of 16 stored frames
   preprocessor = _preprocessor(spec)
   starts = set()
   for seed in range(30):
@@ -191,23 +223,24 @@ def test_window_keeps_frames_and_audio_aligned():
 
 
 def test_window_longer_than_the_clip_is_refused():
-  spec = dataclasses.replace(SPEC, num_frames=12, fps=4.)
-  with pytest.raises(ValueError, match='prepare clips at least 3.0 s long'):
-    _preprocessor(spec).window(SOURCE[0]['frames'], SOURCE[0]['audio'], None)
+  spec = dataclasses.replace(SPEC, num_frames=12, fps=4.0)
+  with pytest.raises(ValueError, match="prepare clips at least 3.0 s long"):
+    _preprocessor(spec).window(SOURCE[0]["frames"], SOURCE[0]["audio"], None)
 
 
 def test_normalisation_and_log_mel_of_the_eval_view():
-  stats = dataclasses.replace(STATS, video_mean=(.1, .2, .3), video_std=(.5, .5, .25),
-                              audio_mean=-4., audio_std=2.)
+  stats = dataclasses.replace(
+    STATS, video_mean=(0.1, 0.2, 0.3), video_std=(0.5, 0.5, 0.25), audio_mean=-4.0, audio_std=2.0
+  )
   frames = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3)).astype(np.uint8)
-  audio = SOURCE[0]['audio']
-  spec = dataclasses.replace(SPEC, num_frames=8, fps=4.)  # the whole 2 s clip, 16x16 frames
+  audio = SOURCE[0]["audio"]
+  spec = dataclasses.replace(SPEC, num_frames=8, fps=4.0)  # the whole 2 s clip, 16x16 frames
   view = _preprocessor(spec, stats)(frames, audio)
 
-  expected_video = (frames[::2] / 255. - np.array([.1, .2, .3])) / np.array([.5, .5, .25])
-  np.testing.assert_allclose(view['video'], expected_video, atol=1e-5)
-  expected_audio = (spectrogram.LogMel(media.MEL)(audio / 32768.) + 4.) / 2.
-  np.testing.assert_allclose(view['audio'], expected_audio, atol=1e-5)
+  expected_video = (frames[::2] / 255.0 - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.5, 0.25])
+  np.testing.assert_allclose(view["video"], expected_video, atol=1e-5)
+  expected_audio = (spectrogram.LogMel(media.MEL)(audio / 32768.0) + 4.0) / 2.0
+  np.testing.assert_allclose(view["audio"], expected_audio, atol=1e-5)
 
 
 def test_crop_and_resize_by_hand():
@@ -224,5 +257,5 @@ def test_crop_and_resize_by_hand():
 
 def test_statistics_for_other_mel_settings_are_refused():
   other = dataclasses.replace(media.MEL, n_mels=32)
-  with pytest.raises(ValueError, match='log-mel settings'):
-    pipeline.Preprocessor(dataclasses.replace(SPEC, mel=other), STATS, 8., 16000)
+  with pytest.raises(ValueError, match="log-mel settings"):
+    pipeline.Preprocessor(dataclasses.replace(SPEC, mel=other), STATS, 8.0, 16000)

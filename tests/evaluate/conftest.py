@@ -21,7 +21,7 @@ MICRO_TEST_CLIPS = 16
 
 def micro_config(data_dir, **overrides):
   """The micro config on the session's dataset, with `{"export.split": ...}`-style overrides."""
-  from configs import micro  # pylint: disable=g-import-not-at-top
+  from configs import micro
 
   config = micro.get_config()
   config.dataset.data_dir = str(data_dir)
@@ -55,11 +55,15 @@ class DirectEmbedder:
     self.model = cmvt.from_config(config)
     self.dataset = prepared.open_from_config(config.dataset, config.input)
     self.preprocessor = pipeline.Preprocessor(
-        pipeline.InputSpec.from_config(config.input), self.dataset.stored_stats,
-        self.dataset.storage.fps, self.dataset.storage.sample_rate)
+      pipeline.InputSpec.from_config(config.input),
+      self.dataset.stored_stats,
+      self.dataset.storage.fps,
+      self.dataset.storage.sample_rate,
+    )
     self.workdir = workdir
-    self._apply = jax.jit(lambda params, video, audio: self.model.apply(
-        {"params": params}, video, audio))
+    self._apply = jax.jit(
+      lambda params, video, audio: self.model.apply({"params": params}, video, audio)
+    )
 
   def params(self, step):
     return helpers.load_state(self.workdir, step)["params"]["model"]
@@ -67,19 +71,27 @@ class DirectEmbedder:
   def __call__(self, step, video, audio):
     """video `[B, T, S, S, 3]`, audio `[B, F, M]` → normalised numpy video, audio `[B, E]`."""
     out = jax.device_get(self._apply(self.params(step), video, audio))
-    return tuple(out[key] / np.linalg.norm(out[key], axis=1, keepdims=True)
-                 for key in ("video", "audio"))
+    return tuple(
+      out[key] / np.linalg.norm(out[key], axis=1, keepdims=True) for key in ("video", "audio")
+    )
 
   def split(self, step, split="test"):
     """{id: (video, audio, label, source)} of every clip of `split`."""
     source = self.dataset.source(split)
     examples = [source[i] for i in range(len(source))]
     views = [self.preprocessor(example["frames"], example["audio"]) for example in examples]
-    video, audio = self(step, np.stack([view["video"] for view in views]),
-                        np.stack([view["audio"] for view in views]))
-    return {example["id"].decode(): (video[i], audio[i], int(example["label"]),
-                                     example["source"].decode())
-            for i, example in enumerate(examples)}
+    video, audio = self(
+      step, np.stack([view["video"] for view in views]), np.stack([view["audio"] for view in views])
+    )
+    return {
+      example["id"].decode(): (
+        video[i],
+        audio[i],
+        int(example["label"]),
+        example["source"].decode(),
+      )
+      for i, example in enumerate(examples)
+    }
 
 
 @pytest.fixture(scope="session")

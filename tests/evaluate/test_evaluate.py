@@ -5,7 +5,9 @@ import numpy as np
 from cmvt_jax import evaluate
 from cmvt_jax import train
 from tests.conftest import REFERENCE_STEPS
-from tests.evaluate.conftest import MICRO_TEST_CLIPS, MICRO_TEST_FILES, micro_config
+from tests.evaluate.conftest import MICRO_TEST_CLIPS
+from tests.evaluate.conftest import MICRO_TEST_FILES
+from tests.evaluate.conftest import micro_config
 
 
 def _ranks(queries, candidates):
@@ -22,8 +24,7 @@ def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_
   config = micro_config(micro_data_dir, **{"eval.batch_size": 6, "eval.multi_clip": True})
   run = train.Run.create(config, workdir)
   restored = run.restore()
-  [results] = evaluate.Evaluator(run, run.stats()).evaluate(
-      restored.state.params["model"]).values()
+  [results] = evaluate.Evaluator(run, run.stats()).evaluate(restored.state.params["model"]).values()
   assert results["eval/num_clips"] == MICRO_TEST_CLIPS
   assert results["eval/num_videos"] == MICRO_TEST_FILES
 
@@ -35,12 +36,15 @@ def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_
   for source, v, a in zip(sources, video, audio):
     by_video.setdefault(source, []).append((v, a))
   mean = lambda rows: np.mean(rows, axis=0) / np.linalg.norm(np.mean(rows, axis=0))
-  video_level = {key: np.stack([mean([pair[index] for pair in pairs])
-                                for pairs in by_video.values()])
-                 for index, key in enumerate(("video", "audio"))}
+  video_level = {
+    key: np.stack([mean([pair[index] for pair in pairs]) for pairs in by_video.values()])
+    for index, key in enumerate(("video", "audio"))
+  }
 
-  for prefix, level in (("eval/", {"video": video, "audio": audio}),
-                        ("eval/video_level_", video_level)):
+  for prefix, level in (
+    ("eval/", {"video": video, "audio": audio}),
+    ("eval/video_level_", video_level),
+  ):
     a2v, v2a = _ranks(level["audio"], level["video"]), _ranks(level["video"], level["audio"])
     for k in (1, 5, 10):
       assert results[f"{prefix}a2v_r{k}"] == np.mean(a2v <= k), (prefix, k)

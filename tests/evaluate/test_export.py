@@ -10,7 +10,9 @@ import pytest
 from cmvt_jax import export
 from cmvt_jax.data import synthetic
 from tests.conftest import REFERENCE_STEPS
-from tests.evaluate.conftest import MICRO_TEST_CLIPS, MICRO_TEST_FILES, micro_config
+from tests.evaluate.conftest import MICRO_TEST_CLIPS
+from tests.evaluate.conftest import MICRO_TEST_FILES
+from tests.evaluate.conftest import micro_config
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +27,13 @@ def clip_export(workdir, run, micro_data_dir):
 @pytest.fixture(scope="module")
 def test_videos(tmp_path_factory):
   """The micro test split's video files, generated again (equal specs give equal files)."""
-  from configs import micro  # pylint: disable=g-import-not-at-top
+  from configs import micro
 
   spec = dataclasses.replace(
-      synthetic.SyntheticSpec.from_config(micro.get_config().dataset.synthetic),
-      train_files=0, validation_files=0)
+    synthetic.SyntheticSpec.from_config(micro.get_config().dataset.synthetic),
+    train_files=0,
+    validation_files=0,
+  )
   directory = tmp_path_factory.mktemp("micro_test_videos")
   synthetic.generate(directory, spec, num_workers=1, progress=False)
   return directory
@@ -90,10 +94,12 @@ def test_an_interrupted_export_is_not_loaded(clip_export, workdir, tmp_path):
     export.load_embeddings(tmp_path, "validation")
 
 
-def test_raw_video_files_give_the_prepared_export(clip_export, workdir, run, micro_data_dir,
-                                                  test_videos):
-  config = micro_config(micro_data_dir, **{"export.video_dir": str(test_videos),
-                                           "export.name": "raw_test"})
+def test_raw_video_files_give_the_prepared_export(
+  clip_export, workdir, run, micro_data_dir, test_videos
+):
+  config = micro_config(
+    micro_data_dir, **{"export.video_dir": str(test_videos), "export.name": "raw_test"}
+  )
   export.export_embeddings(config, str(workdir), run=run)
   rows = export.load_embeddings(workdir, "raw_test")
   assert "label" not in rows
@@ -106,16 +112,19 @@ def test_raw_video_files_give_the_prepared_export(clip_export, workdir, run, mic
   first, second = sorted(test_videos.glob("test/*/*.mp4"))[:2]
   embedded = export.embed_videos([first, second], workdir)
   assert list(embedded["source"]) == [str(first)] * 2 + [str(second)] * 2
-  relative = [f"{path.relative_to(test_videos)}@{start:.3f}"
-              for path, start in zip([first, first, second, second], embedded["start"])]
+  relative = [
+    f"{path.relative_to(test_videos)}@{start:.3f}"
+    for path, start in zip([first, first, second, second], embedded["start"])
+  ]
   index = {clip_id: i for i, clip_id in enumerate(clip_export["id"])}
   rows_of = [index[clip_id] for clip_id in relative]
   np.testing.assert_allclose(embedded["video"], clip_export["video"][rows_of], atol=1e-5)
   np.testing.assert_allclose(embedded["audio"], clip_export["audio"][rows_of], atol=1e-5)
 
 
-def test_whole_video_export_rebuilds_each_video_from_its_clips(workdir, run, micro_data_dir,
-                                                               test_videos):
+def test_whole_video_export_rebuilds_each_video_from_its_clips(
+  workdir, run, micro_data_dir, test_videos
+):
   config = micro_config(micro_data_dir, **{"export.whole_video": True})
   export.export_embeddings(config, str(workdir), run=run)
   rows = export.load_embeddings(workdir, "test_whole_video")
@@ -131,12 +140,11 @@ def test_whole_video_export_rebuilds_each_video_from_its_clips(workdir, run, mic
     np.testing.assert_allclose(from_files[key], rows[key], atol=1e-5)
 
 
-def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_data_dir,
-                                                      direct):
+def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_data_dir, direct):
   fps, sample_rate, seconds = 8, 16000, 60
   rng = np.random.default_rng(0)
   frames = rng.integers(0, 255, size=(fps * seconds, 32, 32, 3), dtype=np.uint8)
-  audio = (.3 * np.sin(2 * np.pi * 440 * np.arange(seconds * sample_rate) / sample_rate))
+  audio = 0.3 * np.sin(2 * np.pi * 440 * np.arange(seconds * sample_rate) / sample_rate)
   path = tmp_path / "minute.mp4"
   synthetic.write_mp4(path, frames, fps, audio.astype(np.float32), sample_rate)
 
@@ -147,15 +155,16 @@ def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_d
   assert list(rows["id"]) == [str(path)]
 
   # A direct forward pass over all 240 frames (no padding, no mask) gives the same numbers.
-  from cmvt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  [element] = pipeline.file_elements(path, direct.preprocessor, direct.dataset.storage,
-                                     whole_video=True)
+  from cmvt_jax.data import pipeline
+
+  [element] = pipeline.file_elements(
+    path, direct.preprocessor, direct.dataset.storage, whole_video=True
+  )
   assert element["video"].shape[0] == frames_at_input_rate
   video, audio = direct(REFERENCE_STEPS, element["video"][None], element["audio"][None])
   np.testing.assert_allclose(rows["video"], video, atol=1e-5)
   np.testing.assert_allclose(rows["audio"], audio, atol=1e-5)
 
-  config = micro_config(micro_data_dir, **{"export.whole_video": True,
-                                           "export.max_frames": 100})
+  config = micro_config(micro_data_dir, **{"export.whole_video": True, "export.max_frames": 100})
   with pytest.raises(ValueError, match=r"240 input frames .* export.max_frames=100"):
     export.embed_videos([path], workdir, config=config)

@@ -35,7 +35,7 @@ def test_linear_probe_reaches_100_percent_on_separable_embeddings():
 
   def sample(count):
     labels = rng.integers(classes, size=count)
-    x = centres[labels] + rng.normal(scale=.3, size=(count, dim))
+    x = centres[labels] + rng.normal(scale=0.3, size=(count, dim))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
 
   train_x, train_y = sample(200)
@@ -44,8 +44,9 @@ def test_linear_probe_reaches_100_percent_on_separable_embeddings():
 
 
 def test_knn_votes_by_similarity_over_the_k_nearest():
-  train_x = _unit([.9, np.sqrt(1 - .81)], [.5, np.sqrt(.75)], [.45, -np.sqrt(1 - .2025)],
-                  [-1, 0])
+  train_x = _unit(
+    [0.9, np.sqrt(1 - 0.81)], [0.5, np.sqrt(0.75)], [0.45, -np.sqrt(1 - 0.2025)], [-1, 0]
+  )
   train_y = np.array([1, 0, 0, 1])
   test_x = _unit([1, 0])
   # k=3: neighbours score .9 (label 1), .5 and .45 (label 0): label 0 wins .95 to .9,
@@ -59,10 +60,10 @@ def test_knn_votes_by_similarity_over_the_k_nearest():
 def test_video_level_averages_the_clips_of_each_video():
   sources = ["b.mp4", "a.mp4", "b.mp4", "c.mp4"]
   embedded = {
-      "video": _unit([1, 0], [0, 1], [0, 1], [1, 1]),
-      "audio": _unit([1, 0], [1, 0], [1, 0], [0, 1]),
-      "label": np.array([3, 5, 3, 7]),
-      "source_key": evaluate.source_keys(sources),
+    "video": _unit([1, 0], [0, 1], [0, 1], [1, 1]),
+    "audio": _unit([1, 0], [1, 0], [1, 0], [0, 1]),
+    "label": np.array([3, 5, 3, 7]),
+    "source_key": evaluate.source_keys(sources),
   }
   videos = evaluate.video_level(embedded)
   # Videos in the order of their first clip: b (clips 0, 2), a, c.

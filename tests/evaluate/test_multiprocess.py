@@ -7,14 +7,20 @@ import numpy as np
 
 from cmvt_jax import export
 from tests import helpers
-from tests.evaluate.conftest import MICRO_TEST_CLIPS, micro_config
+from tests.evaluate.conftest import MICRO_TEST_CLIPS
+from tests.evaluate.conftest import micro_config
 
 
 def test_two_process_run_exports_and_plots_at_the_end(tmp_path, micro_data_dir):
   workdir = tmp_path / "run"
   processes = helpers.start_processes(
-      workdir, 2, "--config.total_steps=1", "--config.export.at_end=True",
-      "--config.plots.at_end=True", data_dir=micro_data_dir)
+    workdir,
+    2,
+    "--config.total_steps=1",
+    "--config.export.at_end=True",
+    "--config.plots.at_end=True",
+    data_dir=micro_data_dir,
+  )
   helpers.finish_all(processes)
 
   folder = workdir / "embeddings" / "test"
@@ -35,5 +41,9 @@ def test_two_process_run_exports_and_plots_at_the_end(tmp_path, micro_data_dir):
     np.testing.assert_allclose(union[key], single[key], atol=1e-5)
 
   written = sorted(path.name for path in (workdir / "plots").iterdir())
-  assert written == ["attention.png", "embeddings_pca.png", "similarity_matrix.png",
-                     "training_curves.png"]
+  assert written == [
+    "attention.png",
+    "embeddings_pca.png",
+    "similarity_matrix.png",
+    "training_curves.png",
+  ]

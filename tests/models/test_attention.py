@@ -44,13 +44,21 @@ def global_mask_at(batch, length, rows):
   return jnp.asarray(mask)
 
 
-def assert_matches_dense(shape, window, dilation=1, global_mask=None, kv_mask=None,
-                         max_global=None, atol=1e-5):
+def assert_matches_dense(
+  shape, window, dilation=1, global_mask=None, kv_mask=None, max_global=None, atol=1e-5
+):
   """Outputs and q/k/v gradients of banded_attention equal the dense reference."""
   q, k, v, cotangent = random_qkv(0, shape)
   banded = lambda q, k, v: banded_attention(
-      q, k, v, window=window, dilation=dilation, global_mask=global_mask,
-      max_global=max_global, kv_mask=kv_mask)
+    q,
+    k,
+    v,
+    window=window,
+    dilation=dilation,
+    global_mask=global_mask,
+    max_global=max_global,
+    kv_mask=kv_mask,
+  )
   dense = lambda q, k, v: dense_reference(q, k, v, window, dilation, global_mask, kv_mask)
   np.testing.assert_allclose(jax.jit(banded)(q, k, v), dense(q, k, v), atol=atol)
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cotangent)
@@ -86,8 +94,12 @@ def test_global_tokens_with_dilation_and_padding():
   kv_mask[0, 60:] = False
   kv_mask[1, [3, 10, 11]] = False
   assert_matches_dense(
-      (2, length, 4, 8), window=3, dilation=(1, 2, 3, 4),
-      global_mask=global_mask_at(2, length, [[0, 40], [76]]), kv_mask=jnp.asarray(kv_mask))
+    (2, length, 4, 8),
+    window=3,
+    dilation=(1, 2, 3, 4),
+    global_mask=global_mask_at(2, length, [[0, 40], [76]]),
+    kv_mask=jnp.asarray(kv_mask),
+  )
 
 
 def test_kv_padding_matches_dense():
@@ -137,8 +149,9 @@ def test_many_loop_steps_match_dense(monkeypatch):
   assert_matches_dense((1, 300, 2, 8), window=32, global_mask=global_mask_at(1, 300, [[150]]))
   monkeypatch.setattr(attention, "_BLOCK_SCORE_ELEMENTS", 3 * 2 * 2 * 32 * 32 * 3)
   # 11 chunks in steps of 3: the last step is moved back and recomputes one chunk.
-  assert_matches_dense((2, 333, 2, 8), window=32,
-                       kv_mask=jnp.broadcast_to(jnp.arange(333) < 320, (2, 333)))
+  assert_matches_dense(
+    (2, 333, 2, 8), window=32, kv_mask=jnp.broadcast_to(jnp.arange(333) < 320, (2, 333))
+  )
   assert_matches_dense((1, 333, 2, 8), window=16, dilation=(1, 3))
 
 
@@ -148,12 +161,14 @@ def test_half_precision_inputs_within_tolerance(dtype, atol):
   q, k, v, _ = random_qkv(4, (2, 160, 2, 16))
   mask = global_mask_at(2, 160, [[0], [80]])
   got = jax.jit(lambda q, k, v: banded_attention(q, k, v, window=12, global_mask=mask))(
-      *(x.astype(dtype) for x in (q, k, v)))
+    *(x.astype(dtype) for x in (q, k, v))
+  )
   assert got.dtype == dtype
   want = dense_reference(q, k, v, 12, global_mask=mask)
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=atol)
-  grads = jax.jit(jax.grad(
-      lambda q: banded_attention(q, q, q, window=12).astype(jnp.float32).sum()))(q.astype(dtype))
+  grads = jax.jit(
+    jax.grad(lambda q: banded_attention(q, q, q, window=12).astype(jnp.float32).sum())
+  )(q.astype(dtype))
   assert np.all(np.isfinite(np.asarray(grads, np.float32)))
 
 
@@ -185,8 +200,9 @@ def test_jit_with_traced_global_mask_needs_max_global():
   q, k, v, _ = random_qkv(7, (2, 60, 2, 8))
   mask = global_mask_at(2, 60, [[0, 59], [30]])
   jitted = jax.jit(lambda q, m: banded_attention(q, k, v, window=4, global_mask=m, max_global=2))
-  np.testing.assert_allclose(jitted(q, mask), dense_reference(q, k, v, 4, global_mask=mask),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    jitted(q, mask), dense_reference(q, k, v, 4, global_mask=mask), atol=1e-5
+  )
   with pytest.raises(ValueError, match="max_global"):
     jax.jit(lambda q, m: banded_attention(q, k, v, window=4, global_mask=m))(q, mask)
 
@@ -208,14 +224,17 @@ def test_vmap_and_remat():
   np.testing.assert_allclose(got, want, atol=1e-5)
   loss = lambda q: jnp.sum(jax.checkpoint(f)(q, k[0], v[0], mask[0]) ** 2)
   plain = lambda q: jnp.sum(f(q, k[0], v[0], mask[0]) ** 2)
-  np.testing.assert_allclose(jax.jit(jax.grad(loss))(q[0]), jax.jit(jax.grad(plain))(q[0]),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(jax.grad(loss))(q[0]), jax.jit(jax.grad(plain))(q[0]), atol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------- bad arguments
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(q=jnp.zeros((2, 10, 8))), r"q must have rank 4.*\(2, 10, 8\)"),
     (dict(k=jnp.zeros((2, 11, 2, 4))), r"same shape.*k \(2, 11, 2, 4\)"),
     (dict(v=jnp.zeros((2, 10, 2, 4), jnp.bfloat16)), "share a dtype"),
@@ -228,10 +247,12 @@ def test_vmap_and_remat():
     (dict(global_mask=jnp.ones((10,), bool)), r"global_mask must have shape.*\(10,\)"),
     (dict(global_mask=jnp.ones((2, 10), bool), max_global=3), "raise max_global to at least"),
     (dict(global_mask=jnp.ones((2, 10), bool), max_global=-1), "max_global must be"),
-])
+  ],
+)
 def test_bad_arguments_raise_clear_errors(kwargs, match):
-  args = dict(q=jnp.zeros((2, 10, 2, 4)), k=jnp.zeros((2, 10, 2, 4)), v=jnp.zeros((2, 10, 2, 4)),
-              window=2)
+  args = dict(
+    q=jnp.zeros((2, 10, 2, 4)), k=jnp.zeros((2, 10, 2, 4)), v=jnp.zeros((2, 10, 2, 4)), window=2
+  )
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     banded_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
@@ -280,20 +301,32 @@ def _dot_flops(jaxpr) -> int:
 def test_no_intermediate_grows_as_length_squared():
   length = 16384
   jaxpr = _forward_backward_jaxpr(length)
-  biggest = max(math.prod(getattr(var.aval, "shape", ())) for eqn, _ in _walk(jaxpr)
-                for var in eqn.outvars)
+  biggest = max(
+    math.prod(getattr(var.aval, "shape", ())) for eqn, _ in _walk(jaxpr) for var in eqn.outvars
+  )
   # Linear tensors ([T, heads, head_dim] ≈ T·512 here) stay far below T²/8; one T×T score
   # matrix of a single head would not.
   assert biggest < length**2 // 8, f"an intermediate has {biggest} elements"
 
   x = jax.ShapeDtypeStruct((1, length, 8, 64), jnp.float32)
   mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
-  hlo = jax.jit(jax.grad(
-      lambda q, k, v, g: jnp.sum(banded_attention(q, k, v, window=128, global_mask=g,
-                                                  max_global=2) ** 2),
-      argnums=(0, 1, 2))).lower(x, x, x, mask).compile().as_text()
-  sizes = [math.prod(int(d) for d in dims.split(",") if d)
-           for dims in re.findall(r"(?:f32|bf16|f16|s32|pred|u8|s8|u32)\[([0-9,]*)\]", hlo)]
+  hlo = (
+    jax.jit(
+      jax.grad(
+        lambda q, k, v, g: jnp.sum(
+          banded_attention(q, k, v, window=128, global_mask=g, max_global=2) ** 2
+        ),
+        argnums=(0, 1, 2),
+      )
+    )
+    .lower(x, x, x, mask)
+    .compile()
+    .as_text()
+  )
+  sizes = [
+    math.prod(int(d) for d in dims.split(",") if d)
+    for dims in re.findall(r"(?:f32|bf16|f16|s32|pred|u8|s8|u32)\[([0-9,]*)\]", hlo)
+  ]
   assert max(sizes) < length**2 // 8, f"a compiled buffer has {max(sizes)} elements"
 
 

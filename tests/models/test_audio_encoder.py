@@ -11,45 +11,53 @@ from cmvt_jax.models import temporal_encoder
 
 def cnn_tower(num_layers=1):
   return audio_encoder.AudioEncoder(
-      backbone=frame_encoder.ResNet(stem_width=8, stage_widths=(8,), blocks_per_stage=(1,),
-                                    stage_strides=((2, 4),), norm_groups=4),
-      temporal=temporal_encoder.TemporalEncoder(width=16, num_layers=num_layers, num_heads=2,
-                                                mlp_dim=32, windows=(2,)))
+    backbone=frame_encoder.ResNet(
+      stem_width=8, stage_widths=(8,), blocks_per_stage=(1,), stage_strides=((2, 4),), norm_groups=4
+    ),
+    temporal=temporal_encoder.TemporalEncoder(
+      width=16, num_layers=num_layers, num_heads=2, mlp_dim=32, windows=(2,)
+    ),
+  )
 
 
 def test_cnn_tower_keeps_time_and_folds_the_remaining_frequency_bins():
   tower = cnn_tower()
   log_mel = jax.random.normal(jax.random.key(0), (2, 16, 16))
-  params = jax.jit(tower.init)(jax.random.key(1), log_mel)['params']
+  params = jax.jit(tower.init)(jax.random.key(1), log_mel)["params"]
   # Frequency 16 → 4 bins of 8 channels, folded into 32 inputs per time step (16 → 8 steps).
-  assert params['temporal']['input_projection']['kernel'].shape == (4 * 8, 16)
+  assert params["temporal"]["input_projection"]["kernel"].shape == (4 * 8, 16)
   apply = jax.jit(tower.apply)
-  out = apply({'params': params}, log_mel)
+  out = apply({"params": params}, log_mel)
   assert out.shape == (2, 16)
   # A note moved to another mel bin (same time, same energy) changes the embedding.
   moved = log_mel.at[:, 4:6].set(jnp.roll(log_mel[:, 4:6], 6, axis=-1))
-  assert float(jnp.abs(apply({'params': params}, moved) - out).max()) > 1e-4
+  assert float(jnp.abs(apply({"params": params}, moved) - out).max()) > 1e-4
 
 
 def test_patch_transformer_embeds_clips_of_any_length():
-  tower = audio_encoder.AudioEncoder(backbone=frame_encoder.ViT(
-      patch_size=(4, 8), width=16, depth=1, num_heads=2, mlp_dim=32, posemb='sincos2d'))
+  tower = audio_encoder.AudioEncoder(
+    backbone=frame_encoder.ViT(
+      patch_size=(4, 8), width=16, depth=1, num_heads=2, mlp_dim=32, posemb="sincos2d"
+    )
+  )
   params = jax.jit(tower.init)(jax.random.key(0), jnp.zeros((1, 16, 16)))
-  assert 'posembed_input' not in params['params']['backbone']['Transformer']  # no table
+  assert "posembed_input" not in params["params"]["backbone"]["Transformer"]  # no table
   for frames in (16, 40):
     out = tower.apply(params, jax.random.normal(jax.random.key(frames), (2, frames, 16)))
     assert out.shape == (2, 16) and bool(jnp.all(jnp.isfinite(out)))
 
 
 def test_audio_tower_rejects_bad_input_and_wiring():
-  with pytest.raises(ValueError, match=r'\[B, frames, n_mels\]'):
+  with pytest.raises(ValueError, match=r"\[B, frames, n_mels\]"):
     cnn_tower().init(jax.random.key(0), jnp.zeros((16, 16)))
   no_temporal = audio_encoder.AudioEncoder(backbone=cnn_tower().backbone)
-  with pytest.raises(ValueError, match='needs a temporal encoder'):
+  with pytest.raises(ValueError, match="needs a temporal encoder"):
     no_temporal.init(jax.random.key(0), jnp.zeros((1, 16, 16)))
   vit_with_temporal = audio_encoder.AudioEncoder(
-      backbone=frame_encoder.ViT(patch_size=4, width=8, depth=1, num_heads=2, mlp_dim=8,
-                                 posemb='sincos2d'),
-      temporal=cnn_tower().temporal)
-  with pytest.raises(ValueError, match='no temporal encoder'):
+    backbone=frame_encoder.ViT(
+      patch_size=4, width=8, depth=1, num_heads=2, mlp_dim=8, posemb="sincos2d"
+    ),
+    temporal=cnn_tower().temporal,
+  )
+  with pytest.raises(ValueError, match="no temporal encoder"):
     vit_with_temporal.init(jax.random.key(0), jnp.zeros((1, 16, 16)))

@@ -23,8 +23,10 @@ from configs import vtn_base
 def shapes(config):
   inputs = config.input
   audio_frames = round(inputs.num_frames / inputs.fps * inputs.sample_rate) // inputs.hop_length
-  return ((inputs.num_frames, inputs.frame_size, inputs.frame_size, 3),
-          (audio_frames, inputs.n_mels))
+  return (
+    (inputs.num_frames, inputs.frame_size, inputs.frame_size, 3),
+    (audio_frames, inputs.n_mels),
+  )
 
 
 def xla_forward_flops_per_clip(config, batch=2):
@@ -35,7 +37,7 @@ def xla_forward_flops_per_clip(config, batch=2):
   audio = jax.ShapeDtypeStruct((batch,) + audio_shape, jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), video, audio)
   compiled = jax.jit(model.apply).lower(params, video, audio).compile()
-  return compiled.cost_analysis()['flops'] / batch
+  return compiled.cost_analysis()["flops"] / batch
 
 
 def analytic(config):
@@ -55,21 +57,22 @@ def vit_frames_cnn_audio():
 
 def resnet_frames_patch_audio_with_classifier():
   config = default.get_config()
-  config.model.video.frame_encoder = 'resnet'
-  config.model.audio.backbone = 'patch_transformer'
+  config.model.video.frame_encoder = "resnet"
+  config.model.audio.backbone = "patch_transformer"
   config.model.num_classes = 7
   return whole_sequence_windows(config)
 
 
 def base_sized():
   config = vtn_base.get_config()
-  config.model.dtype = 'float32'
+  config.model.dtype = "float32"
   config.input.num_frames = 2  # the frame encoder dominates; two frames keep the compile small
   return whole_sequence_windows(config)
 
 
-@pytest.mark.parametrize('make_config', [vit_frames_cnn_audio,
-                                         resnet_frames_patch_audio_with_classifier, base_sized])
+@pytest.mark.parametrize(
+  "make_config", [vit_frames_cnn_audio, resnet_frames_patch_audio_with_classifier, base_sized]
+)
 def test_forward_flops_match_xla_within_15_percent(make_config):
   config = make_config()
   expected = xla_forward_flops_per_clip(config)
@@ -92,9 +95,11 @@ def test_vit_b16_frame_is_35_gflops():
   assert per_frame == pytest.approx(2 * 17.56e9, rel=0.01)
 
 
-@pytest.mark.parametrize('length, window, dilation', [(9, 4, 1), (17, 9, 1), (40, 3, 2),
-                                                      (5, 8, 3)])
+@pytest.mark.parametrize("length, window, dilation", [(9, 4, 1), (17, 9, 1), (40, 3, 2), (5, 8, 3)])
 def test_band_pairs_match_a_brute_force_count(length, window, dilation):
-  brute = sum(1 for i, j in itertools.product(range(length), repeat=2)
-              if abs(i - j) <= window * dilation and (i - j) % dilation == 0)
+  brute = sum(
+    1
+    for i, j in itertools.product(range(length), repeat=2)
+    if abs(i - j) <= window * dilation and (i - j) % dilation == 0
+  )
   assert flops.band_pairs(length, window, dilation) == brute

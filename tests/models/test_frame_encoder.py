@@ -9,7 +9,7 @@ import pytest
 
 from cmvt_jax.models import frame_encoder
 
-POSEMB = 'Transformer/posembed_input/pos_embedding'
+POSEMB = "Transformer/posembed_input/pos_embedding"
 
 
 def count(tree) -> int:
@@ -29,8 +29,9 @@ def test_vit_b16_parameter_count():
   image = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   vit = frame_encoder.ViT(patch_size=16, width=d, depth=depth, num_heads=12, mlp_dim=mlp)
   assert count(jax.eval_shape(vit.init, jax.random.key(0), image)) == by_hand
-  with_head = frame_encoder.ViT(patch_size=16, width=d, depth=depth, num_heads=12, mlp_dim=mlp,
-                                num_classes=1000)
+  with_head = frame_encoder.ViT(
+    patch_size=16, width=d, depth=depth, num_heads=12, mlp_dim=mlp, num_classes=1000
+  )
   params = jax.eval_shape(with_head.init, jax.random.key(0), image)
   assert count(params) == by_hand + d * 1000 + 1000 == 86_567_656
   assert jax.eval_shape(with_head.apply, params, image).shape == (1, 1000)
@@ -45,74 +46,96 @@ def release_checkpoint(depth, grid, *, seed=0, extras=True):
   """A ViT checkpoint in the Google ViT/AugReg .npz layout, written out by hand."""
   rng = np.random.default_rng(seed)
   d, h = WIDTH, HEADS
-  shapes = {'embedding/kernel': (PATCH, PATCH, 3, d), 'embedding/bias': (d,), 'cls': (1, 1, d),
-            POSEMB: (1, 1 + grid * grid, d),
-            'Transformer/encoder_norm/scale': (d,), 'Transformer/encoder_norm/bias': (d,)}
+  shapes = {
+    "embedding/kernel": (PATCH, PATCH, 3, d),
+    "embedding/bias": (d,),
+    "cls": (1, 1, d),
+    POSEMB: (1, 1 + grid * grid, d),
+    "Transformer/encoder_norm/scale": (d,),
+    "Transformer/encoder_norm/bias": (d,),
+  }
   for i in range(depth):
-    block = f'Transformer/encoderblock_{i}/'
-    attention = block + 'MultiHeadDotProductAttention_1/'
-    for name in ('query', 'key', 'value'):
-      shapes[f'{attention}{name}/kernel'] = (d, h, d // h)
-      shapes[f'{attention}{name}/bias'] = (h, d // h)
-    shapes[attention + 'out/kernel'] = (h, d // h, d)
-    shapes[attention + 'out/bias'] = (d,)
-    for norm in ('LayerNorm_0', 'LayerNorm_2'):
-      shapes[f'{block}{norm}/scale'] = shapes[f'{block}{norm}/bias'] = (d,)
-    shapes[block + 'MlpBlock_3/Dense_0/kernel'] = (d, MLP)
-    shapes[block + 'MlpBlock_3/Dense_0/bias'] = (MLP,)
-    shapes[block + 'MlpBlock_3/Dense_1/kernel'] = (MLP, d)
-    shapes[block + 'MlpBlock_3/Dense_1/bias'] = (d,)
+    block = f"Transformer/encoderblock_{i}/"
+    attention = block + "MultiHeadDotProductAttention_1/"
+    for name in ("query", "key", "value"):
+      shapes[f"{attention}{name}/kernel"] = (d, h, d // h)
+      shapes[f"{attention}{name}/bias"] = (h, d // h)
+    shapes[attention + "out/kernel"] = (h, d // h, d)
+    shapes[attention + "out/bias"] = (d,)
+    for norm in ("LayerNorm_0", "LayerNorm_2"):
+      shapes[f"{block}{norm}/scale"] = shapes[f"{block}{norm}/bias"] = (d,)
+    shapes[block + "MlpBlock_3/Dense_0/kernel"] = (d, MLP)
+    shapes[block + "MlpBlock_3/Dense_0/bias"] = (MLP,)
+    shapes[block + "MlpBlock_3/Dense_1/kernel"] = (MLP, d)
+    shapes[block + "MlpBlock_3/Dense_1/bias"] = (d,)
   if extras:  # a classifier and a pre-logits layer, as in ImageNet-21k releases
-    shapes.update({'head/kernel': (d, 5), 'head/bias': (5,), 'pre_logits/kernel': (d, d),
-                   'pre_logits/bias': (d,)})
-  return {name: (rng.normal(size=shape) * 0.5).astype(np.float32)
-          for name, shape in shapes.items()}
+    shapes.update(
+      {
+        "head/kernel": (d, 5),
+        "head/bias": (5,),
+        "pre_logits/kernel": (d, d),
+        "pre_logits/bias": (d,),
+      }
+    )
+  return {name: (rng.normal(size=shape) * 0.5).astype(np.float32) for name, shape in shapes.items()}
 
 
 def numpy_vit(weights, image, depth):
   """The ViT forward written from the layout: features of one image [H, W, 3] → [D]."""
+
   def layer_norm(x, prefix):
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + 1e-6) * weights[prefix + '/scale'] + weights[prefix + '/bias']
+    return (x - mean) / np.sqrt(var + 1e-6) * weights[prefix + "/scale"] + weights[prefix + "/bias"]
 
   def gelu(x):  # tanh approximation (flax's default, as in the released models)
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
   rows, cols = image.shape[0] // PATCH, image.shape[1] // PATCH
   patches = image.reshape(rows, PATCH, cols, PATCH, 3).transpose(0, 2, 1, 3, 4)
-  x = patches.reshape(rows * cols, -1) @ weights['embedding/kernel'].reshape(-1, WIDTH)
-  x = np.concatenate([weights['cls'][0], x + weights['embedding/bias']]) + weights[POSEMB][0]
+  x = patches.reshape(rows * cols, -1) @ weights["embedding/kernel"].reshape(-1, WIDTH)
+  x = np.concatenate([weights["cls"][0], x + weights["embedding/bias"]]) + weights[POSEMB][0]
   for i in range(depth):
-    block = f'Transformer/encoderblock_{i}/'
-    attention = block + 'MultiHeadDotProductAttention_1/'
-    y = layer_norm(x, block + 'LayerNorm_0')
-    q, k, v = (np.einsum('sd,dhk->shk', y, weights[f'{attention}{n}/kernel'])
-               + weights[f'{attention}{n}/bias'] for n in ('query', 'key', 'value'))
-    scores = np.einsum('shk,thk->hst', q, k) / np.sqrt(WIDTH // HEADS)
+    block = f"Transformer/encoderblock_{i}/"
+    attention = block + "MultiHeadDotProductAttention_1/"
+    y = layer_norm(x, block + "LayerNorm_0")
+    q, k, v = (
+      np.einsum("sd,dhk->shk", y, weights[f"{attention}{n}/kernel"])
+      + weights[f"{attention}{n}/bias"]
+      for n in ("query", "key", "value")
+    )
+    scores = np.einsum("shk,thk->hst", q, k) / np.sqrt(WIDTH // HEADS)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    o = np.einsum('hst,thk->shk', probs, v)
-    x = x + np.einsum('shk,hkd->sd', o, weights[attention + 'out/kernel']) + weights[
-        attention + 'out/bias']
-    y = layer_norm(x, block + 'LayerNorm_2')
-    y = gelu(y @ weights[block + 'MlpBlock_3/Dense_0/kernel'] + weights[
-        block + 'MlpBlock_3/Dense_0/bias'])
-    x = x + y @ weights[block + 'MlpBlock_3/Dense_1/kernel'] + weights[
-        block + 'MlpBlock_3/Dense_1/bias']
-  return layer_norm(x, 'Transformer/encoder_norm')[0]
+    o = np.einsum("hst,thk->shk", probs, v)
+    x = (
+      x
+      + np.einsum("shk,hkd->sd", o, weights[attention + "out/kernel"])
+      + weights[attention + "out/bias"]
+    )
+    y = layer_norm(x, block + "LayerNorm_2")
+    y = gelu(
+      y @ weights[block + "MlpBlock_3/Dense_0/kernel"] + weights[block + "MlpBlock_3/Dense_0/bias"]
+    )
+    x = (
+      x
+      + y @ weights[block + "MlpBlock_3/Dense_1/kernel"]
+      + weights[block + "MlpBlock_3/Dense_1/bias"]
+    )
+  return layer_norm(x, "Transformer/encoder_norm")[0]
 
 
 def small_vit(depth, image_size):
-  return frame_encoder.ViT(patch_size=PATCH, width=WIDTH, depth=depth, num_heads=HEADS,
-                           mlp_dim=MLP, image_size=image_size)
+  return frame_encoder.ViT(
+    patch_size=PATCH, width=WIDTH, depth=depth, num_heads=HEADS, mlp_dim=MLP, image_size=image_size
+  )
 
 
 def target_params(vit, image_size):
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(vit.init, jax.random.key(0), image)['params']
+  return jax.eval_shape(vit.init, jax.random.key(0), image)["params"]
 
 
-def write(tmp_path, weights, name='vit.npz'):
+def write(tmp_path, weights, name="vit.npz"):
   path = tmp_path / name
   np.savez(path, **weights)
   return str(path)
@@ -121,10 +144,11 @@ def write(tmp_path, weights, name='vit.npz'):
 def test_checkpoint_loads_into_a_vit_that_matches_the_numpy_reference(tmp_path):
   weights = release_checkpoint(depth=2, grid=2)
   vit = small_vit(depth=2, image_size=8)
-  params = frame_encoder.load_vit_checkpoint(write(tmp_path, weights), target_params(vit, 8),
-                                             grid=vit.table_grid())
+  params = frame_encoder.load_vit_checkpoint(
+    write(tmp_path, weights), target_params(vit, 8), grid=vit.table_grid()
+  )
   images = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
-  features = vit.apply({'params': params}, images)
+  features = vit.apply({"params": params}, images)
   for image, feature in zip(images, features):
     np.testing.assert_allclose(feature, numpy_vit(weights, image, depth=2), atol=2e-4)
 
@@ -134,17 +158,21 @@ def test_checkpoint_position_grid_is_resized_to_the_model(tmp_path):
   grid_entries = np.linspace(-1, 1, WIDTH, dtype=np.float32)  # constant over the grid
   weights[POSEMB][0, 1:] = grid_entries
   vit = small_vit(depth=1, image_size=12)  # a 3x3 grid
-  params = frame_encoder.load_vit_checkpoint(write(tmp_path, weights), target_params(vit, 12),
-                                             grid=vit.table_grid())
-  table = params['Transformer']['posembed_input']['pos_embedding']
+  params = frame_encoder.load_vit_checkpoint(
+    write(tmp_path, weights), target_params(vit, 12), grid=vit.table_grid()
+  )
+  table = params["Transformer"]["posembed_input"]["pos_embedding"]
   assert table.shape == (1, 10, WIDTH)
   np.testing.assert_allclose(table[0, 0], weights[POSEMB][0, 0])  # the CLS entry is kept
   np.testing.assert_allclose(table[0, 1:], np.broadcast_to(grid_entries, (9, WIDTH)), atol=1e-6)
 
   image = np.random.default_rng(2).normal(size=(12, 12, 3)).astype(np.float32)
   reference_weights = dict(weights, **{POSEMB: np.asarray(table)})
-  np.testing.assert_allclose(vit.apply({'params': params}, image[None])[0],
-                             numpy_vit(reference_weights, image, depth=1), atol=2e-4)
+  np.testing.assert_allclose(
+    vit.apply({"params": params}, image[None])[0],
+    numpy_vit(reference_weights, image, depth=1),
+    atol=2e-4,
+  )
 
 
 def test_position_table_is_resized_for_other_frame_sizes_at_apply_time(tmp_path):
@@ -152,85 +180,115 @@ def test_position_table_is_resized_for_other_frame_sizes_at_apply_time(tmp_path)
   weights = release_checkpoint(depth=1, grid=2)
   weights[POSEMB][0, 1:] = np.linspace(-1, 1, WIDTH, dtype=np.float32)  # grid-constant
   vit = small_vit(depth=1, image_size=8)
-  params = frame_encoder.load_vit_checkpoint(write(tmp_path, weights), target_params(vit, 8),
-                                             grid=vit.table_grid())
+  params = frame_encoder.load_vit_checkpoint(
+    write(tmp_path, weights), target_params(vit, 8), grid=vit.table_grid()
+  )
   image = np.random.default_rng(3).normal(size=(16, 16, 3)).astype(np.float32)
   big_table = np.concatenate(
-      [weights[POSEMB][:, :1], np.broadcast_to(weights[POSEMB][:, 1:2], (1, 16, WIDTH))], 1)
-  np.testing.assert_allclose(vit.apply({'params': params}, image[None])[0],
-                             numpy_vit(dict(weights, **{POSEMB: big_table}), image, depth=1),
-                             atol=2e-4)
+    [weights[POSEMB][:, :1], np.broadcast_to(weights[POSEMB][:, 1:2], (1, 16, WIDTH))], 1
+  )
+  np.testing.assert_allclose(
+    vit.apply({"params": params}, image[None])[0],
+    numpy_vit(dict(weights, **{POSEMB: big_table}), image, depth=1),
+    atol=2e-4,
+  )
 
 
 def test_checkpoint_head_is_loaded_when_the_model_has_one(tmp_path):
   weights = release_checkpoint(depth=1, grid=2)
-  vit = frame_encoder.ViT(patch_size=PATCH, width=WIDTH, depth=1, num_heads=HEADS, mlp_dim=MLP,
-                          image_size=8, num_classes=5)
-  params = frame_encoder.load_vit_checkpoint(write(tmp_path, weights), target_params(vit, 8),
-                                             grid=vit.table_grid())
-  np.testing.assert_array_equal(params['head']['kernel'], weights['head/kernel'])
+  vit = frame_encoder.ViT(
+    patch_size=PATCH,
+    width=WIDTH,
+    depth=1,
+    num_heads=HEADS,
+    mlp_dim=MLP,
+    image_size=8,
+    num_classes=5,
+  )
+  params = frame_encoder.load_vit_checkpoint(
+    write(tmp_path, weights), target_params(vit, 8), grid=vit.table_grid()
+  )
+  np.testing.assert_array_equal(params["head"]["kernel"], weights["head/kernel"])
 
 
-@pytest.mark.parametrize('change, expected', [
-    ('drop', ['missing (1)', 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias']),
-    ('reshape', ['mis-shaped (1)', 'Transformer/encoderblock_0/LayerNorm_2/scale',
-                 'checkpoint (7,)', 'model (8,)']),
-    ('deeper', ['unexpected', 'Transformer/encoderblock_1/LayerNorm_0/scale']),
-])
+@pytest.mark.parametrize(
+  "change, expected",
+  [
+    ("drop", ["missing (1)", "Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias"]),
+    (
+      "reshape",
+      [
+        "mis-shaped (1)",
+        "Transformer/encoderblock_0/LayerNorm_2/scale",
+        "checkpoint (7,)",
+        "model (8,)",
+      ],
+    ),
+    ("deeper", ["unexpected", "Transformer/encoderblock_1/LayerNorm_0/scale"]),
+  ],
+)
 def test_checkpoint_errors_name_the_parameter(tmp_path, change, expected):
-  weights = release_checkpoint(depth=2 if change == 'deeper' else 1, grid=2)
-  if change == 'drop':
-    del weights['Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias']
-  if change == 'reshape':
-    weights['Transformer/encoderblock_0/LayerNorm_2/scale'] = np.ones(7, np.float32)
+  weights = release_checkpoint(depth=2 if change == "deeper" else 1, grid=2)
+  if change == "drop":
+    del weights["Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias"]
+  if change == "reshape":
+    weights["Transformer/encoderblock_0/LayerNorm_2/scale"] = np.ones(7, np.float32)
   vit = small_vit(depth=1, image_size=8)
   with pytest.raises(ValueError) as error:
-    frame_encoder.load_vit_checkpoint(write(tmp_path, weights), target_params(vit, 8),
-                                      grid=vit.table_grid())
+    frame_encoder.load_vit_checkpoint(
+      write(tmp_path, weights), target_params(vit, 8), grid=vit.table_grid()
+    )
   for text in expected:
     assert text in str(error.value)
 
 
 def test_checkpoint_errors_for_a_missing_file_and_a_non_square_table(tmp_path):
   vit = small_vit(depth=1, image_size=8)
-  with pytest.raises(ValueError, match='does not exist'):
-    frame_encoder.load_vit_checkpoint(str(tmp_path / 'nope.npz'), target_params(vit, 8),
-                                      grid=(2, 2))
+  with pytest.raises(ValueError, match="does not exist"):
+    frame_encoder.load_vit_checkpoint(
+      str(tmp_path / "nope.npz"), target_params(vit, 8), grid=(2, 2)
+    )
   weights = release_checkpoint(depth=1, grid=2)
   weights[POSEMB] = np.zeros((1, 1 + 6, WIDTH), np.float32)
-  with pytest.raises(ValueError, match=r'1 \+ g·g'):
-    frame_encoder.load_vit_checkpoint(write(tmp_path, weights), target_params(vit, 8),
-                                      grid=(2, 2))
+  with pytest.raises(ValueError, match=r"1 \+ g·g"):
+    frame_encoder.load_vit_checkpoint(write(tmp_path, weights), target_params(vit, 8), grid=(2, 2))
 
 
 # ----------------------------------------------------------------------------- ResNet
 
 
 def test_resnet_shapes_and_parameter_count():
-  resnet = frame_encoder.ResNet(stem_width=8, stage_widths=(8, 16), blocks_per_stage=(1, 2),
-                                stage_strides=((1, 1), (2, 1)), norm_groups=4)
+  resnet = frame_encoder.ResNet(
+    stem_width=8,
+    stage_widths=(8, 16),
+    blocks_per_stage=(1, 2),
+    stage_strides=((1, 1), (2, 1)),
+    norm_groups=4,
+  )
   images = jnp.ones((3, 10, 6, 3))
   params = resnet.init(jax.random.key(0), images)
   assert resnet.apply(params, images).shape == (3, 16)
   assert resnet.apply(params, images, method=resnet.feature_map).shape == (3, 5, 6, 16)
   norm = lambda c: 2 * c
   stem = 9 * 3 * 8 + norm(8)
-  block = lambda c_in, c: 9 * c_in * c + 9 * c * c + 2 * norm(c) + (
-      (c_in * c + norm(c)) if (c_in != c) else 0)
+  block = lambda c_in, c: (
+    9 * c_in * c + 9 * c * c + 2 * norm(c) + ((c_in * c + norm(c)) if (c_in != c) else 0)
+  )
   stage_2_first = 9 * 8 * 16 + 9 * 16 * 16 + 2 * norm(16) + 8 * 16 + norm(16)  # strided
   assert count(params) == stem + block(8, 8) + stage_2_first + block(16, 16)
 
 
 def test_resnet_rejects_widths_the_groups_do_not_divide():
-  resnet = frame_encoder.ResNet(stem_width=6, stage_widths=(8,), blocks_per_stage=(1,),
-                                stage_strides=((1, 1),), norm_groups=4)
-  with pytest.raises(ValueError, match='norm_groups=4'):
+  resnet = frame_encoder.ResNet(
+    stem_width=6, stage_widths=(8,), blocks_per_stage=(1,), stage_strides=((1, 1),), norm_groups=4
+  )
+  with pytest.raises(ValueError, match="norm_groups=4"):
     resnet.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
 
 
 def test_frame_encoders_reject_unfolded_video():
   vit = small_vit(depth=1, image_size=8)
-  with pytest.raises(ValueError, match=r'\[N, H, W, C\]'):
+  with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
     vit.init(jax.random.key(0), jnp.ones((1, 2, 8, 8, 3)))
 
 
@@ -238,7 +296,13 @@ def test_sincos_grid_matches_its_formula():
   table = np.asarray(frame_encoder.sincos_position_grid((2, 3), 8))[0]  # [6, 8]
   frequencies = 1.0 / 10_000 ** (np.arange(2) / 2)
   row, col = 1, 2  # token 1 * 3 + 2
-  expected = np.concatenate([np.sin(row * frequencies), np.cos(row * frequencies),
-                             np.sin(col * frequencies), np.cos(col * frequencies)])
+  expected = np.concatenate(
+    [
+      np.sin(row * frequencies),
+      np.cos(row * frequencies),
+      np.sin(col * frequencies),
+      np.cos(col * frequencies),
+    ]
+  )
   np.testing.assert_allclose(table[5], expected, atol=1e-6)
   assert math.isclose(float(table[0, 2]), 1.0)  # cos(0)

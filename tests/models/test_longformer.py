@@ -1,12 +1,12 @@
 """LongformerEncoder: shapes, per-layer schedules, global projections, masks, remat."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmvt_jax.models.longformer import LongformerEncoder, LongformerSelfAttention
+from cmvt_jax.models.longformer import LongformerEncoder
+from cmvt_jax.models.longformer import LongformerSelfAttention
 
 WIDTH, HEADS, LENGTH = 16, 2, 24
 
@@ -16,8 +16,9 @@ def cls_mask(batch=2, length=LENGTH):
 
 
 def encoder(**overrides):
-  settings = dict(num_layers=2, num_heads=HEADS, mlp_dim=32, windows=[2, 4],
-                  dilations=[1, (1, 2)], max_global=1)
+  settings = dict(
+    num_layers=2, num_heads=HEADS, mlp_dim=32, windows=[2, 4], dilations=[1, (1, 2)], max_global=1
+  )
   settings.update(overrides)
   return LongformerEncoder(**settings)
 
@@ -36,8 +37,9 @@ def test_attention_layer_matches_dense_multihead_attention():
   layer = LongformerSelfAttention(num_heads=HEADS, window=3)
   x = jax.random.normal(jax.random.key(2), (2, LENGTH, WIDTH))
   params = jax.jit(layer.init)(jax.random.key(3), x)["params"]
-  project = lambda name: (jnp.einsum("btd,dhk->bthk", x, params[name]["kernel"])
-                          + params[name].get("bias", 0.0))
+  project = lambda name: (
+    jnp.einsum("btd,dhk->bthk", x, params[name]["kernel"]) + params[name].get("bias", 0.0)
+  )
   assert "bias" not in params["key"]  # a key bias only shifts whole rows of scores
   q, k, v = project("query"), project("key"), project("value")
   offset = np.arange(LENGTH)[:, None] - np.arange(LENGTH)[None, :]
@@ -65,8 +67,7 @@ def test_global_projections_change_only_global_rows():
 
 
 def test_without_global_projections_global_rows_use_shared_ones():
-  layer = LongformerSelfAttention(num_heads=HEADS, window=3, max_global=1,
-                                 global_projections=False)
+  layer = LongformerSelfAttention(num_heads=HEADS, window=3, max_global=1, global_projections=False)
   x = jnp.ones((1, LENGTH, WIDTH))
   params = jax.jit(layer.init)(jax.random.key(6), x, cls_mask(1))["params"]
   assert "query_global" not in params
@@ -86,13 +87,23 @@ def test_remat_gives_the_same_gradients_and_dropout_needs_rng():
   x = jax.random.normal(jax.random.key(9), (2, LENGTH, WIDTH))
   plain, rematted = encoder(dropout_rate=0.1), encoder(dropout_rate=0.1, remat=True)
   params = jax.jit(plain.init)(jax.random.key(10), x, global_mask=cls_mask())
-  grad = lambda model: jax.jit(jax.grad(lambda p: jnp.sum(model.apply(
-      p, x, global_mask=cls_mask(), deterministic=False,
-      rngs={"dropout": jax.random.key(11)}) ** 2)))(params)
+  grad = lambda model: jax.jit(
+    jax.grad(
+      lambda p: jnp.sum(
+        model.apply(
+          p, x, global_mask=cls_mask(), deterministic=False, rngs={"dropout": jax.random.key(11)}
+        )
+        ** 2
+      )
+    )
+  )(params)
   for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(rematted))):
     np.testing.assert_allclose(a, b, atol=1e-5)
-  train = jax.jit(lambda key: plain.apply(params, x, global_mask=cls_mask(), deterministic=False,
-                                          rngs={"dropout": key}))
+  train = jax.jit(
+    lambda key: plain.apply(
+      params, x, global_mask=cls_mask(), deterministic=False, rngs={"dropout": key}
+    )
+  )
   assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))
 
 

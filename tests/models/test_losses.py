@@ -44,21 +44,25 @@ def embeddings(n, d, seed):
   return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
 
 
-@pytest.mark.parametrize('temperature', [0.07, 0.5])
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
 def test_nt_xent_equals_optax_and_numpy(temperature):
   a, b = embeddings(6, 5, 0), embeddings(6, 5, 1)
   loss = losses.nt_xent(a, b, temperature)
   labels = jnp.concatenate([jnp.arange(6), jnp.arange(6)])
   np.testing.assert_allclose(
-      loss, optax.losses.ntxent(jnp.concatenate([a, b]), labels, temperature), rtol=1e-5)
+    loss, optax.losses.ntxent(jnp.concatenate([a, b]), labels, temperature), rtol=1e-5
+  )
   np.testing.assert_allclose(loss, numpy_nt_xent(a, b, temperature), rtol=1e-5)
 
 
-@pytest.mark.parametrize('temperature', [0.07, 0.5])
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
 def test_cross_modal_nt_xent_equals_numpy(temperature):
   video, audio = embeddings(7, 4, 2), embeddings(7, 4, 3) * 3  # scale: normalised inside
-  np.testing.assert_allclose(losses.cross_modal_nt_xent(video, audio, temperature),
-                             numpy_cross_modal(video, audio, temperature), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.cross_modal_nt_xent(video, audio, temperature),
+    numpy_cross_modal(video, audio, temperature),
+    rtol=1e-5,
+  )
 
 
 def test_losses_are_near_zero_for_identical_well_separated_pairs():
@@ -70,8 +74,7 @@ def test_losses_are_near_zero_for_identical_well_separated_pairs():
 def test_losses_are_near_log_n_for_random_embeddings():
   n = 256
   video, audio = embeddings(n, 512, 4), embeddings(n, 512, 5)  # near-orthogonal in 512-D
-  np.testing.assert_allclose(losses.cross_modal_nt_xent(video, audio, 1.0), math.log(n),
-                             rtol=0.02)
+  np.testing.assert_allclose(losses.cross_modal_nt_xent(video, audio, 1.0), math.log(n), rtol=0.02)
   np.testing.assert_allclose(losses.nt_xent(video, audio, 1.0), math.log(2 * n - 1), rtol=0.02)
 
 
@@ -81,17 +84,18 @@ def test_bfloat16_embeddings_give_float32_losses_and_finite_gradients():
   for loss_fn in (losses.cross_modal_nt_xent, losses.nt_xent):
     loss, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(video, audio, 0.01)
     assert loss.dtype == jnp.float32
-    np.testing.assert_allclose(loss, loss_fn(video.astype(jnp.float32),
-                                             audio.astype(jnp.float32), 0.01), rtol=1e-5)
+    np.testing.assert_allclose(
+      loss, loss_fn(video.astype(jnp.float32), audio.astype(jnp.float32), 0.01), rtol=1e-5
+    )
     for grad in grads:
       assert grad.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grad)))
       assert float(jnp.abs(grad.astype(jnp.float32)).max()) > 0
 
 
 def test_losses_reject_mismatched_shapes():
-  with pytest.raises(ValueError, match=r'z_video and z_audio .* \(4, 3\) and \(5, 3\)'):
+  with pytest.raises(ValueError, match=r"z_video and z_audio .* \(4, 3\) and \(5, 3\)"):
     losses.cross_modal_nt_xent(np.zeros((4, 3)), np.zeros((5, 3)), 0.1)
-  with pytest.raises(ValueError, match='N >= 2'):
+  with pytest.raises(ValueError, match="N >= 2"):
     losses.nt_xent(np.ones((1, 3)), np.ones((1, 3)), 0.1)
 
 
@@ -121,24 +125,26 @@ def test_fixed_temperature_has_no_gradient():
   video, audio = embeddings(8, 4, 10), embeddings(8, 4, 11)
   grad = jax.grad(lambda log_t: objective(log_t, video, audio)[0])(jnp.float32(-1.0))
   assert float(grad) == 0
-  np.testing.assert_allclose(objective(jnp.float32(-1.0), video, audio)[0],
-                             numpy_cross_modal(video, audio, 0.3), rtol=1e-5)
+  np.testing.assert_allclose(
+    objective(jnp.float32(-1.0), video, audio)[0], numpy_cross_modal(video, audio, 0.3), rtol=1e-5
+  )
 
 
 def test_temperature_range_is_checked():
-  with pytest.raises(ValueError, match='min_temperature'):
+  with pytest.raises(ValueError, match="min_temperature"):
     losses.Temperature(initial=0.5, minimum=0.01, maximum=0.2)
 
 
 def test_objective_weights_both_terms_over_two_views():
-  objective = losses.ContrastiveLoss(temperature=losses.Temperature(initial=0.2),
-                                     cross_modal_weight=0.7, intra_modal_weight=0.3)
+  objective = losses.ContrastiveLoss(
+    temperature=losses.Temperature(initial=0.2), cross_modal_weight=0.7, intra_modal_weight=0.3
+  )
   v1, a1, v2, a2 = (embeddings(6, 4, seed) for seed in range(12, 16))
   loss, metrics = objective(jnp.log(0.2), v1, a1, z_video_view2=v2, z_audio_view2=a2)
   cross = (numpy_cross_modal(v1, a1, 0.2) + numpy_cross_modal(v2, a2, 0.2)) / 2
   intra = (numpy_nt_xent(v1, v2, 0.2) + numpy_nt_xent(a1, a2, 0.2)) / 2
   np.testing.assert_allclose(loss, 0.7 * cross + 0.3 * intra, rtol=1e-5)
-  np.testing.assert_allclose(metrics['intra_modal_loss'], intra, rtol=1e-5)
-  np.testing.assert_allclose(metrics['temperature'], 0.2, rtol=1e-6)
-  with pytest.raises(ValueError, match='intra_modal_weight=0.3 needs a second'):
+  np.testing.assert_allclose(metrics["intra_modal_loss"], intra, rtol=1e-5)
+  np.testing.assert_allclose(metrics["temperature"], 0.2, rtol=1e-6)
+  with pytest.raises(ValueError, match="intra_modal_weight=0.3 needs a second"):
     objective(jnp.log(0.2), v1, a1)

@@ -3,17 +3,22 @@
 import shutil
 
 from tests import helpers
-from tests.conftest import REFERENCE_CHECKPOINT_EVERY, REFERENCE_STEPS
+from tests.conftest import REFERENCE_CHECKPOINT_EVERY
+from tests.conftest import REFERENCE_STEPS
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path, micro_data_dir, reference_run):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
   before = helpers.file_digests(workdir)
-  result = helpers.run_main(workdir, f"--config.total_steps={REFERENCE_STEPS + 5}",
-                            "--config.model.embed_dim=16",
-                            "--config.model.video.temporal.num_heads=4", check=False,
-                            data_dir=micro_data_dir)
+  result = helpers.run_main(
+    workdir,
+    f"--config.total_steps={REFERENCE_STEPS + 5}",
+    "--config.model.embed_dim=16",
+    "--config.model.video.temporal.num_heads=4",
+    check=False,
+    data_dir=micro_data_dir,
+  )
   assert result.returncode != 0
   assert "ConfigMismatchError" in result.stderr
   assert "model.embed_dim: checkpoint 32, now 16" in result.stderr
@@ -21,15 +26,23 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path, micro_data_dir, 
   assert helpers.file_digests(workdir) == before
 
 
-def test_same_config_and_seed_give_bitwise_identical_metrics(tmp_path, micro_data_dir,
-                                                             reference_run):
+def test_same_config_and_seed_give_bitwise_identical_metrics(
+  tmp_path, micro_data_dir, reference_run
+):
   workdir = tmp_path / "run"
-  helpers.run_main(workdir, f"--config.total_steps={REFERENCE_STEPS}",
-                   f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
-                   "--config.checkpoint.keep=10", data_dir=micro_data_dir)
-  again, reference = helpers.metrics_without_timing(workdir), helpers.metrics_without_timing(
-      reference_run)
+  helpers.run_main(
+    workdir,
+    f"--config.total_steps={REFERENCE_STEPS}",
+    f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
+    "--config.checkpoint.keep=10",
+    data_dir=micro_data_dir,
+  )
+  again, reference = (
+    helpers.metrics_without_timing(workdir),
+    helpers.metrics_without_timing(reference_run),
+  )
   assert again == reference
   assert any("eval/a2v_r1" in line for line in reference)
-  helpers.assert_trees_equal(helpers.load_state(workdir, REFERENCE_STEPS),
-                             helpers.load_state(reference_run, REFERENCE_STEPS))
+  helpers.assert_trees_equal(
+    helpers.load_state(workdir, REFERENCE_STEPS), helpers.load_state(reference_run, REFERENCE_STEPS)
+  )

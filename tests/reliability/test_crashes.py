@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tests.conftest import REFERENCE_CHECKPOINT_EVERY, REFERENCE_STEPS
+from tests.conftest import REFERENCE_CHECKPOINT_EVERY
+from tests.conftest import REFERENCE_STEPS
 
-ARGS = (f"--config.total_steps={REFERENCE_STEPS}",
-        f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
-        "--config.checkpoint.keep=10")
+ARGS = (
+  f"--config.total_steps={REFERENCE_STEPS}",
+  f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
+  "--config.checkpoint.keep=10",
+)
 
 
 def draw(trial: int) -> dict:
@@ -25,13 +28,17 @@ def draw(trial: int) -> dict:
   if trial % 2 == 0:
     return {"when": "after step", "step": int(rng.integers(2, REFERENCE_STEPS - 2))}
   save = int(rng.integers(1, REFERENCE_STEPS // REFERENCE_CHECKPOINT_EVERY))
-  return {"when": "inside save", "step": save * REFERENCE_CHECKPOINT_EVERY,
-          "delay_s": float(rng.uniform(0.0, 0.4))}
+  return {
+    "when": "inside save",
+    "step": save * REFERENCE_CHECKPOINT_EVERY,
+    "delay_s": float(rng.uniform(0.0, 0.4)),
+  }
 
 
 @pytest.mark.parametrize("trial", range(5))
-def test_sigkill_then_resume_matches_the_uninterrupted_run(trial, tmp_path, micro_data_dir,
-                                                           reference_run):
+def test_sigkill_then_resume_matches_the_uninterrupted_run(
+  trial, tmp_path, micro_data_dir, reference_run
+):
   fault = draw(trial)
   print(f"trial {trial}: SIGKILL {fault}")
   workdir = tmp_path / "run"
@@ -51,6 +58,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(trial, tmp_path, micr
   else:
     assert "Starting a new run" in result.stderr
   assert helpers.losses(workdir) == helpers.losses(reference_run)
-  helpers.assert_trees_equal(helpers.load_state(workdir, REFERENCE_STEPS),
-                             helpers.load_state(reference_run, REFERENCE_STEPS))
+  helpers.assert_trees_equal(
+    helpers.load_state(workdir, REFERENCE_STEPS), helpers.load_state(reference_run, REFERENCE_STEPS)
+  )
   assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]

@@ -5,11 +5,14 @@ import shutil
 import pytest
 
 from tests import helpers
-from tests.conftest import REFERENCE_CHECKPOINT_EVERY, REFERENCE_STEPS
+from tests.conftest import REFERENCE_CHECKPOINT_EVERY
+from tests.conftest import REFERENCE_STEPS
 
-ARGS = (f"--config.total_steps={REFERENCE_STEPS}",
-        f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
-        "--config.checkpoint.keep=10")
+ARGS = (
+  f"--config.total_steps={REFERENCE_STEPS}",
+  f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
+  "--config.checkpoint.keep=10",
+)
 
 
 def largest_array_file(checkpoint):
@@ -19,13 +22,13 @@ def largest_array_file(checkpoint):
 
 def truncate(path):
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 3])
+  path.write_bytes(data[: len(data) // 3])
 
 
-@pytest.mark.parametrize("damage", ["truncate array data", "delete array data",
-                                    "delete metadata"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, micro_data_dir,
-                                                             reference_run):
+@pytest.mark.parametrize("damage", ["truncate array data", "delete array data", "delete metadata"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(
+  damage, tmp_path, micro_data_dir, reference_run
+):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
   newest = workdir / "checkpoints" / str(REFERENCE_STEPS)
@@ -43,12 +46,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
   assert f"Resuming from the checkpoint at step {previous}" in result.stderr
   assert list((workdir / "damaged_checkpoints").iterdir()), "the damaged one must be kept"
   assert helpers.losses(workdir) == helpers.losses(reference_run)
-  helpers.assert_trees_equal(helpers.load_state(workdir, REFERENCE_STEPS),
-                             helpers.load_state(reference_run, REFERENCE_STEPS))
+  helpers.assert_trees_equal(
+    helpers.load_state(workdir, REFERENCE_STEPS), helpers.load_state(reference_run, REFERENCE_STEPS)
+  )
 
 
-def test_no_usable_checkpoint_is_an_error_unless_asked_to_restart(tmp_path, micro_data_dir,
-                                                                  reference_run):
+def test_no_usable_checkpoint_is_an_error_unless_asked_to_restart(
+  tmp_path, micro_data_dir, reference_run
+):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
   for checkpoint in (workdir / "checkpoints").iterdir():
@@ -59,8 +64,9 @@ def test_no_usable_checkpoint_is_an_error_unless_asked_to_restart(tmp_path, micr
   assert "NoUsableCheckpointError: None of the checkpoints in" in result.stderr
   assert helpers.file_digests(workdir) == before, "a refused run must not touch the workdir"
 
-  result = helpers.run_main(workdir, *ARGS, "--config.checkpoint.restart_if_unusable=True",
-                            data_dir=micro_data_dir)
+  result = helpers.run_main(
+    workdir, *ARGS, "--config.checkpoint.restart_if_unusable=True", data_dir=micro_data_dir
+  )
   assert "starting over" in result.stderr
   assert len(list((workdir / "damaged_checkpoints").iterdir())) == 4
   assert helpers.losses(workdir) == helpers.losses(reference_run)

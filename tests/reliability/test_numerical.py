@@ -33,8 +33,11 @@ class Poison:
 @pytest.fixture
 def poisoned_data(monkeypatch):
   original = pipeline.train_dataset
-  monkeypatch.setattr(pipeline, "train_dataset",
-                      lambda *args, **kwargs: original(*args, **kwargs).map(Poison(POISONED_STEP)))
+  monkeypatch.setattr(
+    pipeline,
+    "train_dataset",
+    lambda *args, **kwargs: original(*args, **kwargs).map(Poison(POISONED_STEP)),
+  )
 
 
 def micro_config(data_dir, **overrides):
@@ -46,12 +49,15 @@ def micro_config(data_dir, **overrides):
   return config
 
 
-def test_nan_batch_stops_training_and_names_the_step_and_checkpoint(tmp_path, micro_data_dir,
-                                                                   poisoned_data):
+def test_nan_batch_stops_training_and_names_the_step_and_checkpoint(
+  tmp_path, micro_data_dir, poisoned_data
+):
   workdir = tmp_path / "run"
-  with pytest.raises(train.NonFiniteLossError,
-                     match=rf"at step {POISONED_STEP}; the update was not applied\. Resume "
-                     rf"from the checkpoint at step {POISONED_STEP - 1}"):
+  with pytest.raises(
+    train.NonFiniteLossError,
+    match=rf"at step {POISONED_STEP}; the update was not applied\. Resume "
+    rf"from the checkpoint at step {POISONED_STEP - 1}",
+  ):
     train.train_and_evaluate(micro_config(micro_data_dir), str(workdir))
   assert helpers.complete_steps(workdir) == [POISONED_STEP - 1]
   params = helpers.load_state(workdir, POISONED_STEP - 1)["params"]
@@ -61,7 +67,8 @@ def test_nan_batch_stops_training_and_names_the_step_and_checkpoint(tmp_path, mi
 def test_nan_batch_is_skipped_and_counted_when_asked(tmp_path, micro_data_dir, poisoned_data):
   workdir = tmp_path / "run"
   state = train.train_and_evaluate(
-      micro_config(micro_data_dir, skip_nonfinite_batches=True), str(workdir))
+    micro_config(micro_data_dir, skip_nonfinite_batches=True), str(workdir)
+  )
   assert int(state.skipped_batches) == 1
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
   lines = {line["step"]: line for line in helpers.train_lines(workdir)}
@@ -72,8 +79,9 @@ def test_nan_batch_is_skipped_and_counted_when_asked(tmp_path, micro_data_dir, p
 
 
 def test_temperature_at_its_bound_stays_finite():
-  loss = losses.ContrastiveLoss(temperature=losses.Temperature(
-      initial=0.1, learnable=True, minimum=0.01, maximum=1.0))
+  loss = losses.ContrastiveLoss(
+    temperature=losses.Temperature(initial=0.1, learnable=True, minimum=0.01, maximum=1.0)
+  )
   z = jax.random.normal(jax.random.key(0), (16, 8))
   # A parameter far below the bound, and well-separated pairs: logits up to 1/0.01 = 100.
   below = jnp.log(0.01) - 50.0

@@ -7,16 +7,21 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tests.conftest import REFERENCE_CHECKPOINT_EVERY, REFERENCE_STEPS
+from tests.conftest import REFERENCE_CHECKPOINT_EVERY
+from tests.conftest import REFERENCE_STEPS
 
-ARGS = (f"--config.total_steps={REFERENCE_STEPS}",
-        f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
-        "--config.checkpoint.keep=10", f"--config.eval_every_steps={REFERENCE_CHECKPOINT_EVERY}")
+ARGS = (
+  f"--config.total_steps={REFERENCE_STEPS}",
+  f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
+  "--config.checkpoint.keep=10",
+  f"--config.eval_every_steps={REFERENCE_CHECKPOINT_EVERY}",
+)
 
 
 @pytest.mark.parametrize("moment", ["during a step", "during a save", "during an eval"])
-def test_sigterm_saves_exits_cleanly_and_continues_exactly(moment, tmp_path, micro_data_dir,
-                                                          reference_run):
+def test_sigterm_saves_exits_cleanly_and_continues_exactly(
+  moment, tmp_path, micro_data_dir, reference_run
+):
   rng = np.random.default_rng(["during a step", "during a save", "during an eval"].index(moment))
   workdir = tmp_path / "run"
   process = helpers.start_main(workdir, *ARGS, data_dir=micro_data_dir)
@@ -41,5 +46,6 @@ def test_sigterm_saves_exits_cleanly_and_continues_exactly(moment, tmp_path, mic
   result = helpers.run_main(workdir, *ARGS, data_dir=micro_data_dir)
   assert f"Resuming from the checkpoint at step {stopped_at}" in result.stderr
   assert helpers.losses(workdir) == helpers.losses(reference_run)
-  helpers.assert_trees_equal(helpers.load_state(workdir, REFERENCE_STEPS),
-                             helpers.load_state(reference_run, REFERENCE_STEPS))
+  helpers.assert_trees_equal(
+    helpers.load_state(workdir, REFERENCE_STEPS), helpers.load_state(reference_run, REFERENCE_STEPS)
+  )

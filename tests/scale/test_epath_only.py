@@ -11,32 +11,73 @@ import ast
 from tests import helpers
 
 PACKAGE = helpers.REPO / "cmvt_jax"
-OS_FILE_CALLS = {"makedirs", "mkdir", "remove", "unlink", "rename", "replace", "listdir",
-                 "scandir", "walk", "rmdir", "stat", "chdir", "removedirs"}
+OS_FILE_CALLS = {
+  "makedirs",
+  "mkdir",
+  "remove",
+  "unlink",
+  "rename",
+  "replace",
+  "listdir",
+  "scandir",
+  "walk",
+  "rmdir",
+  "stat",
+  "chdir",
+  "removedirs",
+}
 PATH_MODULES = {"shutil", "glob", "pathlib"}
 # Calls that take a path or a file object: fine on a file object from `epath.Path.open`.
-FILE_OR_PATH_CALLS = {"np.load", "np.save", "np.savez", "np.savez_compressed", "np.fromfile",
-                      "np.memmap", "av.open"}
+FILE_OR_PATH_CALLS = {
+  "np.load",
+  "np.save",
+  "np.savez",
+  "np.savez_compressed",
+  "np.fromfile",
+  "np.memmap",
+  "av.open",
+}
 
 # (module, enclosing function, call): why a local path is right there.
 ALLOWED = {
-    ("data/builder.py", "_decode_file", "os.path.join"):
-        "decoded clips spill into a local temporary folder (tempfile)",
-    ("data/builder.py", "_decode_file", "np.savez"): "the local spill file",
-    ("data/builder.py", "_decode_file", "os.path.basename"):
-        "formats a message from a relative file name",
-    ("data/builder.py", "_ClipFolderBuilder._generate_examples", "np.load"):
-        "reads the local spill file back",
-    ("data/builder.py", "write_dataset", "os.path.join"):
-        "TFDS's download folder inside the local scratch folder",
-    ("data/parts.py", "prepare_part", "os.path.join"):
-        "the worker's local scratch dataset (ArrayRecord needs POSIX paths), copied up by epath",
-    ("data/prepared.py", "default_data_dir", "os.path.join"):
-        "builds the default cache folder from $HOME; the result is an epath",
-    ("data/prepared.py", "default_data_dir", "os.path.expanduser"): "likewise",
-    ("data/synthetic.py", "write_mp4", "av.open"):
-        "PyAV encodes into a local file (the default dataset is generated in a local "
-        "temporary folder, then prepared into data_dir through epath)",
+  (
+    "data/builder.py",
+    "_decode_file",
+    "os.path.join",
+  ): "decoded clips spill into a local temporary folder (tempfile)",
+  ("data/builder.py", "_decode_file", "np.savez"): "the local spill file",
+  (
+    "data/builder.py",
+    "_decode_file",
+    "os.path.basename",
+  ): "formats a message from a relative file name",
+  (
+    "data/builder.py",
+    "_ClipFolderBuilder._generate_examples",
+    "np.load",
+  ): "reads the local spill file back",
+  (
+    "data/builder.py",
+    "write_dataset",
+    "os.path.join",
+  ): "TFDS's download folder inside the local scratch folder",
+  (
+    "data/parts.py",
+    "prepare_part",
+    "os.path.join",
+  ): "the worker's local scratch dataset (ArrayRecord needs POSIX paths), copied up by epath",
+  (
+    "data/prepared.py",
+    "default_data_dir",
+    "os.path.join",
+  ): "builds the default cache folder from $HOME; the result is an epath",
+  ("data/prepared.py", "default_data_dir", "os.path.expanduser"): "likewise",
+  (
+    "data/synthetic.py",
+    "write_mp4",
+    "av.open",
+  ): "PyAV encodes into a local file (the default dataset is generated in a local "
+  "temporary folder, then prepared into data_dir through epath)",
 }
 
 
@@ -59,8 +100,12 @@ class _Scanner(ast.NodeVisitor):
   def visit_With(self, node):
     for item in node.items:
       call = item.context_expr
-      if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-          and call.func.attr == "open" and isinstance(item.optional_vars, ast.Name)):
+      if (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "open"
+        and isinstance(item.optional_vars, ast.Name)
+      ):
         self._file_objects.add(item.optional_vars.id)
     self.generic_visit(node)
 
@@ -107,9 +152,13 @@ def path_calls() -> dict[tuple[str, str, str], list[int]]:
 
 def test_no_module_touches_a_path_without_epath():
   unexpected = {key: lines for key, lines in path_calls().items() if key not in ALLOWED}
-  assert not unexpected, "Use etils.epath for these (or add a justified entry to ALLOWED):\n" + \
-      "\n".join(f"  cmvt_jax/{module}:{lines} in {function}: {call}(...)"
-                for (module, function, call), lines in sorted(unexpected.items()))
+  assert not unexpected, (
+    "Use etils.epath for these (or add a justified entry to ALLOWED):\n"
+    + "\n".join(
+      f"  cmvt_jax/{module}:{lines} in {function}: {call}(...)"
+      for (module, function, call), lines in sorted(unexpected.items())
+    )
+  )
 
 
 def test_every_allowed_entry_is_still_needed():
@@ -120,15 +169,19 @@ def test_every_allowed_entry_is_still_needed():
 
 def test_the_scan_catches_what_it_is_for(tmp_path):
   source = (
-      "import os, shutil\nimport numpy as np\nfrom etils import epath\n"
-      "def write(workdir):\n"
-      "  open(os.path.join(workdir, 'metrics.jsonl'), 'a')\n"
-      "  shutil.copy(workdir, '/tmp')\n"
-      "  np.save(workdir + '/x.npy', 1)\n"
-      "  with epath.Path(workdir).open('rb') as f:\n"
-      "    np.load(f)\n")
+    "import os, shutil\nimport numpy as np\nfrom etils import epath\n"
+    "def write(workdir):\n"
+    "  open(os.path.join(workdir, 'metrics.jsonl'), 'a')\n"
+    "  shutil.copy(workdir, '/tmp')\n"
+    "  np.save(workdir + '/x.npy', 1)\n"
+    "  with epath.Path(workdir).open('rb') as f:\n"
+    "    np.load(f)\n"
+  )
   scanner = _Scanner()
   scanner.visit(ast.parse(source))
-  assert [call for _, call, _ in scanner.found] == ["open", "os.path.join", "shutil.copy",
-                                                    "np.save"]
-
+  assert [call for _, call, _ in scanner.found] == [
+    "open",
+    "os.path.join",
+    "shutil.copy",
+    "np.save",
+  ]

@@ -21,19 +21,29 @@ from tests import helpers
 TIGHT = dict(rtol=2e-5, atol=2e-6)
 SCRIPT = helpers.REPO / "launch" / "local_multihost.sh"
 # The reference run's schedule, so that every step is comparable with it.
-SCHEDULE = (f"--config.total_steps={conftest.REFERENCE_STEPS}",
-            f"--config.checkpoint_every_steps={conftest.REFERENCE_CHECKPOINT_EVERY}",
-            "--config.checkpoint.keep=10")
+SCHEDULE = (
+  f"--config.total_steps={conftest.REFERENCE_STEPS}",
+  f"--config.checkpoint_every_steps={conftest.REFERENCE_CHECKPOINT_EVERY}",
+  "--config.checkpoint.keep=10",
+)
 
 
 def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
   """`local_multihost.sh 2` as a user types it; process 0's output, then the script's."""
-  command = ["bash", str(SCRIPT), "2", f"--config={helpers.MICRO_CONFIG}",
-             f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *overrides]
+  command = [
+    "bash",
+    str(SCRIPT),
+    "2",
+    f"--config={helpers.MICRO_CONFIG}",
+    f"--workdir={workdir}",
+    f"--config.dataset.data_dir={data_dir}",
+    *overrides,
+  ]
   env = helpers.environment()
   env["LOG_DIR"] = str(workdir.parent / f"logs_{workdir.name}")
-  return subprocess.Popen(command, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    command, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +68,15 @@ def two_host_run(tmp_path_factory, micro_data_dir):
 def test_two_hosts_train_exactly_like_one(two_host_run, reference_run):
   losses, reference = helpers.losses(two_host_run), helpers.losses(reference_run)
   assert sorted(losses) == sorted(reference) == list(range(1, conftest.REFERENCE_STEPS + 1))
-  np.testing.assert_allclose([losses[s] for s in sorted(losses)],
-                             [reference[s] for s in sorted(reference)], **TIGHT)
+  np.testing.assert_allclose(
+    [losses[s] for s in sorted(losses)], [reference[s] for s in sorted(reference)], **TIGHT
+  )
   final = conftest.REFERENCE_STEPS
-  helpers.assert_trees_equal(helpers.load_state(two_host_run, final)["params"],
-                             helpers.load_state(reference_run, final)["params"], **TIGHT)
+  helpers.assert_trees_equal(
+    helpers.load_state(two_host_run, final)["params"],
+    helpers.load_state(reference_run, final)["params"],
+    **TIGHT,
+  )
 
 
 def test_each_process_writes_its_own_state_and_only_process_0_the_shared_files(two_host_run):
@@ -77,13 +91,16 @@ def test_each_process_writes_its_own_state_and_only_process_0_the_shared_files(t
   assert parts == ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
 
 
-def test_two_hosts_export_the_embeddings_of_one(two_host_run, reference_run, tmp_path,
-                                                micro_data_dir):
+def test_two_hosts_export_the_embeddings_of_one(
+  two_host_run, reference_run, tmp_path, micro_data_dir
+):
   single = tmp_path / "single"
   shutil.copytree(reference_run, single)
   helpers.run_main(single, mode="export", data_dir=micro_data_dir)
-  ours, theirs = export.load_embeddings(two_host_run, "test"), export.load_embeddings(single,
-                                                                                    "test")
+  ours, theirs = (
+    export.load_embeddings(two_host_run, "test"),
+    export.load_embeddings(single, "test"),
+  )
   np.testing.assert_array_equal(ours["id"], theirs["id"])
   np.testing.assert_array_equal(ours["label"], theirs["label"])
   for key in ("video", "audio"):
@@ -93,8 +110,12 @@ def test_two_hosts_export_the_embeddings_of_one(two_host_run, reference_run, tmp
 def test_a_dead_host_makes_the_other_exit_with_a_clear_error(tmp_path, micro_data_dir):
   heartbeat = 5
   survivor, victim = helpers.start_processes(
-      tmp_path / "run", 2, *SCHEDULE, f"--config.distributed.heartbeat_timeout_seconds={heartbeat}",
-      data_dir=micro_data_dir)
+    tmp_path / "run",
+    2,
+    *SCHEDULE,
+    f"--config.distributed.heartbeat_timeout_seconds={heartbeat}",
+    data_dir=micro_data_dir,
+  )
   helpers.wait_for_line(survivor, lambda line: "step 1/20" in line)
   victim.send_signal(signal.SIGKILL)
   victim.wait()
@@ -115,12 +136,23 @@ def test_hosts_with_separate_disks_each_make_the_synthetic_dataset(tmp_path):
   for index in range(2):
     env = helpers.environment()
     env["XDG_CACHE_HOME"] = str(tmp_path / f"host_{index}_cache")
-    command = helpers.main_command(tmp_path / "run", "--config.total_steps=2",
-                                   f"--coordinator_address=127.0.0.1:{port}",
-                                   "--num_processes=2", f"--process_id={index}")
-    processes.append(subprocess.Popen(command, cwd=helpers.REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+    command = helpers.main_command(
+      tmp_path / "run",
+      "--config.total_steps=2",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={index}",
+    )
+    processes.append(
+      subprocess.Popen(
+        command,
+        cwd=helpers.REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   outputs = helpers.finish_all(processes)
   assert "each host makes its own copy" in outputs[0]
   for index in range(2):

@@ -25,9 +25,14 @@ def video_dir(tmp_path_factory):
 
 def prepare_cli(*args: str) -> subprocess.CompletedProcess:
   """`python -m cmvt_jax.prepare ARGS` as a user types it on one machine."""
-  return subprocess.run([sys.executable, "-m", "cmvt_jax.prepare", *args], cwd=helpers.REPO,
-                        env=helpers.environment(), capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "cmvt_jax.prepare", *args],
+    cwd=helpers.REPO,
+    env=helpers.environment(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def examples_by_id(dataset: prepared.PreparedDataset, split: str) -> dict[bytes, dict]:
@@ -36,12 +41,24 @@ def examples_by_id(dataset: prepared.PreparedDataset, split: str) -> dict[bytes,
 
 
 def test_two_workers_and_a_merge_equal_one_machine(video_dir, tmp_path):
-  one = prepared.open_prepared(builder.prepare(
-      video_dir, tmp_path / "one", "clips", mel=media.MEL, num_workers=1, progress=False,
-      log=lambda message: None))
+  one = prepared.open_prepared(
+    builder.prepare(
+      video_dir,
+      tmp_path / "one",
+      "clips",
+      mel=media.MEL,
+      num_workers=1,
+      progress=False,
+      log=lambda message: None,
+    )
+  )
 
-  common = (f"--video_dir={video_dir}", f"--data_dir={tmp_path / 'two'}", "--name=clips",
-            "--num_workers=2")
+  common = (
+    f"--video_dir={video_dir}",
+    f"--data_dir={tmp_path / 'two'}",
+    "--name=clips",
+    "--num_workers=2",
+  )
   second = prepare_cli(*common, "--worker_index=1")
   assert second.returncode == 0, second.stderr
   early = prepare_cli(*common[1:], "--merge")
@@ -69,12 +86,19 @@ def test_two_workers_and_a_merge_equal_one_machine(video_dir, tmp_path):
         np.testing.assert_array_equal(ours[example_id][key], value, err_msg=f"{example_id} {key}")
   # The info lists every worker's shard: one per worker and split here.
   shards = sorted(path.name for path in two.directory.glob("clips-train.array_record-*"))
-  assert shards == ["clips-train.array_record-00000-of-00002",
-                    "clips-train.array_record-00001-of-00002"]
+  assert shards == [
+    "clips-train.array_record-00000-of-00002",
+    "clips-train.array_record-00001-of-00002",
+  ]
 
 
 def test_worker_flags_are_checked():
-  result = prepare_cli("--video_dir=/nowhere", "--data_dir=/nowhere", "--name=clips",
-                       "--num_workers=2", "--worker_index=2")
+  result = prepare_cli(
+    "--video_dir=/nowhere",
+    "--data_dir=/nowhere",
+    "--name=clips",
+    "--num_workers=2",
+    "--worker_index=2",
+  )
   assert result.returncode != 0
   assert "--worker_index=2 needs --num_workers N with 0 <= worker_index < N" in result.stderr

@@ -37,7 +37,7 @@ class InMemoryGcs(MemoryFileSystem):
     path = str(path)
     for prefix in ("gs://", "gcs://"):
       if path.startswith(prefix):
-        path = path[len(prefix):]
+        path = path[len(prefix) :]
     return super()._strip_protocol(path)
 
 
@@ -46,12 +46,12 @@ def gcs(monkeypatch):
   monkeypatch.setattr(InMemoryGcs, "store", {})
   monkeypatch.setattr(InMemoryGcs, "pseudo_dirs", [""])
   # fsspec's registry module (the package attribute of that name is a read-only view).
-  registry = importlib.import_module("fsspec.registry")._registry  # pylint: disable=protected-access
+  registry = importlib.import_module("fsspec.registry")._registry
   for protocol in InMemoryGcs.protocol:
     monkeypatch.setitem(registry, protocol, InMemoryGcs)
-  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  backend.fsspec_backend._get_filesystem.cache_clear()
   yield
-  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  backend.fsspec_backend._get_filesystem.cache_clear()
   InMemoryGcs.clear_instance_cache()
 
 
@@ -72,8 +72,9 @@ def test_two_workers_prepare_from_and_into_gs(gcs, tmp_path):
   quiet = dict(mel=media.MEL, processes=1, progress=False, log=lambda message: None)
 
   for index in range(2):
-    parts.prepare_part("gs://videos/tiny", "gs://data", "clips", worker_index=index,
-                       num_workers=2, **quiet)
+    parts.prepare_part(
+      "gs://videos/tiny", "gs://data", "clips", worker_index=index, num_workers=2, **quiet
+    )
   target = parts.merge_parts("gs://data", "clips", num_workers=2, log=lambda message: None)
 
   assert str(target) == f"gs://data/clips/{builder.VERSION}" and builder.is_prepared(target)
@@ -81,9 +82,17 @@ def test_two_workers_prepare_from_and_into_gs(gcs, tmp_path):
   downloaded = tmp_path / "downloaded"
   upload(target, epath.Path(downloaded))  # ArrayRecord is read from local files only
   from_gs = prepared.open_prepared(downloaded)
-  local = prepared.open_prepared(builder.prepare(
-      local_videos, tmp_path / "local", "clips", mel=media.MEL, num_workers=1, progress=False,
-      log=lambda message: None))
+  local = prepared.open_prepared(
+    builder.prepare(
+      local_videos,
+      tmp_path / "local",
+      "clips",
+      mel=media.MEL,
+      num_workers=1,
+      progress=False,
+      log=lambda message: None,
+    )
+  )
   assert from_gs.summary == local.summary and from_gs.stored_stats == local.stored_stats
   for split, count in local.num_examples.items():
     theirs = local.source(split)
@@ -116,11 +125,11 @@ def test_run_files_go_to_a_gs_workdir(gcs, monkeypatch):
   train.write_config_json(workdir, micro.get_config())
   writer = metrics.MetricsWriter(workdir, is_primary=True)
   for step in (1, 2):
-    writer.write(step, {"loss": 1. / step})
+    writer.write(step, {"loss": 1.0 / step})
   writer.drop_after(1)  # what a resumed run does
   writer.close()
 
-  assert metrics.read("gs://runs/cmvt-1") == [{"step": 1, "loss": 1.}]
+  assert metrics.read("gs://runs/cmvt-1") == [{"step": 1, "loss": 1.0}]
   assert '"processes": 1' in (workdir / "config.json").read_text()
   assert written == ["gs://runs/cmvt-1/tensorboard"]
   assert sorted(path.name for path in workdir.iterdir()) == ["config.json", "metrics.jsonl"]

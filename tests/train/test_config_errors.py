@@ -5,23 +5,33 @@ import pytest
 from tests import helpers
 
 
-@pytest.mark.parametrize("overrides,devices,message", [
-    (["--config.bogus=1"], 1,
-     "config has no key 'bogus'; its keys are: batch_size, checkpoint"),
+@pytest.mark.parametrize(
+  "overrides,devices,message",
+  [
+    (["--config.bogus=1"], 1, "config has no key 'bogus'; its keys are: batch_size, checkpoint"),
     (["--config.model.vido.width=3"], 1, "config.model has no key 'vido'; its keys are: audio"),
     (["--config.total_steps=abc"], 1, "--config.total_steps=abc: invalid literal for int()"),
-    (["--config.batch_size=6", "--config.eval.batch_size=4"], 4,
-     "batch_size=6 must be divisible by the 4 devices"),
-    (["--config.mesh.axes=((\"data\", 3),)"], 4, "has 3 positions but there are 4 devices"),
-    (["--config.dataset.name=no_such_dataset"], 1,
-     "No prepared dataset at {data_dir}/no_such_dataset/1.0.0: prepare one with"),
+    (
+      ["--config.batch_size=6", "--config.eval.batch_size=4"],
+      4,
+      "batch_size=6 must be divisible by the 4 devices",
+    ),
+    (['--config.mesh.axes=(("data", 3),)'], 4, "has 3 positions but there are 4 devices"),
+    (
+      ["--config.dataset.name=no_such_dataset"],
+      1,
+      "No prepared dataset at {data_dir}/no_such_dataset/1.0.0: prepare one with",
+    ),
     (["--config.objective=supervised"], 1, "needs config.model.num_classes > 0"),
-])
-def test_bad_config_is_refused_before_any_work(tmp_path, micro_data_dir, overrides, devices,
-                                               message):
+  ],
+)
+def test_bad_config_is_refused_before_any_work(
+  tmp_path, micro_data_dir, overrides, devices, message
+):
   workdir = tmp_path / "run"
-  result = helpers.run_main(workdir, *overrides, devices=devices, check=False,
-                            data_dir=micro_data_dir)
+  result = helpers.run_main(
+    workdir, *overrides, devices=devices, check=False, data_dir=micro_data_dir
+  )
   assert result.returncode != 0
   assert message.format(data_dir=micro_data_dir) in result.stderr, result.stderr[-2000:]
   assert "Traceback" not in result.stderr

@@ -5,7 +5,6 @@ import os
 import signal
 
 import numpy as np
-import pytest
 
 from tests import helpers
 from tests.conftest import REFERENCE_STEPS
@@ -22,8 +21,16 @@ def test_one_step_end_to_end(tmp_path, micro_data_dir):
     assert key in train_line, key
   [eval_line] = helpers.eval_lines(workdir)
   assert eval_line["split"] == "test" and eval_line["step"] == 1
-  for key in ("a2v_r1", "a2v_r5", "a2v_r10", "v2a_r1", "v2a_r5", "v2a_r10",
-              "linear_probe_top1", "knn_top1"):
+  for key in (
+    "a2v_r1",
+    "a2v_r5",
+    "a2v_r10",
+    "v2a_r1",
+    "v2a_r5",
+    "v2a_r10",
+    "linear_probe_top1",
+    "knn_top1",
+  ):
     assert 0.0 <= eval_line[f"eval/{key}"] <= 1.0, key
   assert helpers.complete_steps(workdir) == [1]
   recorded = json.loads((workdir / "config.json").read_text())
@@ -34,8 +41,13 @@ def test_one_step_end_to_end(tmp_path, micro_data_dir):
 
 def test_loss_falls_over_30_steps(tmp_path, micro_data_dir):
   workdir = tmp_path / "run"
-  helpers.run_main(workdir, "--config.total_steps=30", "--config.optim.learning_rate=3e-3",
-                   "--config.checkpoint_every_steps=0", data_dir=micro_data_dir)
+  helpers.run_main(
+    workdir,
+    "--config.total_steps=30",
+    "--config.optim.learning_rate=3e-3",
+    "--config.checkpoint_every_steps=0",
+    data_dir=micro_data_dir,
+  )
   losses = [line["loss"] for line in helpers.train_lines(workdir)]
   assert len(losses) == 30
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
@@ -50,8 +62,11 @@ def test_reference_run_logs_every_step_once(reference_run):
 def test_resume_after_sigkill_is_exact(tmp_path, micro_data_dir, reference_run):
   """Killed mid-run by SIGKILL, resumed: the same losses and params as the straight run."""
   workdir = tmp_path / "run"
-  args = (f"--config.total_steps={REFERENCE_STEPS}", "--config.checkpoint_every_steps=5",
-          "--config.checkpoint.keep=10")
+  args = (
+    f"--config.total_steps={REFERENCE_STEPS}",
+    "--config.checkpoint_every_steps=5",
+    "--config.checkpoint.keep=10",
+  )
   process = helpers.start_main(workdir, *args, data_dir=micro_data_dir)
   helpers.wait_for_line(process, lambda line: "step 11/" in line)
   helpers.kill(process, signal.SIGKILL)
@@ -60,12 +75,12 @@ def test_resume_after_sigkill_is_exact(tmp_path, micro_data_dir, reference_run):
   assert survived and 5 <= max(survived) < REFERENCE_STEPS, survived
   helpers.run_main(workdir, *args, data_dir=micro_data_dir)
   assert helpers.losses(workdir) == helpers.losses(reference_run)
-  helpers.assert_trees_equal(helpers.load_state(workdir, REFERENCE_STEPS),
-                             helpers.load_state(reference_run, REFERENCE_STEPS))
+  helpers.assert_trees_equal(
+    helpers.load_state(workdir, REFERENCE_STEPS), helpers.load_state(reference_run, REFERENCE_STEPS)
+  )
 
 
-def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, micro_data_dir,
-                                                          reference_run):
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, micro_data_dir, reference_run):
   workdir = tmp_path / "run"
   args = (f"--config.total_steps={REFERENCE_STEPS}", "--config.checkpoint_every_steps=0")
   process = helpers.start_main(workdir, *args, data_dir=micro_data_dir)
@@ -79,8 +94,9 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, micro_data_d
   assert max(helpers.losses(workdir)) <= stopped_at
   helpers.run_main(workdir, *args, data_dir=micro_data_dir)
   assert helpers.losses(workdir) == helpers.losses(reference_run)
-  helpers.assert_trees_equal(helpers.load_state(workdir, REFERENCE_STEPS),
-                             helpers.load_state(reference_run, REFERENCE_STEPS))
+  helpers.assert_trees_equal(
+    helpers.load_state(workdir, REFERENCE_STEPS), helpers.load_state(reference_run, REFERENCE_STEPS)
+  )
 
 
 def test_larger_total_steps_continues_the_run(tmp_path, micro_data_dir, reference_run):

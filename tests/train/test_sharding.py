@@ -32,10 +32,12 @@ def eight_device_run(tmp_path_factory, micro_data_dir):
 def assert_same_training(a, b, step=3):
   losses_a, losses_b = helpers.losses(a), helpers.losses(b)
   assert sorted(losses_a) == sorted(losses_b) == list(range(1, step + 1))
-  np.testing.assert_allclose([losses_a[s] for s in sorted(losses_a)],
-                             [losses_b[s] for s in sorted(losses_b)], **TIGHT)
-  helpers.assert_trees_equal(helpers.load_state(a, step)["params"],
-                             helpers.load_state(b, step)["params"], **TIGHT)
+  np.testing.assert_allclose(
+    [losses_a[s] for s in sorted(losses_a)], [losses_b[s] for s in sorted(losses_b)], **TIGHT
+  )
+  helpers.assert_trees_equal(
+    helpers.load_state(a, step)["params"], helpers.load_state(b, step)["params"], **TIGHT
+  )
 
 
 def test_eight_devices_match_one(one_device_run, eight_device_run):
@@ -46,17 +48,16 @@ def test_two_hosts_of_two_devices_match_one_host_of_four(tmp_path, micro_data_di
   single = tmp_path / "single"
   helpers.run_main(single, *STEPS, devices=4, data_dir=micro_data_dir)
   multi = tmp_path / "multi"
-  helpers.finish_all(helpers.start_processes(multi, 2, *STEPS, devices=2,
-                                             data_dir=micro_data_dir))
+  helpers.finish_all(helpers.start_processes(multi, 2, *STEPS, devices=2, data_dir=micro_data_dir))
   assert_same_training(single, multi)
 
 
-def test_eight_device_checkpoint_resumes_on_two(tmp_path, micro_data_dir, eight_device_run,
-                                                one_device_run):
+def test_eight_device_checkpoint_resumes_on_two(
+  tmp_path, micro_data_dir, eight_device_run, one_device_run
+):
   workdir = tmp_path / "run"
   shutil.copytree(eight_device_run, workdir)
-  result = helpers.run_main(workdir, "--config.total_steps=5", devices=2,
-                            data_dir=micro_data_dir)
+  result = helpers.run_main(workdir, "--config.total_steps=5", devices=2, data_dir=micro_data_dir)
   assert "Resuming from the checkpoint at step 3" in result.stderr
   continued = tmp_path / "one_device_continued"
   shutil.copytree(one_device_run, continued)
