@@ -38,10 +38,12 @@ import jax
 import jax.numpy as jnp
 
 from cmvt_jax import flops as flops_lib
+from cmvt_jax import run as run_lib
 from cmvt_jax import train
 from cmvt_jax.data import pipeline
 from cmvt_jax.models import cmvt
 from cmvt_jax.models import frame_encoder as frame_lib
+from cmvt_jax.models import temporal_encoder
 from configs import tpu_pod
 from configs import vtn_base
 
@@ -205,7 +207,7 @@ def chip_memory(config, chips: int, fsdp: int = 1, params: int | None = None) ->
 
 def xla_memory(config) -> dict[str, float]:
   """What XLA allocates for the whole train step on one CPU device (nothing is run)."""
-  run = train.Run.create(config, "/tmp/cmvt_memory_model_unused")
+  run = run_lib.Run.create(config, "/tmp/cmvt_memory_model_unused")
   video, audio = input_shapes(config)
   batch = {
     "video": jax.ShapeDtypeStruct((config.batch_size, *video), jnp.float32),
@@ -327,7 +329,6 @@ def _grad_temp(module, shape) -> int:
 def fit_coefficients():
   """Measures the per-token elements a block keeps (VIT_BLOCK, LONGFORMER_BLOCK): the temp
   memory of 3 blocks minus 1 block, over shapes that vary D, M, H and L one at a time."""
-  from cmvt_jax.models import temporal_encoder
 
   def vit(width, mlp, heads, size, images=64):
     per_depth = [

@@ -31,6 +31,11 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from cmvt_jax import evaluate
+from cmvt_jax import run as run_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRICS = (
@@ -71,12 +76,6 @@ def train_and_read(config: str, workdir: pathlib.Path, overrides: list[str]) -> 
 
 def random_init(config_path: str, workdir: pathlib.Path, overrides: list[str], seed: int) -> dict:
   """Test metrics of the model as initialised with `seed` (no training step)."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  from cmvt_jax import evaluate
-  from cmvt_jax import train
-
   # The same config loading and overriding as `main`, so that both see the same config.
   argv = [sys.argv[0], *[f"--config.{item}" for item in overrides], f"--config.seed={seed}"]
   flag_values = flags.FlagValues()
@@ -85,7 +84,7 @@ def random_init(config_path: str, workdir: pathlib.Path, overrides: list[str], s
   )
   flag_values(argv)
   config = flag_values["config"].value
-  run = train.Run.create(config, workdir)
+  run = run_lib.Run.create(config, workdir)
   state = run.init_state()
   return evaluate.Evaluator(run, run.stats()).evaluate(state.params["model"])["test"]
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmvt_jax import flops as flops_lib
+from cmvt_jax import run as run_lib
 from cmvt_jax import sharding
 from cmvt_jax import train
 from cmvt_jax.models import temporal_encoder
@@ -38,7 +40,7 @@ def reduced_vtn_base():
 
 def random_batch(run, batch_size: int) -> dict:
   rng = np.random.default_rng(0)
-  video, audio = run.example_inputs(batch_size)
+  video, audio = run_lib.example_inputs(run.spec, batch_size)
   host = {
     "video": rng.normal(size=video.shape).astype(np.float32),
     "audio": rng.normal(size=audio.shape).astype(np.float32),
@@ -48,7 +50,7 @@ def random_batch(run, batch_size: int) -> dict:
 
 
 def step_timing(name: str, config, steps: int) -> dict:
-  run = train.Run.create(config, "/tmp/unused_workdir")
+  run = run_lib.Run.create(config, "/tmp/unused_workdir")
   state = run.init_state()
   step = train.make_train_step(run)
   batch = random_batch(run, config.batch_size)
@@ -60,7 +62,7 @@ def step_timing(name: str, config, steps: int) -> dict:
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
   flops = run.flops().train_step * config.batch_size
-  peak = train.peak_flops_per_device() * jax.device_count()
+  peak = flops_lib.peak_flops_per_device() * jax.device_count()
   params = sum(x.size for x in jax.tree.leaves(state.params))
   return {
     "name": name,
@@ -101,8 +103,8 @@ def full_step_bytes(frames: int) -> int:
   config.input.num_frames = frames
   config.batch_size = 2  # the smallest contrastive batch: one positive, one negative
   config.model.dtype = "float32"
-  run = train.Run.create(config, "/tmp/unused_workdir")
-  video, audio = run.example_inputs(2)
+  run = run_lib.Run.create(config, "/tmp/unused_workdir")
+  video, audio = run_lib.example_inputs(run.spec, 2)
   batch = {
     "video": jax.ShapeDtypeStruct(video.shape, jnp.float32),
     "audio": jax.ShapeDtypeStruct(audio.shape, jnp.float32),

@@ -23,6 +23,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cmvt_jax import files
+
 
 class NoUsableCheckpointError(RuntimeError):
   """The workdir holds checkpoints, but none of them could be restored."""
@@ -41,19 +43,24 @@ def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
   return path if path.is_absolute() else path.absolute()
 
 
-def manager(
-  workdir: epath.PathLike, *, max_to_keep: int, create: bool = True, asynchronous: bool = True
-) -> ocp.CheckpointManager:
+def manager(workdir: epath.PathLike, *, max_to_keep: int) -> ocp.CheckpointManager:
+  """The training run's manager: asynchronous saves of all three items, resume."""
   # cleanup_tmp_directories: remove the folders of saves that a crash interrupted.
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=max_to_keep,
-    create=create,
-    enable_async_checkpointing=asynchronous,
-    cleanup_tmp_directories=create,
-  )
-  return ocp.CheckpointManager(
-    checkpoint_dir(workdir), options=options, item_names=("state", "data", "meta")
-  )
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, cleanup_tmp_directories=True)
+  handlers = {
+    "state": ocp.StandardCheckpointHandler(),
+    "data": grain.checkpoint.CheckpointHandler(),
+    "meta": ocp.JsonCheckpointHandler(),
+  }
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def reader(workdir: epath.PathLike) -> ocp.CheckpointManager:
+  """A manager that only reads (evaluation, export, plots): it creates and deletes nothing,
+  and restores a part of the train state (`restore_latest(..., partial=True)`)."""
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 def holds_run(workdir: epath.PathLike) -> bool:
@@ -81,16 +88,25 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, me
 
 def restore_latest(
   checkpoints: ocp.CheckpointManager,
-  abstract_state,
+  target,
   *,
-  check_meta: Callable[[dict], None] = lambda meta: None,
+  check: Callable[[dict, Any], None] = lambda meta, saved_state: None,
   step: int | None = None,
+  partial: bool = False,
 ) -> Restored | None:
   """Restores the newest checkpoint that loads (or exactly `step`); None if there are none.
 
-  `abstract_state`: the state's ShapeDtypeStructs with the target shardings. `check_meta`
-  may raise to refuse a checkpoint (e.g. a model config that does not match); such an error
-  is not a damaged checkpoint and propagates.
+  Args:
+    checkpoints: `manager(...)`, or `reader(...)` when `partial`.
+    target: ShapeDtypeStructs with the target shardings: the whole train state, or (with
+      `partial`) a dict holding some of its fields, e.g. `{"params": ...}`; only those arrays
+      are read from disk.
+    check: called with the checkpoint's metadata and the saved state's tree metadata (array
+      shapes and dtypes, nothing read) before any array is read; it may raise to refuse the
+      checkpoint (e.g. a model of another shape). Such an error is not a damaged checkpoint
+      and propagates.
+    step: restore exactly this step.
+    partial: restore only the fields of `target`.
   """
   steps = sorted(checkpoints.all_steps(), reverse=True)
   if step is not None:
@@ -102,25 +118,27 @@ def restore_latest(
     steps = [step]
   if not steps:
     return None
+  if partial:
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    state_args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+  else:
+    state_args = ocp.args.StandardRestore(target)
   problems = []
   for candidate in steps:
     try:
-      meta = checkpoints.restore(candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-        "meta"
-      ]
+      meta = checkpoints.restore(candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      saved_state = checkpoints.item_metadata(candidate)["state"]
     except Exception as error:
       problems.append(_skip(candidate, "its metadata", error))
       continue
-    check_meta(meta)
+    check(meta["meta"], saved_state)
     try:
-      state = checkpoints.restore(
-        candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-      )["state"]
+      state = checkpoints.restore(candidate, args=ocp.args.Composite(state=state_args))["state"]
     except Exception as error:
       problems.append(_skip(candidate, "its train state", error))
       continue
     set_aside(checkpoints, [s for s in steps if s > candidate])
-    return Restored(step=candidate, state=state, meta=meta)
+    return Restored(step=candidate, state=state, meta=meta["meta"])
   raise NoUsableCheckpointError(
     f"None of the checkpoints in {checkpoints.directory} could be restored:\n  "
     + "\n  ".join(problems)
@@ -140,7 +158,7 @@ def set_aside(checkpoints: ocp.CheckpointManager, steps) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for step in steps:
       destination = target / f"{step}-{int(time.time())}"
-      (epath.Path(checkpoints.directory) / str(step)).rename(destination)
+      files.move(epath.Path(checkpoints.directory) / str(step), destination)
       logging.warning("Moved the unusable checkpoint %d to %s.", step, destination)
   multihost_utils.sync_global_devices("cmvt_jax: damaged checkpoints set aside")
   checkpoints.reload()

@@ -19,17 +19,18 @@ by the batch's `mask`. All hosts then compute the same numbers; process 0 writes
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from ml_collections import config_dict
 
-from cmvt_jax import losses
-from cmvt_jax import sharding
-from cmvt_jax.data import pipeline
+from cmvt_jax import embedding
+from cmvt_jax import metrics
+from cmvt_jax import run as run_lib
+from cmvt_jax.data import normalization
 
 RECALL_AT = (1, 5, 10)
 # Linear-probe recipe (fixed, so numbers compare across runs).
@@ -156,19 +157,14 @@ def source_keys(sources) -> np.ndarray:
 # ----------------------------------------------------------------------------- embedding
 
 
-def embed_fn(run) -> Any:
-  """Jitted (model params, global batch) → L2-normalised video and audio `[B, E]`, replicated."""
-  model = run.model
-
-  def embed(model_params, video, audio):
-    out = model.apply({"params": model_params}, video, audio)
-    return {"video": losses.l2_normalize(out["video"]), "audio": losses.l2_normalize(out["audio"])}
-
-  return jax.jit(embed, out_shardings=sharding.replicated(run.mesh))
-
-
 def embed_split(
-  run, stats, model_params, split: str, *, limit: int | None = None, embed=None
+  run: run_lib.Run,
+  embedder: embedding.ClipEmbedder,
+  model_params,
+  stats: normalization.NormalizationStats,
+  split: str,
+  *,
+  limit: int | None = None,
 ) -> dict[str, np.ndarray]:
   """Embeddings of every clip of `split` (or its first `limit`), gathered on every host.
 
@@ -176,56 +172,12 @@ def embed_split(
   `source_keys`), in the order of the split shared out over hosts (host-major within each
   batch); padding rows removed.
   """
-  embed = embed or embed_fn(run)
-  source = run.dataset.source(split)
-  if limit is not None and limit < len(source):
-    source = _Prefix(source, limit)
-  host_batch = run.config.eval.batch_size // jax.process_count()
-  dataset = pipeline.eval_dataset(
-    source,
-    run.preprocessor(stats),
-    batch_size=host_batch,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  parts = {"video": [], "audio": [], "label": [], "source_key": []}
-  batches = iter(dataset)
-  try:
-    for batch in batches:
-      host = {key: batch[key] for key in ("video", "audio", "label", "mask")}
-      host["source_key"] = source_keys(batch["source"])
-      arrays = sharding.global_batch(host, run.mesh)
-      out = jax.device_get(embed(model_params, arrays["video"], arrays["audio"]))
-      gathered = jax.device_get(
-        _replicate({key: arrays[key] for key in ("mask", "label", "source_key")}, run.mesh)
-      )
-      mask = np.asarray(gathered["mask"])
-      parts["video"].append(out["video"][mask])
-      parts["audio"].append(out["audio"][mask])
-      parts["label"].append(np.asarray(gathered["label"])[mask])
-      parts["source_key"].append(np.asarray(gathered["source_key"])[mask])
-  finally:
-    batches.close()  # stops grain's worker processes now, not whenever it is collected
-  return {key: np.concatenate(value) for key, value in parts.items()}
-
-
-def _replicate(x, mesh):
-  return jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))(x)
-
-
-class _Prefix:
-  """The first `count` examples of a random-access source."""
-
-  def __init__(self, source, count: int):
-    self._source, self._count = source, count
-
-  def __len__(self):
-    return self._count
-
-  def __getitem__(self, index):
-    if not 0 <= index < self._count:
-      raise IndexError(index)
-    return self._source[index]
+  batch_size = run.config.eval.batch_size // jax.process_count()
+  with embedding.split_batches(run, stats, split, batch_size=batch_size, limit=limit) as batches:
+    keyed = ({**batch, "source_key": source_keys(batch["source"])} for batch in batches)
+    return embedder.embed(
+      model_params, keyed, batch_size=batch_size, gather=True, metadata=("label", "source_key")
+    )
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -234,9 +186,9 @@ class _Prefix:
 class Evaluator:
   """Evaluates model parameters on the config's eval splits; used during and after training."""
 
-  def __init__(self, run, stats):
+  def __init__(self, run: run_lib.Run, stats: normalization.NormalizationStats):
     self.run, self.stats = run, stats
-    self._embed = embed_fn(run)
+    self._embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
 
   def evaluate(self, model_params) -> dict[str, dict[str, float]]:
     """{split: {"eval/a2v_r1": ..., ...}} for each split of `config.eval.splits`."""
@@ -245,20 +197,16 @@ class Evaluator:
     train = probe = None
     results = {}
     for split in config.splits:
-      embedded = embed_split(self.run, self.stats, model_params, split, embed=self._embed)
+      embedded = embed_split(self.run, self._embedder, model_params, self.stats, split)
       values = {"eval/num_clips": int(len(embedded["label"]))}
       levels = {"eval/": embedded}  # key prefix -> embeddings scored under it
       if config.multi_clip:
         levels["eval/video_level_"] = video_level(embedded)
         values["eval/num_videos"] = int(len(levels["eval/video_level_"]["label"]))
       if num_classes > 1 and train is None:
+        limit = config.probe_train_examples or None
         train = embed_split(
-          self.run,
-          self.stats,
-          model_params,
-          "train",
-          limit=config.probe_train_examples or None,
-          embed=self._embed,
+          self.run, self._embedder, model_params, self.stats, "train", limit=limit
         )
         probe = fit_linear_probe(train["video"], train["label"], num_classes)
       for prefix, level in levels.items():
@@ -310,17 +258,12 @@ def format_table(values: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
-def evaluate_latest(config, workdir: str) -> dict[str, dict[str, float]]:
+def evaluate_latest(config: config_dict.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
   """`--mode eval`: evaluates the workdir's latest usable checkpoint; appends to metrics."""
-  from cmvt_jax import metrics as metrics_lib
-  from cmvt_jax import train
-  from cmvt_jax.data import normalization
-
-  run = train.Run.create(config, workdir)
-  restored = run.restore()
-  stats = normalization.NormalizationStats.from_dict(restored.meta["stats"])
-  results = Evaluator(run, stats).evaluate(restored.state.params["model"])
-  writer = metrics_lib.MetricsWriter(workdir, is_primary=jax.process_index() == 0)
-  train.write_evals(writer, restored.step, results)
+  run = run_lib.Run.create(config, workdir)
+  trained = run.restore_params()
+  results = Evaluator(run, trained.stats).evaluate(trained.params)
+  writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0)
+  metrics.write_evals(writer, trained.step, results)
   writer.close()
   return results

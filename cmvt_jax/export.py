@@ -14,12 +14,10 @@ classes, named in the manifest) and, for whole videos, `num_frames` (int32 input
 `load_embeddings` merges the parts in id order.
 
 Multi-host. Every process embeds and writes only its own share: clips p, p + P, ... of the
-split (the eval pipeline's shard), or every P-th video file or source video. Clips go through
-the mesh in global batches whose output stays sharded: each process keeps the rows on its own
-devices, nothing is gathered. Every process runs the same number of batches (a process out
-of clips contributes a padding batch until all are done), so the jitted collectives pair up.
-Whole videos differ in length, so they are embedded one at a time on each process's first
-local device, with no collective at all.
+split (the eval pipeline's shard), or every P-th video file or source video. Clips are
+embedded by `embedding.ClipEmbedder` with local rows (each process keeps the rows on its own
+devices; nothing is gathered), whole videos by `embedding.WholeVideoEmbedder` (one at a time
+on each process's first local device, no collective).
 
 Interruption. Process 0 first removes the folder's manifest and parts; each part is written
 under a temporary name and renamed when complete; process 0 writes the manifest (step, config
@@ -29,7 +27,6 @@ without a manifest is an incomplete export, and `load_embeddings` refuses it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -48,39 +45,27 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
-from cmvt_jax import losses
+from cmvt_jax import embedding
+from cmvt_jax import files
+from cmvt_jax import run as run_lib
 from cmvt_jax import sharding
 from cmvt_jax.data import builder
-from cmvt_jax.data import normalization
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import video_io
 
 MANIFEST = "manifest.json"
-_TEMPORARY_SUFFIX = ".tmp"
-# Whole videos are padded (with a frame mask) to a power of two of input frames up to this
-# many, and to a multiple of it beyond, so that videos of similar length share one compiled
-# program and padding costs at most 2x (short videos) or this many frames (long ones).
-FRAME_BUCKET = 64
-_TEXT_KEYS = ("id", "source")
+# Per-row metadata of every export (the host-side keys of the eval batches).
+_CLIP_KEYS = ("id", "source", "start")
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-  """A checkpoint's model parameters and the normalisation statistics it was trained with."""
-
-  step: int
-  params: Any
-  stats: normalization.NormalizationStats
-
-
-def load_model(run, *, step: int | None = None, state=None, stats=None) -> Model:
-  """The model of `state` (training's, with its `stats`), or of checkpoint `step` (None:
-  the latest) of the run's workdir."""
-  if state is None or (step is not None and step != int(state.step)):
-    restored = run.restore(step=step)
-    state = restored.state
-    stats = normalization.NormalizationStats.from_dict(restored.meta["stats"])
-  return Model(step=int(state.step), params=state.params["model"], stats=stats)
+def trained_params(
+  run: run_lib.Run, *, step: int | None = None, trained: run_lib.TrainedParams | None = None
+) -> run_lib.TrainedParams:
+  """`trained` (training's final parameters) unless another checkpoint `step` is asked
+  for; otherwise that checkpoint's (None: the latest) parameters, read from the workdir."""
+  if trained is not None and step in (None, trained.step):
+    return trained
+  return run.restore_params(step=step)
 
 
 def export_name(export_config) -> str:
@@ -106,39 +91,42 @@ def part_name(process_index: int, process_count: int) -> str:
 
 
 def export_embeddings(
-  config: config_dict.ConfigDict, workdir: str, *, run=None, state=None, stats=None
+  config: config_dict.ConfigDict,
+  workdir: str,
+  *,
+  run: run_lib.Run | None = None,
+  trained: run_lib.TrainedParams | None = None,
 ) -> epath.Path:
   """`--mode export`: embeddings of `export.split` (or `export.video_dir`) into the workdir.
 
-  Every process must call this (training does, with its `run`, final `state` and `stats`).
+  Every process must call this (training does, with its `run` and final parameters).
 
   Returns:
     The export folder `WORKDIR/embeddings/NAME`.
   """
-  from cmvt_jax import train
-
   export = config.export
-  run = run or train.Run.create(config, workdir)
-  model = load_model(run, step=export.step, state=state, stats=stats)
+  run = run or run_lib.Run.create(config, workdir)
+  trained = trained_params(run, step=export.step, trained=trained)
   folder = epath.Path(workdir) / "embeddings" / export_name(export)
   # Bad settings are refused before the previous export is removed.
   _host_batch_size(run, export.batch_size)
   if export.video_dir:
-    files = _video_files(epath.Path(export.video_dir))
+    video_files = _video_files(epath.Path(export.video_dir))
   else:
     run.dataset.source(export.split)  # names the splits there are when there is no such one
   _clear(folder)
   started = time.perf_counter()
   if export.video_dir:
-    rows, skipped = _embed_files(run, model, export, _share(files), skip_unreadable=True)
+    share = sharding.process_share(video_files)
+    rows, skipped = _embed_files(run, trained, export, share, skip_unreadable=True)
     label_names = None
   else:
-    rows, skipped = _embed_split(run, model, export), 0
+    rows, skipped = _embed_split(run, trained, export), 0
     label_names = list(run.dataset.label_names)
   _write_part(folder, rows)
-  counts = _gather_ints([len(rows["id"]), skipped])
+  counts = sharding.gather_ints([len(rows["id"]), skipped])
   if jax.process_index() == 0:
-    _write_manifest(folder, config, model, counts, label_names)
+    _write_manifest(folder, config, trained, counts, label_names)
   multihost_utils.sync_global_devices("cmvt_jax export: manifest written")
   seconds = time.perf_counter() - started
   total = int(counts[:, 0].sum())
@@ -146,7 +134,7 @@ def export_embeddings(
     "Exported %d %s (checkpoint step %d) to %s in %.1f s (%.1f per s on this process).",
     total,
     "videos" if export.whole_video else "clips",
-    model.step,
+    trained.step,
     folder,
     seconds,
     len(rows["id"]) / max(seconds, 1e-9),
@@ -179,13 +167,11 @@ def embed_videos(
   Raises:
     video_io.VideoReadError: a file cannot be used (it names the file and why).
   """
-  from cmvt_jax import train
-
   config = config or workdir_config(workdir)
-  run = train.Run.create(config, workdir)
-  model = load_model(run, step=config.export.step)
-  files = [(epath.Path(path), os.fspath(path)) for path in paths]
-  rows, _ = _embed_files(run, model, config.export, _share(files), skip_unreadable=False)
+  run = run_lib.Run.create(config, workdir)
+  trained = run.restore_params(step=config.export.step)
+  video_files = sharding.process_share([(epath.Path(path), os.fspath(path)) for path in paths])
+  rows, _ = _embed_files(run, trained, config.export, video_files, skip_unreadable=False)
   return rows
 
 
@@ -200,12 +186,13 @@ def workdir_config(workdir: epath.PathLike) -> config_dict.ConfigDict:
   return config_dict.ConfigDict(json.loads(path.read_text())["config"])
 
 
-def load_embeddings(workdir_or_embeddings_dir: epath.PathLike, split: str) -> dict[str, np.ndarray]:
+def load_embeddings(workdir_or_embeddings_dir: epath.PathLike, name: str) -> dict[str, np.ndarray]:
   """A complete export's rows, every part merged, sorted by `id`.
 
   Args:
     workdir_or_embeddings_dir: a workdir, or its `embeddings/` folder.
-    split: the export's folder name (`export_name`: the split, by default).
+    name: the export's folder name under `embeddings/` (`export_name`: by default the
+      split, or the video folder's name; `_whole_video` appended for whole videos).
 
   Returns:
     The keys of the module docstring, each with one row per clip (or video).
@@ -214,14 +201,15 @@ def load_embeddings(workdir_or_embeddings_dir: epath.PathLike, split: str) -> di
     FileNotFoundError: no complete export of that name (none, or interrupted: no manifest).
     ValueError: a part does not hold the rows the manifest counts.
   """
-  folder, manifest = read_manifest(workdir_or_embeddings_dir, split)
+  folder, manifest = read_manifest(workdir_or_embeddings_dir, name)
   parts = []
-  for name, count in manifest["parts"].items():
-    with (folder / name).open("rb") as f:
+  for part_file, count in manifest["parts"].items():
+    with (folder / part_file).open("rb") as f:
       part = dict(np.load(f, allow_pickle=False))
     if len(part["id"]) != count:
       raise ValueError(
-        f"{folder / name} holds {len(part['id'])} rows, the manifest counts {count}; export again."
+        f"{folder / part_file} holds {len(part['id'])} rows, the manifest counts {count}; "
+        "export again."
       )
     parts.append(part)
   rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -230,7 +218,7 @@ def load_embeddings(workdir_or_embeddings_dir: epath.PathLike, split: str) -> di
 
 
 def read_manifest(
-  workdir_or_embeddings_dir: epath.PathLike, split: str
+  workdir_or_embeddings_dir: epath.PathLike, name: str
 ) -> tuple[epath.Path, dict[str, Any]]:
   """(export folder, its manifest) of a complete export; arguments as `load_embeddings`.
 
@@ -238,14 +226,14 @@ def read_manifest(
     FileNotFoundError: no complete export of that name (none, or interrupted: no manifest).
   """
   root = epath.Path(workdir_or_embeddings_dir)
-  folder = root / "embeddings" / split
+  folder = root / "embeddings" / name
   if not folder.exists():
-    folder = root / split
+    folder = root / name
   path = folder / MANIFEST
   if not path.exists():
     found = sorted(part.name for part in folder.glob("part-*")) if folder.exists() else []
     raise FileNotFoundError(
-      f"No complete export {split!r} under {root}: {path} is missing"
+      f"No complete export {name!r} under {root}: {path} is missing"
       + (f" (the folder holds {', '.join(found)}: an interrupted export)" if found else "")
       + ". Export with `python -m cmvt_jax.main --mode export --config ... --workdir ...`."
     )
@@ -253,11 +241,6 @@ def read_manifest(
 
 
 # ----------------------------------------------------------------------------- sources
-
-
-def _share(items: Sequence) -> list:
-  """This process's share: items p, p + P, ..."""
-  return list(items[jax.process_index() :: jax.process_count()])
 
 
 def _video_files(video_dir: epath.Path) -> list[tuple[epath.Path, str]]:
@@ -301,8 +284,8 @@ def _split_videos(
   clips: dict[str, list[tuple[float, int]]] = {}
   for index in range(len(source)):
     example = source[index]
-    clips.setdefault(_text(example["source"]), []).append((float(example["start"]), index))
-  videos = _share(sorted(clips))
+    clips.setdefault(pipeline.text(example["source"]), []).append((float(example["start"]), index))
+  videos = sharding.process_share(sorted(clips))
 
   def elements():
     for video in videos:
@@ -394,49 +377,56 @@ def _file_elements(
 # ----------------------------------------------------------------------------- embedding
 
 
-def _embed_split(run, model: Model, export) -> dict[str, np.ndarray]:
+def _embed_split(
+  run: run_lib.Run, trained: run_lib.TrainedParams, export: config_dict.ConfigDict
+) -> dict[str, np.ndarray]:
   """This process's rows of the prepared split `export.split` (per clip, or whole videos,
   as the config's `export` section says)."""
   split = export.split
-  preprocessor = run.preprocessor(model.stats)
   primary = jax.process_index() == 0
   if export.whole_video:
+    preprocessor = run.preprocessor(trained.stats)
     count, elements = _split_videos(run, preprocessor, split, export.max_frames)
     with tqdm.tqdm(total=count, desc=f"Embedding {split} videos", disable=not primary) as bar:
-      return _embed_whole(run, model, _ticking(elements, bar), labelled=True)
-  source = run.dataset.source(split)
+      return _embed_whole(run, trained, _ticking(elements, bar), labelled=True)
   batch_size = _host_batch_size(run, export.batch_size)
-  batches = iter(
-    pipeline.eval_dataset(
-      source,
-      preprocessor,
-      batch_size=batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
-  )
-  total = pipeline.num_eval_batches(len(source), batch_size, jax.process_count())
-  try:
-    with tqdm.tqdm(
+  total = pipeline.num_eval_batches(len(run.dataset.source(split)), batch_size, jax.process_count())
+  with (
+    embedding.split_batches(run, trained.stats, split, batch_size=batch_size) as batches,
+    tqdm.tqdm(
       total=total, desc=f"Embedding {split} clips", unit="batch", disable=not primary
-    ) as bar:
-      return _embed_clips(run, model, _ticking(batches, bar), batch_size, labelled=True)
-  finally:
-    batches.close()  # stops grain's worker processes now, not whenever it is collected
+    ) as bar,
+  ):
+    embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
+    return embedder.embed(
+      trained.params,
+      _ticking(batches, bar),
+      batch_size=batch_size,
+      gather=False,
+      metadata=_CLIP_KEYS + ("label",),
+    )
 
 
 def _embed_files(
-  run, model: Model, export, files: Sequence[tuple[epath.Path, str]], *, skip_unreadable: bool
+  run: run_lib.Run,
+  trained: run_lib.TrainedParams,
+  export: config_dict.ConfigDict,
+  video_files: Sequence[tuple[epath.Path, str]],
+  *,
+  skip_unreadable: bool,
 ) -> tuple[dict[str, np.ndarray], int]:
   """Rows of this process's video files (path, source), per clip or whole as the config's
   `export` section says; returns (rows, number of files skipped)."""
   skipped = []
   with tqdm.tqdm(
-    total=len(files), desc="Embedding video files", unit="file", disable=jax.process_index() != 0
+    total=len(video_files),
+    desc="Embedding video files",
+    unit="file",
+    disable=jax.process_index() != 0,
   ) as bar:
     elements = _file_elements(
-      files,
-      run.preprocessor(model.stats),
+      video_files,
+      run.preprocessor(trained.stats),
       run.dataset.storage,
       whole_video=export.whole_video,
       max_frames=export.max_frames,
@@ -445,16 +435,21 @@ def _embed_files(
       bar=bar,
     )
     if export.whole_video:
-      rows = _embed_whole(run, model, elements, labelled=False)
+      rows = _embed_whole(run, trained, elements, labelled=False)
     else:
       batch_size = _host_batch_size(run, export.batch_size)
-      rows = _embed_clips(
-        run, model, _batched(elements, batch_size, run.spec), batch_size, labelled=False
+      embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
+      rows = embedder.embed(
+        trained.params,
+        _batched(elements, batch_size, run.spec),
+        batch_size=batch_size,
+        gather=False,
+        metadata=_CLIP_KEYS,
       )
   return rows, len(skipped)
 
 
-def _host_batch_size(run, size: int) -> int:
+def _host_batch_size(run: run_lib.Run, size: int) -> int:
   """This process's share of the global export batch `size`."""
   processes = jax.process_count()
   unit = math.lcm(run.mesh.devices.size, processes)
@@ -467,122 +462,31 @@ def _host_batch_size(run, size: int) -> int:
   return size // processes
 
 
-def _embed_clips(
-  run, model: Model, batches: Iterable[dict[str, np.ndarray]], batch_size: int, *, labelled: bool
-) -> dict[str, np.ndarray]:
-  """This process's rows of its eval batches, embedded in global batches over the mesh.
-
-  The output keeps the batch sharding: each process reads back only the rows on its own
-  devices. A `row` index travels with the batch to tell which host row each one is.
-  """
-
-  def embed(params, video, audio):
-    out = run.model.apply({"params": params}, video, audio)
-    return {key: losses.l2_normalize(out[key]) for key in ("video", "audio")}
-
-  embed = jax.jit(embed, out_shardings=sharding.batch_sharding(run.mesh))
-  parts = [_empty_rows(run, labelled=labelled, whole_video=False)]
-  batches = iter(batches)
-  while True:
-    batch = next(batches, None)
-    # Every process runs the same number of batches, or the collectives would not pair up.
-    if not _any_process(batch is not None):
-      break
-    if batch is None:
-      batch = _padding_batch(batch_size, run.spec)
-    host_rows = np.arange(len(batch["mask"]), dtype=np.int32)
-    arrays = sharding.global_batch(
-      {"video": batch["video"], "audio": batch["audio"], "row": host_rows}, run.mesh
-    )
-    out = _local_rows(
-      {"row": arrays["row"], **embed(model.params, arrays["video"], arrays["audio"])}
-    )
-    keep = np.asarray(batch["mask"])[out["row"]]
-    kept_rows = out["row"][keep]
-    part = {key: np.asarray(batch[key])[kept_rows] for key in ("id", "source", "start")}
-    part.update(video=out["video"][keep], audio=out["audio"][keep])
-    if labelled:
-      part["label"] = np.asarray(batch["label"], np.int32)[kept_rows]
-    parts.append(part)
-  return _concatenate(parts)
-
-
 def _embed_whole(
-  run, model: Model, elements: Iterable[dict[str, Any]], *, labelled: bool
+  run: run_lib.Run,
+  trained: run_lib.TrainedParams,
+  elements: Iterable[dict[str, Any]],
+  *,
+  labelled: bool,
 ) -> dict[str, np.ndarray]:
-  """Whole videos, one at a time on this process's first local device (no collectives).
-
-  Frames are padded (see FRAME_BUCKET) with a frame mask, so nobody attends to the padding;
-  the audio keeps its exact length (the audio tower has no mask).
-  """
-  device = jax.local_devices()[0]
-  params = _on_device(model.params, run.mesh, device)
-
-  @jax.jit
-  def embed(params, video, frame_mask, audio):
-    out = run.model.apply({"params": params}, video, audio, frame_mask=frame_mask)
-    return {key: losses.l2_normalize(out[key]) for key in ("video", "audio")}
-
-  parts = [_empty_rows(run, labelled=labelled, whole_video=True)]
+  """Rows of whole videos (`embedding.WholeVideoEmbedder`), with `num_frames`."""
+  keys = _CLIP_KEYS + (("label",) if labelled else ())
+  embedder = embedding.WholeVideoEmbedder(run.model, run.mesh, trained.params)
+  dim = run.config.model.embed_dim
+  rows = {key: [] for key in (*keys, "video", "audio", "num_frames")}
   for element in elements:
-    frames = len(element["video"])
-    padded = (
-      2 ** math.ceil(math.log2(frames))
-      if frames <= FRAME_BUCKET
-      else FRAME_BUCKET * math.ceil(frames / FRAME_BUCKET)
-    )
-    video = np.zeros((1, padded) + element["video"].shape[1:], np.float32)
-    video[0, :frames] = element["video"]
-    inputs = jax.device_put(
-      (video, np.arange(padded)[None] < frames, element["audio"][None]), device
-    )
-    out = jax.device_get(embed(params, *inputs))
-    part = {
-      "id": np.array([element["id"]]),
-      "source": np.array([element["source"]]),
-      "start": np.array([element["start"]], np.float32),
-      "video": out["video"],
-      "audio": out["audio"],
-      "num_frames": np.array([frames], np.int32),
-    }
-    if labelled:
-      part["label"] = np.array([element["label"]], np.int32)
-    parts.append(part)
-  return _concatenate(parts)
-
-
-def _on_device(params, mesh, device):
-  """A whole copy of the (possibly sharded) parameters on one local device.
-
-  Every process must call it: gathering sharded parameters is a collective.
-  """
-  whole = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))(params)
-  return jax.device_put(jax.tree.map(lambda x: x.addressable_data(0), whole), device)
-
-
-def _local_rows(arrays: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-  """The rows of batch-sharded global arrays that live on this process's devices, in
-  global order."""
-
-  def rows(x):
-    shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-    return np.concatenate([np.asarray(shard.data) for shard in shards])
-
-  return {key: rows(value) for key, value in arrays.items()}
-
-
-def _any_process(flag: bool) -> bool:
-  if jax.process_count() == 1:
-    return flag
-  return bool(multihost_utils.process_allgather(np.int32(flag)).max())
-
-
-def _gather_ints(values: Sequence[int]) -> np.ndarray:
-  """`[process_count, len(values)]`: every process's values (process order)."""
-  values = np.asarray(values, np.int32)
-  if jax.process_count() == 1:
-    return values[None]
-  return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)
+    rows["num_frames"].append(len(element["video"]))
+    embedded = embedder.embed(element["video"], element["audio"])
+    for key in keys:
+      rows[key].append(element[key])
+    rows["video"].append(embedded["video"][0])
+    rows["audio"].append(embedded["audio"][0])
+  types = {"id": str, "source": str, "start": np.float32, "label": np.int32, "num_frames": np.int32}
+  result = {key: np.array(rows[key], dtype=types[key]) for key in types if key in rows}
+  result.update(
+    {key: np.array(rows[key], np.float32).reshape(-1, dim) for key in ("video", "audio")}
+  )
+  return result
 
 
 def _batched(
@@ -596,7 +500,7 @@ def _batched(
       yield _stack(pending)
       pending = []
   if pending:
-    padding = _padding_batch(batch_size - len(pending), spec)
+    padding = pipeline.padding_rows(spec, batch_size - len(pending))
     yield {key: np.concatenate([_stack(pending)[key], padding[key]]) for key in padding}
 
 
@@ -605,48 +509,10 @@ def _stack(elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {key: np.stack([np.asarray(element[key]) for element in elements]) for key in keys}
 
 
-def _padding_batch(rows: int, spec: pipeline.InputSpec) -> dict[str, np.ndarray]:
-  """`rows` padding rows of an eval batch (mask False)."""
-  return {
-    "video": np.zeros((rows, spec.num_frames, spec.frame_size, spec.frame_size, 3), np.float32),
-    "audio": np.zeros((rows, spec.audio_frames, spec.mel.n_mels), np.float32),
-    "label": np.full(rows, -1, np.int32),
-    "mask": np.zeros(rows, bool),
-    "id": np.full(rows, ""),
-    "source": np.full(rows, ""),
-    "start": np.zeros(rows, np.float32),
-  }
-
-
-def _ticking(iterable: Iterable, bar) -> Iterator:
+def _ticking(iterable: Iterable, bar: tqdm.tqdm) -> Iterator:
   for item in iterable:
     yield item
     bar.update()
-
-
-def _empty_rows(run, *, labelled: bool, whole_video: bool) -> dict[str, np.ndarray]:
-  """Zero rows of every key (so that a process with nothing to embed writes a valid part)."""
-  dim = run.config.model.embed_dim
-  rows = {
-    "id": np.array([], str),
-    "source": np.array([], str),
-    "start": np.zeros(0, np.float32),
-    "video": np.zeros((0, dim), np.float32),
-    "audio": np.zeros((0, dim), np.float32),
-  }
-  if labelled:
-    rows["label"] = np.zeros(0, np.int32)
-  if whole_video:
-    rows["num_frames"] = np.zeros(0, np.int32)
-  return rows
-
-
-def _concatenate(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-
-
-def _text(value: bytes | str) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 # ----------------------------------------------------------------------------- files
@@ -665,14 +531,16 @@ def _clear(folder: epath.Path) -> None:
 def _write_part(folder: epath.Path, rows: dict[str, np.ndarray]) -> None:
   """This process's part, under a temporary name until it is complete."""
   path = folder / part_name(jax.process_index(), jax.process_count())
-  temporary = folder / (path.name + _TEMPORARY_SUFFIX)
-  with temporary.open("wb") as f:
+  with files.replacing(path) as temporary, temporary.open("wb") as f:
     np.savez(f, **rows)
-  temporary.rename(path)
 
 
 def _write_manifest(
-  folder: epath.Path, config, model: Model, counts: np.ndarray, label_names: Sequence[str] | None
+  folder: epath.Path,
+  config: config_dict.ConfigDict,
+  trained: run_lib.TrainedParams,
+  counts: np.ndarray,
+  label_names: Sequence[str] | None,
 ) -> None:
   export = config.export
   config_json = config.to_json_best_effort(sort_keys=True)
@@ -680,7 +548,7 @@ def _write_manifest(
     "split": None if export.video_dir else export.split,
     "video_dir": export.video_dir,
     "whole_video": bool(export.whole_video),
-    "step": model.step,
+    "step": trained.step,
     "config_sha256": hashlib.sha256(config_json.encode("utf-8")).hexdigest(),
     "embed_dim": int(config.model.embed_dim),
     "count": int(counts[:, 0].sum()),
@@ -690,6 +558,4 @@ def _write_manifest(
     "skipped_files": int(counts[:, 1].sum()),
     "label_names": label_names,
   }
-  temporary = folder / (MANIFEST + _TEMPORARY_SUFFIX)
-  temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-  temporary.rename(folder / MANIFEST)
+  files.write_json(folder / MANIFEST, manifest)

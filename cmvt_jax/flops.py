@@ -15,18 +15,59 @@ it does more arithmetic than this; like padding, that does not count towards MFU
 to activations and to weights), the model-FLOPs convention MFU uses (PaLM, appendix B).
 `train_step_executed` adds the recomputation `nn.remat` performs (one more forward) when the
 model was built with `remat`; that is the hardware-FLOPs count, not the one for MFU.
+
+`peak_flops_per_device` is MFU's denominator: a datasheet figure for accelerators, a measured
+float32 matmul rate for CPUs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from absl import logging
 
 from cmvt_jax.models import audio_encoder as audio_lib
 from cmvt_jax.models import cmvt as cmvt_lib
 from cmvt_jax.models import frame_encoder as frame_lib
+from cmvt_jax.models import longformer
 from cmvt_jax.models import temporal_encoder as temporal_lib
+
+# Device peak FLOP/s for MFU (dense bf16 datasheet figures, per chip). A CPU's peak is
+# measured instead (a float32 matmul), since CPUs differ too much to tabulate.
+DEVICE_PEAK_FLOPS = {
+  "H100": 989e12,
+  "H200": 989e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_device() -> float:
+  """Datasheet peak for accelerators; a measured float32 matmul rate for CPUs."""
+  kind = jax.devices()[0].device_kind
+  for name, peak in DEVICE_PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak
+  if jax.devices()[0].platform != "cpu":
+    logging.warning("No peak FLOP/s known for %r; MFU is reported against a measured matmul.", kind)
+  size = 2048
+  x = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(matmul(x))
+  start = time.perf_counter()
+  for _ in range(3):
+    jax.block_until_ready(matmul(x))
+  return 3 * 2 * size**3 / (time.perf_counter() - start) / jax.local_device_count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +186,8 @@ def temporal(
   if not module.num_layers:
     return total, module.width
   tokens = length + 1  # the CLS token, the one global position
-  windows = _per_layer(module.windows, module.num_layers)
-  dilations = _per_layer(module.dilations, module.num_layers)
+  windows = longformer.per_layer("windows", module.windows, module.num_layers)
+  dilations = longformer.per_layer("dilations", module.dilations, module.num_layers)
   for window, dilation in zip(windows, dilations):
     total += longformer_layer(
       tokens,
@@ -218,7 +259,3 @@ def _conv(height: int, width: int, kernel: Sequence[int], fan_in: int, fan_out: 
 
 def _strided(height: int, width: int, strides: Sequence[int]) -> tuple[int, int]:
   return math.ceil(height / strides[0]), math.ceil(width / strides[1])
-
-
-def _per_layer(value, num_layers: int) -> list:
-  return [value] * num_layers if isinstance(value, int) else list(value)

@@ -1,21 +1,29 @@
 """Entry point: `python -m cmvt_jax.main --config configs/X.py --workdir DIR [--mode M]`.
 
 Parses flags, joins the multi-host runtime, and dispatches on `--mode`; the work itself lives
-in train.py, evaluate.py, export.py and plots.py.
+in train.py, evaluate.py, export.py and plots.py. Importing them starts no backend: that
+happens at the first computation, after the distributed runtime is joined.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging as logging_lib
 import os
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from cmvt_jax import checkpoints
+from cmvt_jax import config_overrides
+from cmvt_jax import evaluate
+from cmvt_jax import export
+from cmvt_jax import plots
+from cmvt_jax import sharding
+from cmvt_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -41,65 +49,19 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-
 flags.mark_flags_as_required(["config", "workdir"])
 
 _MODES = {
-  "train": ("train", "train_and_evaluate"),
-  "eval": ("evaluate", "evaluate_latest"),
-  "export": ("export", "export_embeddings"),
-  "plots": ("plots", "make_plots"),
+  "train": train.train_and_evaluate,
+  "eval": evaluate.evaluate_latest,
+  "export": export.export_embeddings,
+  "plots": plots.make_plots,
 }
-
-# Environment variables that mean a scheduler started one process per host: then
-# `jax.distributed.initialize()` finds the coordinator, process count and index by itself.
-_CLUSTER_MARKERS = {
-  "SLURM_NTASKS": "SLURM",
-  "OMPI_COMM_WORLD_SIZE": "Open MPI",
-  "TPU_WORKER_HOSTNAMES": "TPU VM",
-  "MEGASCALE_NUM_SLICES": "TPU multi-slice",
-}
-
-
-def initialize_distributed(config) -> None:
-  """Joins the multi-host runtime when this is one process of several."""
-  import jax  # after absl has parsed flags, before any computation
-
-  # Collectives between CPU processes (localhost rehearsals) go through gloo; the setting
-  # is ignored by GPU and TPU backends.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  timeouts = dict(
-    initialization_timeout=config.distributed.initialization_timeout_seconds,
-    heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
-  )
-  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if any(value is not None for value in explicit):
-    if any(value is None for value in explicit):
-      raise app.UsageError(
-        f"--coordinator_address, --num_processes and --process_id go together; got {explicit}."
-      )
-    jax.distributed.initialize(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts
-    )
-    return
-  detected = [name for var, name in _CLUSTER_MARKERS.items() if _more_than_one(var)]
-  if not detected and _has_tpu_chips():
-    # A Cloud TPU VM (`gcloud ... tpu-vm ssh --worker=all`) sets no environment variable;
-    # JAX finds the slice's workers in the VM's metadata.
-    detected = ["Cloud TPU VM"]
-  if detected:
-    logging.info("Detected a %s cluster; joining it.", detected[0])
-    jax.distributed.initialize(**timeouts)
-
-
-def _has_tpu_chips() -> bool:
-  """TPU chips on this machine's PCI bus (JAX's own test, which reads no network)."""
-  from jax._src import hardware_utils
-
-  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-
-
-def _more_than_one(variable: str) -> bool:
-  value = os.environ.get(variable, "")
-  if variable == "TPU_WORKER_HOSTNAMES":
-    return "," in value
-  return value.isdigit() and int(value) > 1
+# Errors that describe a problem with the config, the data or the workdir and say what to do.
+_USER_ERRORS = (
+  ValueError,
+  FileNotFoundError,
+  PermissionError,
+  FloatingPointError,
+  checkpoints.NoUsableCheckpointError,
+)
 
 
 class _OwnInfoOnly(logging_lib.Filter):
@@ -115,25 +77,15 @@ def main(argv):
   if flags.FLAGS.verbosity < 1:  # --verbosity=1 shows the libraries' INFO logs too
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
   config = _CONFIG.value
-  initialize_distributed(config)
-  # Imported here, so that no backend starts before the distributed runtime is joined.
-  module_name, function = _MODES[_MODE.value]
-  module = importlib.import_module(f"cmvt_jax.{module_name}")
-  from cmvt_jax.checkpoints import NoUsableCheckpointError
-
-  # Errors that describe a problem with the config, the data or the workdir and say what to do.
-  user_errors = (
-    ValueError,
-    FileNotFoundError,
-    PermissionError,
-    FloatingPointError,
-    NoUsableCheckpointError,
-  )
-  import jax
-
   try:
-    getattr(module, function)(config, _WORKDIR.value)
-  except user_errors as error:
+    sharding.initialize_distributed(
+      config.distributed,
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+    _MODES[_MODE.value](config, _WORKDIR.value)
+  except _USER_ERRORS as error:
     if flags.FLAGS.verbosity >= 1:
       raise
     # The message says what to do; a traceback would only bury it (--verbosity=1 shows it).
@@ -167,43 +119,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as error:  # ml_collections: an override names no key
-    message = _unknown_key_message(argv, error)
+    message = config_overrides.unknown_key_message(argv, error)
   except flags.Error as error:  # e.g. a value of the wrong type
     message = str(error)
   sys.stderr.write(
     f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.\n"
   )
   sys.exit(1)
-
-
-def _unknown_key_message(argv: list[str], error: Exception) -> str:
-  """Names the first override whose key the config file does not define, and its siblings."""
-  config = _load_config_file(argv)
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    path = arg[len("--config.") :].split("=", 1)[0].split(".")
-    node = config
-    for depth, part in enumerate(path):
-      keys = sorted(node.keys()) if hasattr(node, "keys") else []
-      if part not in keys:
-        where = ".".join(["config", *path[:depth]])
-        return (
-          f"{arg}: {where} has no key {part!r}; its keys are: {', '.join(keys)}. "
-          "Overrides can only set keys that the config file defines."
-        )
-      node = node[part]
-  return f"a --config override names a key that the config does not have ({error})."
-
-
-def _load_config_file(argv: list[str]):
-  path = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
-  if path is None and "--config" in argv:
-    path = argv[argv.index("--config") + 1]
-  spec = importlib.util.spec_from_file_location("cmvt_config_file", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import tensorboardX
 from etils import epath
 
-# Keys that measure the machine, not the model; the only ones allowed to differ between two
-# runs with the same seed.
-TIMING_KEYS = ("clips_per_s", "step_time_s", "mfu")
+from cmvt_jax import files
 
 
 class MetricsWriter:
@@ -34,9 +33,7 @@ class MetricsWriter:
   def _tensorboard(self):
     """The event-file writer, created with the first scalar (a refused run writes nothing)."""
     if self._writer is None:
-      from tensorboardX import SummaryWriter
-
-      self._writer = SummaryWriter(str(self._tensorboard_dir))
+      self._writer = tensorboardX.SummaryWriter(str(self._tensorboard_dir))
     return self._writer
 
   def drop_after(self, step: int) -> None:
@@ -48,15 +45,14 @@ class MetricsWriter:
       for line in self.path.read_text().splitlines()
       if line.strip() and json.loads(line)["step"] <= step
     ]
-    self.path.write_text("".join(line + "\n" for line in lines))
+    files.write_text(self.path, "".join(line + "\n" for line in lines))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self._is_primary:
       return
     record = {"step": int(step)}
     record.update({key: _plain(value) for key, value in values.items()})
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    files.append_line(self.path, json.dumps(record))
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
         self._tensorboard.add_scalar(key, value, step)
@@ -71,6 +67,12 @@ class MetricsWriter:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+def write_evals(writer: MetricsWriter, step: int, results: Mapping[str, Mapping[str, Any]]) -> None:
+  """One metrics line per evaluated split: `{"step", "split", "eval/...": ...}`."""
+  for split, values in results.items():
+    writer.write(step, {"split": split, **values})
 
 
 def read(workdir: epath.PathLike) -> list[dict]:

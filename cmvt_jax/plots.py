@@ -26,18 +26,25 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 from absl import logging
 from etils import epath
+from flax import traverse_util
 from matplotlib import figure
+from ml_collections import config_dict
 
+from cmvt_jax import embedding
 from cmvt_jax import evaluate
 from cmvt_jax import export as export_lib
-from cmvt_jax import metrics as metrics_lib
+from cmvt_jax import files
+from cmvt_jax import metrics
+from cmvt_jax import run as run_lib
 from cmvt_jax import sharding
+from cmvt_jax.data import pipeline
+from cmvt_jax.models import attention
 from cmvt_jax.models import cmvt
+from cmvt_jax.models import longformer
 
 DPI = 100
 FIGURE_SIZES = {  # inches (width, height)
@@ -56,43 +63,48 @@ PCA_CLIPS = 2048
 _EVAL_CURVES = ("eval/a2v_r1", "eval/v2a_r1", "eval/linear_probe_top1", "eval/knn_top1")
 
 
-def make_plots(config, workdir: str, *, run=None, state=None, stats=None) -> list[epath.Path]:
+def make_plots(
+  config: config_dict.ConfigDict,
+  workdir: str,
+  *,
+  run: run_lib.Run | None = None,
+  trained: run_lib.TrainedParams | None = None,
+) -> list[epath.Path]:
   """Draws every figure of the module docstring; returns the files written (process 0).
 
   Args:
     config: the run's config (`eval`, `export` and `plots` sections).
     workdir: the run's workdir.
-    run, state, stats: training's, at the end of a run; otherwise the latest checkpoint
-      of the workdir is restored.
+    run, trained: training's, at the end of a run; otherwise the latest checkpoint's
+      parameters are read from the workdir.
   """
-  from cmvt_jax import train
-
-  run = run or train.Run.create(config, workdir)
-  model = export_lib.load_model(run, state=state, stats=stats)
-  primary = jax.process_index() == 0
+  run = run or run_lib.Run.create(config, workdir)
+  trained = trained or run.restore_params()
   split = config.eval.splits[0]
-  figures = {"training_curves": lambda: training_curves(metrics_lib.read(workdir))}
+  figures = {"training_curves": lambda: training_curves(metrics.read(workdir))}
   # Embedding runs on every process; drawing only where the figure is written.
-  clips = evaluate.embed_split(run, model.stats, model.params, split, limit=config.plots.num_clips)
+  embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
+  clips = evaluate.embed_split(
+    run, embedder, trained.params, trained.stats, split, limit=config.plots.num_clips
+  )
   figures["similarity_matrix"] = lambda: similarity_matrix(clips, split)
-  points, label_names, title = _pca_points(run, model, config.export, workdir)
+  points, label_names, title = _pca_points(run, embedder, trained, config.export, workdir)
   figures["embeddings_pca"] = lambda: embeddings_pca(points, label_names, title)
-  attention = attention_maps(run, model, split)
-  if attention is not None:
-    figures["attention"] = lambda: attention_figure(**attention)
+  maps = attention_maps(run, trained, split)
+  if maps is not None:
+    figures["attention"] = lambda: attention_figure(**maps)
   else:
     logging.info("No attention figure: the video tower has no temporal attention layer.")
-  if not primary:
+  if jax.process_index() != 0:
     return []
   folder = epath.Path(workdir) / "plots"
   folder.mkdir(parents=True, exist_ok=True)
   written = []
   for name, draw in figures.items():
     path = folder / f"{name}.png"
-    temporary = folder / f"{name}.png.tmp"  # an interrupted run leaves no truncated PNG
-    with temporary.open("wb") as f:
+    with files.replacing(path) as temporary, temporary.open("wb") as f:
       draw().savefig(f, format="png", dpi=DPI)
-    written.append(temporary.rename(path))
+    written.append(path)
   logging.info("Wrote %d figures to %s.", len(written), folder)
   return written
 
@@ -155,15 +167,23 @@ def similarity_matrix(clips: dict[str, np.ndarray], split: str) -> figure.Figure
   return fig
 
 
-def _pca_points(run, model, export, workdir) -> tuple[dict[str, np.ndarray], Sequence[str], str]:
+def _pca_points(
+  run: run_lib.Run,
+  embedder: embedding.ClipEmbedder,
+  trained: run_lib.TrainedParams,
+  export: config_dict.ConfigDict,
+  workdir: str,
+) -> tuple[dict[str, np.ndarray], Sequence[str], str]:
   """(embeddings, label names, description) for the PCA figure: the export that the
   config's `export` section describes when it is complete."""
   name = export_lib.export_name(export)
   try:
     _, manifest = export_lib.read_manifest(workdir, name)
   except FileNotFoundError:
-    rows = evaluate.embed_split(run, model.stats, model.params, export.split, limit=PCA_CLIPS)
-    return rows, run.dataset.label_names, f"{export.split} (step {model.step}, not exported)"
+    rows = evaluate.embed_split(
+      run, embedder, trained.params, trained.stats, export.split, limit=PCA_CLIPS
+    )
+    return rows, run.dataset.label_names, f"{export.split} (step {trained.step}, not exported)"
   rows = export_lib.load_embeddings(workdir, name)
   return rows, manifest["label_names"] or (), f"export {name!r} (step {manifest['step']})"
 
@@ -205,40 +225,45 @@ def embeddings_pca(
 # ----------------------------------------------------------------------------- attention
 
 
-def band_rule(
-  length: int, window: int, dilation: int, global_positions: Sequence[int]
-) -> np.ndarray:
-  """`[length, length]` bool: may query i attend key j (banded_attention's rule, no padding)."""
-  offset = np.arange(length)[:, None] - np.arange(length)[None, :]
-  allowed = (np.abs(offset) <= window * dilation) & (offset % dilation == 0)
-  is_global = np.isin(np.arange(length), global_positions)
-  return allowed | is_global[:, None] | is_global[None, :]
-
-
-def attention_maps(run, model, split: str) -> dict[str, Any] | None:
+def attention_maps(
+  run: run_lib.Run, trained: run_lib.TrainedParams, split: str
+) -> dict[str, Any] | None:
   """The first video temporal layer's settings and dense attention weights for the first
   clip of `split` (None when the tower mean-pools). Every process must call it."""
   temporal = run.model.video_encoder.temporal
   if temporal.num_layers == 0:
     return None
-  window = int(temporal.windows[0])
-  dilation = temporal.dilations[0]
+  window = int(longformer.per_layer("windows", temporal.windows, temporal.num_layers)[0])
+  dilation = longformer.per_layer("dilations", temporal.dilations, temporal.num_layers)[0]
   dilations = (dilation,) * temporal.num_heads if isinstance(dilation, int) else dilation
   example = run.dataset.source(split)[0]
-  clip = example["id"].decode("utf-8") if isinstance(example["id"], bytes) else example["id"]
-  video = run.preprocessor(model.stats)(example["frames"], example["audio"])["video"][None]
+  clip = pipeline.text(example["id"])
+  video = run.preprocessor(trained.stats)(example["frames"], example["audio"])["video"][None]
   length = video.shape[1] + 1  # the CLS token, then one step per frame
-  rules = np.stack([band_rule(length, window, d, [0]) for d in dilations])
+  rules = np.stack([attention.band_rule(length, window, d, [0]) for d in dilations])
   replicated = sharding.replicated(run.mesh)
 
   @functools.partial(jax.jit, out_shardings=replicated)
   def weights_fn(params, video, rules):
-    return dense_attention_weights(
-      run.model, params, video, rules, global_projections=temporal.global_projections
+    # The first temporal layer's input, captured from a forward pass; its parameters live
+    # at the same path in the parameter tree.
+    _, state = run.model.apply(
+      {"params": params},
+      video,
+      method=cmvt.CMVT.embed_video,
+      mutable=["intermediates"],
+      capture_intermediates=lambda module, method: module.name == "attention_norm",
+    )
+    captured = traverse_util.flatten_dict(state["intermediates"])
+    path = min(key for key in captured if key[0] == "video_encoder")
+    layer = functools.reduce(lambda tree, name: tree[name], path[:-2], params)
+    x = captured[path][0][0]  # [L, D]
+    return longformer.dense_attention_weights(
+      layer["attention"], x, rules, global_projections=temporal.global_projections
     )
 
   weights = weights_fn(
-    model.params,
+    trained.params,
     jax.make_array_from_process_local_data(replicated, video),
     jax.make_array_from_process_local_data(replicated, rules),
   )
@@ -249,52 +274,6 @@ def attention_maps(run, model, split: str) -> dict[str, Any] | None:
     "dilations": tuple(int(d) for d in dilations),
     "clip": clip,
   }
-
-
-def dense_attention_weights(
-  model: cmvt.CMVT, params, video: jax.Array, rules: jax.Array, *, global_projections: bool
-) -> jax.Array:
-  """Attention weights of the video tower's first temporal layer, as a dense matrix.
-
-  Recomputes what `banded_attention` does without its blocking: the layer's input (captured
-  from the forward pass), its query/key projections, scores over the keys `rules` allows,
-  softmax. Global rows (the CLS token, position 0) use the global projections when the layer
-  has them, as `LongformerSelfAttention` does.
-
-  Args:
-    model: the CMVT.
-    params: its parameters.
-    video: `[1, T, H, W, 3]` one clip.
-    rules: `[heads, T + 1, T + 1]` bool, `band_rule` per head.
-
-  Returns:
-    `[heads, T + 1, T + 1]` float32; row i is query i's distribution over keys.
-  """
-  _, state = model.apply(
-    {"params": params},
-    video,
-    method=cmvt.CMVT.embed_video,
-    mutable=["intermediates"],
-    capture_intermediates=lambda module, method: module.name == "attention_norm",
-  )
-  inputs, layer_params = state["intermediates"], params
-  for name in ("video_encoder", "temporal", "encoder", "layer_0"):
-    inputs, layer_params = inputs[name], layer_params[name]
-  x = inputs["attention_norm"]["__call__"][0][0].astype(jnp.float32)  # [L, D]
-  attention = layer_params["attention"]  # DenseGeneral kernels [D, heads, head_dim]
-  project = lambda name: (
-    jnp.einsum("ld,dhk->hlk", x, attention[name]["kernel"])
-    + (attention[name]["bias"][:, None] if "bias" in attention[name] else 0)
-  )
-  scale = attention["query"]["kernel"].shape[-1] ** -0.5
-  scores = jnp.einsum("hqk,hlk->hql", project("query"), project("key")) * scale
-  if global_projections:
-    global_scores = (
-      jnp.einsum("hk,hlk->hl", project("query_global")[:, 0], project("key_global")) * scale
-    )
-    scores = scores.at[:, 0].set(global_scores)
-  scores = jnp.where(rules, scores, -jnp.inf)
-  return jax.nn.softmax(scores, axis=-1)
 
 
 def attention_figure(
@@ -308,7 +287,7 @@ def attention_figure(
   panels = fig.subplots(1, len(distinct) + heads, squeeze=False)[0]
   for axes, dilation in zip(panels, distinct):
     axes.imshow(
-      band_rule(RULE_LENGTH, window, dilation, [0]), cmap="Greys", interpolation="nearest"
+      attention.band_rule(RULE_LENGTH, window, dilation, [0]), cmap="Greys", interpolation="nearest"
     )
     axes.set(
       title=f"rule: window {window}, dilation {dilation},\nCLS (0) global; {RULE_LENGTH} positions",

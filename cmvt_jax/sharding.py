@@ -6,20 +6,31 @@ is data parallel too); parameters are replicated, or, when the "fsdp" axis is la
 split over it along their largest dimension that divides evenly. Multi-slice runs (TPU slices
 joined over the data-centre network) add `num_slices` along the "data" axis through
 `mesh_utils.create_hybrid_device_mesh`.
+
+The multi-host helpers below are the only places where processes exchange host values
+(votes, counts, a shared-folder probe); every process must call them at the same point.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
+from etils import epath
+from jax._src import hardware_utils
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
+
+from cmvt_jax import files
 
 # Parameters smaller than this stay replicated: splitting them saves nothing and costs
 # a collective each step.
@@ -103,7 +114,9 @@ def parameter_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 
 def tree_shardings(mesh: Mesh, abstract_tree) -> Any:
-  """Shardings for a pytree of ShapeDtypeStructs (e.g. from `jax.eval_shape`)."""
+  """`parameter_sharding` of every leaf of a pytree of ShapeDtypeStructs (`jax.eval_shape`):
+  parameters and optimiser moments split by the FSDP rule, small leaves and scalars
+  replicated."""
   return jax.tree.map(lambda x: parameter_sharding(mesh, x.shape), abstract_tree)
 
 
@@ -133,3 +146,112 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * count,) + x.shape[1:])
 
   return {name: to_global(value) for name, value in host_batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """`tree`'s arrays whole on every device of `mesh` (a collective when they are sharded)."""
+  return jax.jit(lambda x: x, out_shardings=replicated(mesh))(tree)
+
+
+def local_rows(arrays: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+  """The rows of batch-sharded global arrays that live on this process's devices, in
+  global order (nothing crosses hosts)."""
+
+  def rows(x):
+    shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])
+
+  return {key: rows(value) for key, value in arrays.items()}
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def process_share(items: Sequence) -> list:
+  """This process's share of a list every process sees: items p, p + P, p + 2P, ..."""
+  return list(items[jax.process_index() :: jax.process_count()])
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on at least one."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def gather_ints(values: Sequence[int]) -> np.ndarray:
+  """`[process_count, len(values)]` int32: every process's values, in process order."""
+  values = np.asarray(values, np.int32)
+  if jax.process_count() == 1:
+    return values[None]
+  return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)
+
+
+def folder_is_shared(folder: epath.PathLike) -> bool:
+  """Whether every process sees the same `folder`: process 0 writes a token the others read."""
+  folder = epath.Path(folder)
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31)))
+  probe = folder / f".cmvt_shared_probe_{token}"
+  if jax.process_index() == 0:
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_text(probe, str(token))
+  multihost_utils.sync_global_devices("cmvt_jax: shared-folder probe written")
+  sees = probe.exists() and probe.read_text() == str(token)
+  every = not any_process(not sees)
+  multihost_utils.sync_global_devices("cmvt_jax: shared-folder probe read")
+  if jax.process_index() == 0:
+    probe.unlink()
+  return every
+
+
+# Environment variables that mean a scheduler started one process per host: then
+# `jax.distributed.initialize()` finds the coordinator, process count and index by itself.
+_CLUSTER_MARKERS = {
+  "SLURM_NTASKS": "SLURM",
+  "OMPI_COMM_WORLD_SIZE": "Open MPI",
+  "TPU_WORKER_HOSTNAMES": "TPU VM",
+  "MEGASCALE_NUM_SLICES": "TPU multi-slice",
+}
+
+
+def initialize_distributed(
+  distributed_config,
+  *,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """Joins the multi-host runtime when this is one process of several; call it before any
+  computation. The three arguments go together (localhost runs); without them a SLURM,
+  Open MPI or Cloud TPU VM cluster is detected. `distributed_config`: `config.distributed`.
+  """
+  # Collectives between CPU processes (localhost rehearsals) go through gloo; the setting
+  # is ignored by GPU and TPU backends.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  timeouts = dict(
+    initialization_timeout=distributed_config.initialization_timeout_seconds,
+    heartbeat_timeout_seconds=distributed_config.heartbeat_timeout_seconds,
+  )
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(value is not None for value in explicit):
+    if any(value is None for value in explicit):
+      raise ValueError(
+        f"--coordinator_address, --num_processes and --process_id go together; got {explicit}."
+      )
+    jax.distributed.initialize(*explicit, **timeouts)
+    return
+  detected = [name for var, name in _CLUSTER_MARKERS.items() if _more_than_one(var)]
+  if not detected and hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+    # A Cloud TPU VM (`gcloud ... tpu-vm ssh --worker=all`) sets no environment variable;
+    # JAX finds the slice's workers in the VM's metadata (the test reads the PCI bus only).
+    detected = ["Cloud TPU VM"]
+  if detected:
+    logging.info("Detected a %s cluster; joining it.", detected[0])
+    jax.distributed.initialize(**timeouts)
+
+
+def _more_than_one(variable: str) -> bool:
+  value = os.environ.get(variable, "")
+  if variable == "TPU_WORKER_HOSTNAMES":
+    return "," in value
+  return value.isdigit() and int(value) > 1

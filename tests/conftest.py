@@ -23,6 +23,9 @@ jax.config.update(
 
 import pytest  # noqa: E402  (after the cache settings above)
 
+from cmvt_jax.data import prepared  # noqa: E402
+from cmvt_jax.data import spectrogram  # noqa: E402
+from configs import micro  # noqa: E402
 from tests import helpers  # noqa: E402
 
 REFERENCE_STEPS = 20
@@ -32,10 +35,6 @@ REFERENCE_CHECKPOINT_EVERY = 5
 @pytest.fixture(scope="session")
 def micro_data_dir(tmp_path_factory):
   """The micro config's generated dataset, made once for every end-to-end test."""
-  from cmvt_jax.data import prepared
-  from cmvt_jax.data import spectrogram
-  from configs import micro
-
   data_dir = tmp_path_factory.mktemp("micro_data")
   config = micro.get_config()
   config.dataset.data_dir = str(data_dir)

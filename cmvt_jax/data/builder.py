@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from etils import epath
 
+from cmvt_jax import files
 from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 from cmvt_jax.data import video_io
@@ -145,7 +146,7 @@ def scan_video_dir(
       f"{video_dir} has none of the split folders {', '.join(SPLITS)}. Put videos in "
       f"{video_dir}/train/CLASS/..., or split them by hash (prepare --hash_split)."
     )
-  files, ignored = [], 0
+  video_files, ignored = [], 0
   for path in sorted(_walk_files(video_dir)):
     if path.suffix.lower() not in VIDEO_EXTENSIONS:
       ignored += 1
@@ -160,9 +161,9 @@ def scan_video_dir(
     else:
       split, class_parts = _hash_assign(source, hash_split), parts[:-1]
     label = _printable(class_parts[0]) if class_parts else ""
-    files.append(VideoFile(path=os.fspath(path), source=source, split=split, label=label))
-  label_names = sorted({file.label for file in files if file.label})
-  return files, label_names, ignored
+    video_files.append(VideoFile(path=os.fspath(path), source=source, split=split, label=label))
+  label_names = sorted({file.label for file in video_files if file.label})
+  return video_files, label_names, ignored
 
 
 def _walk_files(folder: epath.Path) -> Iterator[epath.Path]:
@@ -236,13 +237,14 @@ def _decode_file(
       outcome.stats.add(clip_frames, waveform)
   spill_name = hashlib.sha256(os.fsencode(file.path)).hexdigest()
   outcome.spill_path = os.path.join(spill_dir, f"{spill_name}.npz")
-  np.savez(
-    outcome.spill_path,
-    frames=frames,
-    audio=audio,
-    starts=np.array([clip.start for clip in clips]),
-    has_audio=has_audio,
-  )
+  with files.replacing(outcome.spill_path) as temporary, temporary.open("wb") as f:
+    np.savez(
+      f,
+      frames=frames,
+      audio=audio,
+      starts=np.array([clip.start for clip in clips]),
+      has_audio=has_audio,
+    )
   return outcome
 
 

@@ -39,13 +39,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cmvt_jax import files
 from cmvt_jax.data import builder
 from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 
 # Written last into a worker's part: the part is complete when it exists.
 OUTCOMES_FILE = "outcomes.json"
-_COPY_CHUNK_BYTES = 1 << 24
 
 
 def parts_dir(data_dir: epath.PathLike, name: str) -> epath.Path:
@@ -108,23 +108,23 @@ def prepare_part(
   if (part / OUTCOMES_FILE).exists():
     log(f"Part {part} is already complete; nothing to do.")
     return part
-  files, label_names, ignored = builder.scan_video_dir(video_dir, hash_split)
+  video_files, label_names, ignored = builder.scan_video_dir(video_dir, hash_split)
   if not label_names:
     raise ValueError(
       f"No video file inside a class folder under {video_dir} (expected "
       f"SPLIT/CLASS/file{builder.VIDEO_EXTENSIONS[0]})."
     )
-  indices = list(range(worker_index, len(files), num_workers))
+  indices = list(range(worker_index, len(video_files), num_workers))
   log(
     f"Worker {worker_index} of {num_workers}: decoding {len(indices)} of the "
-    f"{len(files)} video files."
+    f"{len(video_files)} video files."
   )
   if part.exists():  # an earlier, interrupted attempt
     part.rmtree()
   part.mkdir(parents=True)
   with tempfile.TemporaryDirectory(prefix="cmvt_prepare_part_") as scratch:
     outcomes = builder.decode_all(
-      [files[i] for i in indices],
+      [video_files[i] for i in indices],
       storage,
       mel,
       scratch,
@@ -146,14 +146,14 @@ def prepare_part(
   record = {
     "worker_index": worker_index,
     "num_workers": num_workers,
-    "num_files": len(files),
+    "num_files": len(video_files),
     "ignored_non_video": ignored,
     "label_names": label_names,
     "storage": dataclasses.asdict(storage),
     "mel": dataclasses.asdict(mel),
     "outcomes": [_outcome_record(index, outcome) for index, outcome in zip(indices, outcomes)],
   }
-  (part / OUTCOMES_FILE).write_text(json.dumps(record))
+  files.write_json(part / OUTCOMES_FILE, record, indent=None)
   clips = sum(outcome.num_clips for outcome in outcomes)
   log(f"Worker {worker_index} of {num_workers} wrote {clips} clips to {part}.")
   return part
@@ -258,7 +258,7 @@ def _move_split_shards(split: str, parts: Sequence[epath.Path], infos, target: e
   ]
   for source, destination in zip(sources, destinations):
     if source.exists():
-      source.rename(destination)
+      files.move(source, destination)
     elif not destination.exists():
       raise FileNotFoundError(
         f"Shard {source} is missing (and not yet moved to "
@@ -276,9 +276,7 @@ def _copy_folder(source: epath.Path, destination: epath.Path) -> None:
   """Copies a flat local folder's files to `destination` (any epath; streamed)."""
   destination.mkdir(parents=True, exist_ok=True)
   for path in source.iterdir():
-    with path.open("rb") as reader, (destination / path.name).open("wb") as writer:
-      while chunk := reader.read(_COPY_CHUNK_BYTES):
-        writer.write(chunk)
+    files.copy(path, destination / path.name)
 
 
 def _outcome_record(index: int, outcome: builder.FileOutcome) -> dict[str, Any]:

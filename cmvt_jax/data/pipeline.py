@@ -359,30 +359,35 @@ class _EvalTransform(grain.transforms.Map):
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     if "padding" in element:
-      spec = self._preprocessor.spec
-      return {
-        "video": np.zeros((spec.num_frames, spec.frame_size, spec.frame_size, 3), np.float32),
-        "audio": np.zeros((spec.audio_frames, spec.mel.n_mels), np.float32),
-        "label": np.int32(-1),
-        "mask": np.bool_(False),
-        "id": np.str_(""),
-        "source": np.str_(""),
-        "start": np.float32(0.0),
-      }
+      return {key: value[0] for key, value in padding_rows(self._preprocessor.spec, 1).items()}
     view = self._preprocessor(element["frames"], element["audio"])
     return {
       "video": view["video"],
       "audio": view["audio"],
       "label": np.int32(element["label"]),
       "mask": np.bool_(True),
-      "id": np.str_(_text(element["id"])),
-      "source": np.str_(_text(element["source"])),
+      "id": np.str_(text(element["id"])),
+      "source": np.str_(text(element["source"])),
       "start": np.float32(element["start"]),
     }
 
 
-def _text(value: bytes | str) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else value
+def padding_rows(spec: InputSpec, rows: int) -> dict[str, np.ndarray]:
+  """`rows` eval rows that count for nothing: zeros, `mask` False, label -1, empty id."""
+  return {
+    "video": np.zeros((rows, spec.num_frames, spec.frame_size, spec.frame_size, 3), np.float32),
+    "audio": np.zeros((rows, spec.audio_frames, spec.mel.n_mels), np.float32),
+    "label": np.full(rows, -1, np.int32),
+    "mask": np.zeros(rows, bool),
+    "id": np.full(rows, "", dtype=np.str_),
+    "source": np.full(rows, "", dtype=np.str_),
+    "start": np.zeros(rows, np.float32),
+  }
+
+
+def text(value: bytes | str) -> str:
+  """A stored string field (TFDS gives bytes) as str."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def eval_dataset(

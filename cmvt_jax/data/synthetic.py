@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import multiprocessing
 import os
 from collections.abc import Sequence
@@ -59,6 +58,8 @@ import tqdm
 from absl import app
 from absl import flags
 from etils import epath
+
+from cmvt_jax import files
 
 SPLITS = ("train", "validation", "test")
 SLOTS_PER_SEGMENT = 8
@@ -270,7 +271,7 @@ def write_mp4(
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   # The mp4 muxer seeks back to finish the file, so it writes to a local path, not a stream.
-  with av.open(os.fspath(path), "w") as container:
+  with files.replacing(path) as temporary, av.open(os.fspath(temporary), "w", "mp4") as container:
     video = container.add_stream("libx264", rate=fps)
     video.height, video.width = frames.shape[1:3]
     video.pix_fmt = "yuv420p"
@@ -348,7 +349,7 @@ def generate(
     "classes": [kind.name for kind in CLASSES],
     "files": entries,
   }
-  (output_dir / "manifest.json").write_text(json.dumps(manifest))
+  files.write_json(output_dir / "manifest.json", manifest, indent=None)
   return manifest
 
 

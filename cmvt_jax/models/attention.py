@@ -106,6 +106,17 @@ def banded_attention(
   return out.astype(q.dtype)
 
 
+def band_rule(
+  length: int, window: int, dilation: int, global_positions: Sequence[int]
+) -> np.ndarray:
+  """`[length, length]` bool: may query i attend key j by `banded_attention`'s rule (no
+  padding), as a dense matrix for figures and small checks."""
+  offset = np.arange(length)[:, None] - np.arange(length)[None, :]
+  allowed = (np.abs(offset) <= window * dilation) & (offset % dilation == 0)
+  is_global = np.isin(np.arange(length), global_positions)
+  return allowed | is_global[:, None] | is_global[None, :]
+
+
 def global_positions(global_mask: jax.Array, max_global: int) -> tuple[jax.Array, jax.Array]:
   """Positions of the global tokens, padded to `max_global`.
 

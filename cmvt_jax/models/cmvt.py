@@ -24,7 +24,6 @@ Building, initialising and applying (what the trainer does):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +33,7 @@ from ml_collections import config_dict
 
 from cmvt_jax.models import audio_encoder
 from cmvt_jax.models import frame_encoder
+from cmvt_jax.models import longformer
 from cmvt_jax.models import temporal_encoder
 
 Dtype = Any
@@ -315,7 +315,9 @@ def _resnet(cnn, remat: bool, dtype) -> frame_encoder.ResNet:
 
 def _temporal(temporal, name: str, remat: bool, dtype) -> temporal_encoder.TemporalEncoder:
   """A TemporalEncoder; one-entry `windows`/`dilations` apply to every layer."""
-  per_layer = lambda key: _per_layer(temporal[key], f"config.{name}.{key}", temporal.num_layers)
+  per_layer = lambda key: tuple(
+    longformer.per_layer(f"config.{name}.{key}", temporal[key], temporal.num_layers)
+  )
   return temporal_encoder.TemporalEncoder(
     width=temporal.width,
     num_layers=temporal.num_layers,
@@ -328,12 +330,3 @@ def _temporal(temporal, name: str, remat: bool, dtype) -> temporal_encoder.Tempo
     remat=remat,
     dtype=dtype,
   )
-
-
-def _per_layer(values: Sequence, name: str, num_layers: int) -> tuple:
-  values = tuple(v if isinstance(v, int) else tuple(v) for v in values)
-  if len(values) == 1:
-    return values * num_layers
-  if len(values) != num_layers:
-    raise ValueError(f"{name} needs one entry, or one per layer ({num_layers}); got {values}.")
-  return values

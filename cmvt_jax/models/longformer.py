@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cmvt_jax.models import attention
@@ -92,6 +93,42 @@ class LongformerSelfAttention(nn.Module):
     )(out)
 
 
+def dense_attention_weights(
+  attention_params: dict, x: jax.Array, rules: jax.Array, *, global_projections: bool
+) -> jax.Array:
+  """A `LongformerSelfAttention`'s weights as dense matrices (figures, inspection).
+
+  Recomputes what the layer does without `banded_attention`'s blocking: query/key
+  projections, scaled scores over the keys `rules` allows, softmax. Global rows (position 0,
+  the CLS token) use the global projections when the layer has them.
+
+  Args:
+    attention_params: the layer's parameters (DenseGeneral kernels `[D, heads, head_dim]`).
+    x: `[L, D]` the layer's input (after its block's `attention_norm`), one sequence.
+    rules: `[heads, L, L]` bool, `attention.band_rule` per head.
+
+  Returns:
+    `[heads, L, L]` float32; row i is query i's distribution over keys.
+  """
+  x = x.astype(jnp.float32)
+
+  def project(name):
+    out = jnp.einsum("ld,dhk->hlk", x, attention_params[name]["kernel"])
+    return (
+      out + attention_params[name]["bias"][:, None] if "bias" in attention_params[name] else out
+    )
+
+  scale = attention_params["query"]["kernel"].shape[-1] ** -0.5
+  scores = jnp.einsum("hqk,hlk->hql", project("query"), project("key")) * scale
+  if global_projections:
+    global_scores = (
+      jnp.einsum("hk,hlk->hl", project("query_global")[:, 0], project("key_global")) * scale
+    )
+    scores = scores.at[:, 0].set(global_scores)
+  scores = jnp.where(rules, scores, -jnp.inf)
+  return jax.nn.softmax(scores, axis=-1)
+
+
 class EncoderBlock(nn.Module):
   """Pre-LN block: x + Dropout(Attention(LN(x))), then x + Dropout(MLP(LN(x)))."""
 
@@ -139,7 +176,7 @@ class LongformerEncoder(nn.Module):
     num_layers: blocks.
     num_heads: attention heads per block.
     mlp_dim: hidden width of each block's MLP.
-    windows: one-sided window per layer (a single int applies to all layers).
+    windows: one-sided window per layer (a single int, or one entry, applies to all layers).
     dilations: per layer, an int or a per-head tuple (a single int applies to all layers).
     max_global: static bound on global tokens per row, needed under jit with a global mask.
     global_projections: separate q/k/v projections for global rows (Longformer).
@@ -163,8 +200,8 @@ class LongformerEncoder(nn.Module):
   @nn.compact
   def __call__(self, x, *, global_mask=None, kv_mask=None, deterministic=True):
     """x `[B, T, D]`, global_mask and kv_mask `[B, T]` bool (or None) → `[B, T, D]`."""
-    windows = _per_layer("windows", self.windows, self.num_layers)
-    dilations = _per_layer("dilations", self.dilations, self.num_layers)
+    windows = per_layer("windows", self.windows, self.num_layers)
+    dilations = per_layer("dilations", self.dilations, self.num_layers)
     block_cls = nn.remat(EncoderBlock, static_argnums=(4,)) if self.remat else EncoderBlock
     for layer, (window, dilation) in enumerate(zip(windows, dilations)):
       x = block_cls(
@@ -182,14 +219,17 @@ class LongformerEncoder(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="final_norm")(x)
 
 
-def _per_layer(name: str, value, num_layers: int) -> list:
-  """An int (or a per-head tuple, for dilations) for every layer, or a list of one per layer."""
+def per_layer(name: str, value, num_layers: int) -> list:
+  """`value` for each of `num_layers` layers: an int, or a sequence of one entry, applies to
+  every layer; otherwise one entry per layer. Entries are ints (or per-head tuples, for
+  dilations). `name` is what an error calls the setting."""
   if isinstance(value, int):
     return [value] * num_layers
-  value = list(value)
+  value = [v if isinstance(v, int) else tuple(v) for v in value]
+  if len(value) == 1:
+    return value * num_layers
   if len(value) != num_layers:
     raise ValueError(
-      f"{name} must be an int or a list of {num_layers} entries (one per layer); "
-      f"got {len(value)}: {value!r}."
+      f"{name} needs one entry, or one per layer ({num_layers}); got {len(value)}: {value!r}."
     )
-  return [v if isinstance(v, int) else tuple(v) for v in value]
+  return value

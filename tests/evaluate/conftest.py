@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from cmvt_jax import train
+from cmvt_jax import run as run_lib
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import prepared
 from cmvt_jax.models import cmvt
+from configs import micro
 from tests import helpers
 
 # The micro config's test split: 8 files of 2 two-second segments, one clip each.
@@ -21,8 +22,6 @@ MICRO_TEST_CLIPS = 16
 
 def micro_config(data_dir, **overrides):
   """The micro config on the session's dataset, with `{"export.split": ...}`-style overrides."""
-  from configs import micro
-
   config = micro.get_config()
   config.dataset.data_dir = str(data_dir)
   for key, value in overrides.items():
@@ -44,7 +43,7 @@ def workdir(tmp_path_factory, reference_run):
 
 @pytest.fixture(scope="session")
 def run(workdir, micro_data_dir):
-  return train.Run.create(micro_config(micro_data_dir), workdir)
+  return run_lib.Run.create(micro_config(micro_data_dir), workdir)
 
 
 class DirectEmbedder:

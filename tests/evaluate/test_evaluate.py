@@ -3,7 +3,7 @@
 import numpy as np
 
 from cmvt_jax import evaluate
-from cmvt_jax import train
+from cmvt_jax import run as run_lib
 from tests.conftest import REFERENCE_STEPS
 from tests.evaluate.conftest import MICRO_TEST_CLIPS
 from tests.evaluate.conftest import MICRO_TEST_FILES
@@ -22,9 +22,9 @@ def _ranks(queries, candidates):
 def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_dir, direct):
   # Batches of 6: the split's 16 clips leave 2 padding rows, which must not count.
   config = micro_config(micro_data_dir, **{"eval.batch_size": 6, "eval.multi_clip": True})
-  run = train.Run.create(config, workdir)
-  restored = run.restore()
-  [results] = evaluate.Evaluator(run, run.stats()).evaluate(restored.state.params["model"]).values()
+  run = run_lib.Run.create(config, workdir)
+  trained = run.restore_params()
+  [results] = evaluate.Evaluator(run, trained.stats).evaluate(trained.params).values()
   assert results["eval/num_clips"] == MICRO_TEST_CLIPS
   assert results["eval/num_videos"] == MICRO_TEST_FILES
 

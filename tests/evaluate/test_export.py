@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from cmvt_jax import export
+from cmvt_jax.data import pipeline
 from cmvt_jax.data import synthetic
+from configs import micro
 from tests.conftest import REFERENCE_STEPS
 from tests.evaluate.conftest import MICRO_TEST_CLIPS
 from tests.evaluate.conftest import MICRO_TEST_FILES
@@ -27,8 +29,6 @@ def clip_export(workdir, run, micro_data_dir):
 @pytest.fixture(scope="module")
 def test_videos(tmp_path_factory):
   """The micro test split's video files, generated again (equal specs give equal files)."""
-  from configs import micro
-
   spec = dataclasses.replace(
     synthetic.SyntheticSpec.from_config(micro.get_config().dataset.synthetic),
     train_files=0,
@@ -155,8 +155,6 @@ def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_d
   assert list(rows["id"]) == [str(path)]
 
   # A direct forward pass over all 240 frames (no padding, no mask) gives the same numbers.
-  from cmvt_jax.data import pipeline
-
   [element] = pipeline.file_elements(
     path, direct.preprocessor, direct.dataset.storage, whole_video=True
   )

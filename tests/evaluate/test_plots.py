@@ -5,7 +5,9 @@ import numpy as np
 from matplotlib import image as mpimg
 
 from cmvt_jax import plots
+from cmvt_jax.models import attention
 from cmvt_jax.models import cmvt
+from cmvt_jax.models import longformer
 from tests.evaluate.conftest import micro_config
 
 # FIGURE_SIZES (inches) at 100 dpi.
@@ -40,7 +42,7 @@ def test_band_rule_of_a_dilated_window_with_a_global_token():
     bool,
   )
   np.testing.assert_array_equal(
-    plots.band_rule(6, window=1, dilation=2, global_positions=[0]), expected
+    attention.band_rule(6, window=1, dilation=2, global_positions=[0]), expected
   )
 
 
@@ -49,16 +51,7 @@ def test_dense_attention_weights_reproduce_the_layer_output(run, direct):
   params = direct.params(5)
   video = np.random.default_rng(0).normal(size=(1, 4, 16, 16, 3)).astype(np.float32)
   temporal = run.model.video_encoder.temporal
-  rules = np.stack([plots.band_rule(5, temporal.windows[0], 1, [0])] * temporal.num_heads)
-  weights = np.asarray(
-    jax.jit(
-      lambda params, video: plots.dense_attention_weights(
-        run.model, params, video, rules, global_projections=temporal.global_projections
-      )
-    )(params, video)
-  )
-  np.testing.assert_allclose(weights.sum(-1), 1, atol=1e-5)
-  assert (weights[~rules] == 0).all()
+  rules = np.stack([attention.band_rule(5, temporal.windows[0], 1, [0])] * temporal.num_heads)
 
   _, state = jax.jit(
     lambda params, video: run.model.apply(
@@ -75,6 +68,11 @@ def test_dense_attention_weights_reproduce_the_layer_output(run, direct):
   p = jax.tree.map(
     np.asarray, params["video_encoder"]["temporal"]["encoder"]["layer_0"]["attention"]
   )
+  weights = np.asarray(
+    longformer.dense_attention_weights(p, x, rules, global_projections=temporal.global_projections)
+  )
+  np.testing.assert_allclose(weights.sum(-1), 1, atol=1e-5)
+  assert (weights[~rules] == 0).all()
   values = np.einsum("ld,dhk->hlk", x, p["value"]["kernel"]) + p["value"]["bias"][:, None]
   values_global = (
     np.einsum("ld,dhk->hlk", x, p["value_global"]["kernel"]) + p["value_global"]["bias"][:, None]
