@@ -59,7 +59,11 @@ def reader(workdir: epath.PathLike) -> ocp.CheckpointManager:
   """A manager that only reads (evaluation, export, plots): it creates and deletes nothing,
   and restores a part of the train state (`restore_latest(..., partial=True)`)."""
   options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-  handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  handlers = {
+    "state": ocp.PyTreeCheckpointHandler(),
+    "data": grain.checkpoint.CheckpointHandler(),  # never read; named so orbax knows the item
+    "meta": ocp.JsonCheckpointHandler(),
+  }
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 

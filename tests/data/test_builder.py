@@ -266,6 +266,7 @@ def test_prepare_defaults_match_the_default_config():
   }
 
 
+@pytest.mark.slow
 def test_command_line(tiny_video_dir, tmp_path):
   result = subprocess.run(
     [

@@ -1,20 +1,28 @@
-"""Fixtures of the evaluate/export/plots tests: a copy of the reference run, opened in this
-process, and embeddings computed directly (model.apply on every clip, written plainly here).
+"""Fixtures of the evaluate/export/plots tests: a workdir with checkpoints written in this
+process, the run opened on it, and embeddings computed directly (model.apply on every clip,
+written plainly here).
 """
 
-import shutil
+import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmvt_jax import checkpoints
+from cmvt_jax import metrics
 from cmvt_jax import run as run_lib
+from cmvt_jax import train
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import prepared
 from cmvt_jax.models import cmvt
 from configs import micro
 from tests import helpers
 
+# The steps of the workdir's checkpoints (the last one is the latest).
+CHECKPOINT_STEPS = (5, 20)
+LATEST_STEP = CHECKPOINT_STEPS[-1]
 # The micro config's test split: 8 files of 2 two-second segments, one clip each.
 MICRO_TEST_FILES = 8
 MICRO_TEST_CLIPS = 16
@@ -34,11 +42,33 @@ def micro_config(data_dir, **overrides):
 
 
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory, reference_run):
-  """A copy of the reference run (20 steps, checkpoints at 5, 10, 15, 20) to export into."""
-  copy = tmp_path_factory.mktemp("evaluate") / "run"
-  shutil.copytree(reference_run, copy)
-  return copy
+def workdir(tmp_path_factory, micro_data_dir):
+  """A workdir written in this process, as training leaves it: complete checkpoints at
+  CHECKPOINT_STEPS (each with its own random parameters, standing in for training) and a
+  few metrics lines. No training subprocess: these tests check embedding, not learning."""
+  workdir = tmp_path_factory.mktemp("evaluate") / "run"
+  config = micro_config(micro_data_dir)
+  run = run_lib.Run.create(config, workdir)
+  stats = run.stats()
+  data = iter(
+    pipeline.train_dataset(
+      run.dataset.source("train"), run.preprocessor(stats), batch_size=config.batch_size, seed=0
+    )
+  )
+  manager = checkpoints.manager(workdir, max_to_keep=len(CHECKPOINT_STEPS))
+  writer = metrics.MetricsWriter(workdir, is_primary=True)
+  for step in CHECKPOINT_STEPS:
+    run.config.seed = step
+    state = run.init_state().replace(step=jnp.int32(step))
+    meta = {"config": json.loads(config.to_json_best_effort()), "stats": stats.to_dict()}
+    checkpoints.save(manager, step, state, data, {**meta, "step": step})
+    writer.write(step, {"loss": 2.0 / step, "temperature": 0.1, "learning_rate": 1e-3})
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  data.close()
+  train.write_config_json(workdir, config)
+  return workdir
 
 
 @pytest.fixture(scope="session")

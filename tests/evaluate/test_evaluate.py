@@ -4,7 +4,7 @@ import numpy as np
 
 from cmvt_jax import evaluate
 from cmvt_jax import run as run_lib
-from tests.conftest import REFERENCE_STEPS
+from tests.evaluate.conftest import LATEST_STEP
 from tests.evaluate.conftest import MICRO_TEST_CLIPS
 from tests.evaluate.conftest import MICRO_TEST_FILES
 from tests.evaluate.conftest import micro_config
@@ -28,7 +28,7 @@ def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_
   assert results["eval/num_clips"] == MICRO_TEST_CLIPS
   assert results["eval/num_videos"] == MICRO_TEST_FILES
 
-  clips = direct.split(REFERENCE_STEPS)
+  clips = direct.split(LATEST_STEP)
   video = np.stack([clip[0] for clip in clips.values()])
   audio = np.stack([clip[1] for clip in clips.values()])
   sources = [clip[3] for clip in clips.values()]

@@ -11,7 +11,7 @@ from cmvt_jax import export
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import synthetic
 from configs import micro
-from tests.conftest import REFERENCE_STEPS
+from tests.evaluate.conftest import LATEST_STEP
 from tests.evaluate.conftest import MICRO_TEST_CLIPS
 from tests.evaluate.conftest import MICRO_TEST_FILES
 from tests.evaluate.conftest import micro_config
@@ -57,13 +57,13 @@ def test_export_round_trip_equals_a_direct_forward_pass(clip_export, workdir, di
   for key in ("video", "audio"):
     assert rows[key].dtype == np.float32 and rows[key].shape == (MICRO_TEST_CLIPS, 32)
     np.testing.assert_allclose(np.linalg.norm(rows[key], axis=1), 1, atol=1e-5)
-  expected = direct.split(REFERENCE_STEPS)
+  expected = direct.split(LATEST_STEP)
   assert set(rows["id"]) == set(expected)
   assert_matches_direct(rows, expected)
   for clip_id, source, start in zip(rows["id"], rows["source"], rows["start"]):
     assert clip_id == f"{source}@{start:.3f}"
   manifest = json.loads((workdir / "embeddings" / "test" / "manifest.json").read_text())
-  assert manifest["step"] == REFERENCE_STEPS
+  assert manifest["step"] == LATEST_STEP
   assert manifest["count"] == MICRO_TEST_CLIPS and manifest["embed_dim"] == 32
   assert manifest["parts"] == {"part-00000-of-00001.npz": MICRO_TEST_CLIPS}
   assert len(manifest["config_sha256"]) == 64
@@ -159,7 +159,7 @@ def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_d
     path, direct.preprocessor, direct.dataset.storage, whole_video=True
   )
   assert element["video"].shape[0] == frames_at_input_rate
-  video, audio = direct(REFERENCE_STEPS, element["video"][None], element["audio"][None])
+  video, audio = direct(LATEST_STEP, element["video"][None], element["audio"][None])
   np.testing.assert_allclose(rows["video"], video, atol=1e-5)
   np.testing.assert_allclose(rows["audio"], audio, atol=1e-5)
 

@@ -4,11 +4,15 @@ its own part, and together they hold what one process exports."""
 import json
 
 import numpy as np
+import pytest
 
 from cmvt_jax import export
 from tests import helpers
 from tests.evaluate.conftest import MICRO_TEST_CLIPS
 from tests.evaluate.conftest import micro_config
+
+# Trains or spawns processes: the README's test command runs it, -m "not slow" skips it.
+pytestmark = pytest.mark.slow
 
 
 def test_two_process_run_exports_and_plots_at_the_end(tmp_path, micro_data_dir):

@@ -143,6 +143,7 @@ def test_all_masked_rows_are_zero_and_gradients_finite():
   assert_matches_dense((2, length, 2, 8), window=5, kv_mask=kv_mask)
 
 
+@pytest.mark.slow  # a long sequence against the dense reference
 def test_many_loop_steps_match_dense(monkeypatch):
   # A small live-score budget forces one chunk per loop step (exercises the step edges).
   monkeypatch.setattr(attention, "_BLOCK_SCORE_ELEMENTS", 1)

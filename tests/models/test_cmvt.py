@@ -141,6 +141,7 @@ def contrastive_grads(model, params, video, audio):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow  # compiles the default model's gradients twice
 def test_bfloat16_compute_gives_finite_gradients_of_float32_params(tiny):
   config = default.get_config()
   config.model.dtype = "bfloat16"
@@ -158,6 +159,7 @@ def test_bfloat16_compute_gives_finite_gradients_of_float32_params(tiny):
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
 
 
+@pytest.mark.slow  # compiles the default model's gradients twice
 def test_remat_changes_nothing_but_memory(tiny):
   _, model, params, video, audio = tiny
   config = default.get_config()

@@ -83,6 +83,7 @@ def test_kv_mask_hides_padding_from_valid_rows():
   np.testing.assert_allclose(apply(x)[:, :16], apply(noisy)[:, :16], atol=1e-5)
 
 
+@pytest.mark.slow  # compiles gradients with and without remat
 def test_remat_gives_the_same_gradients_and_dropout_needs_rng():
   x = jax.random.normal(jax.random.key(9), (2, LENGTH, WIDTH))
   plain, rematted = encoder(dropout_rate=0.1), encoder(dropout_rate=0.1, remat=True)
@@ -118,7 +119,12 @@ def test_bfloat16_compute_keeps_float32_params():
 
 def test_wrong_schedule_lengths_and_widths_are_refused():
   x = jnp.ones((1, LENGTH, WIDTH))
-  with pytest.raises(ValueError, match=r"windows must be an int or a list of 2 entries.*got 3"):
+  with pytest.raises(ValueError, match=r"windows needs one entry, or one per layer \(2\); got 3"):
     encoder(windows=[1, 2, 3]).init(jax.random.key(0), x)
+  # One entry applies to every layer, like an int.
+  one = encoder(windows=[2]).init(jax.random.key(0), x)
+  assert jax.tree.structure(one) == jax.tree.structure(
+    encoder(windows=2).init(jax.random.key(0), x)
+  )
   with pytest.raises(ValueError, match="divisible by num_heads=3"):
     encoder(num_heads=3).init(jax.random.key(0), x)

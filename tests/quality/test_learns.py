@@ -13,10 +13,15 @@ The default run's own proof (test a→v R@1 ≥ 0.8 within 10 minutes on 2 cores
   * holds out 16 test files (32 clips), so that chance is 1/32.
 """
 
+import pytest
+
 from cmvt_jax import train
 from configs import default
 from configs import micro
 from tests import helpers
+
+# Trains or spawns processes: the README's test command runs it, -m "not slow" skips it.
+pytestmark = pytest.mark.slow
 
 STEPS = 200
 

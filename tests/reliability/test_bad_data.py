@@ -4,9 +4,14 @@ every bad file, and its counts add up (good + skipped = found)."""
 import subprocess
 import sys
 
+import pytest
+
 from cmvt_jax.data import prepared
 from tests import helpers
 from tests.data import media
+
+# Trains or spawns processes: the README's test command runs it, -m "not slow" skips it.
+pytestmark = pytest.mark.slow
 
 
 def test_prepare_skips_and_counts_every_bad_file(tmp_path):

@@ -2,9 +2,14 @@
 
 import shutil
 
+import pytest
+
 from tests import helpers
 from tests.conftest import REFERENCE_CHECKPOINT_EVERY
 from tests.conftest import REFERENCE_STEPS
+
+# Trains or spawns processes: the README's test command runs it, -m "not slow" skips it.
+pytestmark = pytest.mark.slow
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path, micro_data_dir, reference_run):

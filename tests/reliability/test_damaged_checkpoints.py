@@ -8,6 +8,9 @@ from tests import helpers
 from tests.conftest import REFERENCE_CHECKPOINT_EVERY
 from tests.conftest import REFERENCE_STEPS
 
+# Trains or spawns processes: the README's test command runs it, -m "not slow" skips it.
+pytestmark = pytest.mark.slow
+
 ARGS = (
   f"--config.total_steps={REFERENCE_STEPS}",
   f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",

@@ -49,6 +49,7 @@ def micro_config(data_dir, **overrides):
   return config
 
 
+@pytest.mark.slow
 def test_nan_batch_stops_training_and_names_the_step_and_checkpoint(
   tmp_path, micro_data_dir, poisoned_data
 ):
@@ -64,6 +65,7 @@ def test_nan_batch_stops_training_and_names_the_step_and_checkpoint(
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_nan_batch_is_skipped_and_counted_when_asked(tmp_path, micro_data_dir, poisoned_data):
   workdir = tmp_path / "run"
   state = train.train_and_evaluate(

@@ -45,7 +45,6 @@ ALLOWED = {
     "_decode_file",
     "os.path.join",
   ): "decoded clips spill into a local temporary folder (tempfile)",
-  ("data/builder.py", "_decode_file", "np.savez"): "the local spill file",
   (
     "data/builder.py",
     "_decode_file",

@@ -18,6 +18,9 @@ from cmvt_jax import export
 from tests import conftest
 from tests import helpers
 
+# Trains or spawns processes: the README's test command runs it, -m "not slow" skips it.
+pytestmark = pytest.mark.slow
+
 TIGHT = dict(rtol=2e-5, atol=2e-6)
 SCRIPT = helpers.REPO / "launch" / "local_multihost.sh"
 # The reference run's schedule, so that every step is comparable with it.

@@ -40,6 +40,7 @@ def examples_by_id(dataset: prepared.PreparedDataset, split: str) -> dict[bytes,
   return {example["id"]: example for example in (source[i] for i in range(len(source)))}
 
 
+@pytest.mark.slow
 def test_two_workers_and_a_merge_equal_one_machine(video_dir, tmp_path):
   one = prepared.open_prepared(
     builder.prepare(

@@ -4,6 +4,9 @@ import pytest
 
 from tests import helpers
 
+# Trains or spawns processes: the README's test command runs it, -m "not slow" skips it.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
   "overrides,devices,message",

@@ -5,9 +5,13 @@ import os
 import signal
 
 import numpy as np
+import pytest
 
 from tests import helpers
 from tests.conftest import REFERENCE_STEPS
+
+# Trains or spawns processes: the README's test command runs it, -m "not slow" skips it.
+pytestmark = pytest.mark.slow
 
 
 def test_one_step_end_to_end(tmp_path, micro_data_dir):

@@ -40,10 +40,12 @@ def assert_same_training(a, b, step=3):
   )
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(one_device_run, eight_device_run):
   assert_same_training(one_device_run, eight_device_run)
 
 
+@pytest.mark.slow
 def test_two_hosts_of_two_devices_match_one_host_of_four(tmp_path, micro_data_dir):
   single = tmp_path / "single"
   helpers.run_main(single, *STEPS, devices=4, data_dir=micro_data_dir)
@@ -52,6 +54,7 @@ def test_two_hosts_of_two_devices_match_one_host_of_four(tmp_path, micro_data_di
   assert_same_training(single, multi)
 
 
+@pytest.mark.slow
 def test_eight_device_checkpoint_resumes_on_two(
   tmp_path, micro_data_dir, eight_device_run, one_device_run
 ):
