@@ -23,9 +23,9 @@ from etils import epath
 
 # Run as a script from the repository root: make `cmvt_jax` and `configs` importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import datasets
 from cmvt_jax.data import pipeline
-from cmvt_jax.data import prepared
 from cmvt_jax.data import spectrogram
 from cmvt_jax.data import synthetic
 from configs import default
@@ -53,7 +53,7 @@ def _jpeg_decode(encoded: list[bytes]) -> np.ndarray:
   return np.stack(frames)
 
 
-def frame_storage(dataset: prepared.PreparedDataset, num_clips: int) -> str:
+def frame_storage(dataset: datasets.PreparedDataset, num_clips: int) -> str:
   source = dataset.source("train")
   clips = [source[i]["frames"] for i in range(min(num_clips, len(source)))]
   raw = [clip.tobytes() for clip in clips]
@@ -94,22 +94,22 @@ def frame_storage(dataset: prepared.PreparedDataset, num_clips: int) -> str:
   )
 
 
-def generation_and_prepare(config, work_dir: str) -> tuple[str, prepared.PreparedDataset]:
+def generation_and_prepare(config, work_dir: str) -> tuple[str, datasets.PreparedDataset]:
   spec = synthetic.SyntheticSpec.from_config(config.dataset.synthetic)
   video_dir = os.path.join(work_dir, "videos")
   start = time.perf_counter()
   manifest = synthetic.generate(video_dir, spec)
   generate_s = time.perf_counter() - start
   start = time.perf_counter()
-  directory = builder.prepare(
+  directory = dataset_writer.prepare(
     video_dir,
     os.path.join(work_dir, "data"),
     "bench",
-    storage=prepared.storage_from_config(config.dataset),
+    storage=datasets.storage_from_config(config.dataset),
     mel=spectrogram.MelSettings.from_config(config.input),
   )
   prepare_s = time.perf_counter() - start
-  dataset = prepared.open_prepared(directory)
+  dataset = datasets.open_prepared(directory)
   clips = sum(dataset.num_examples.values())
   files = len(manifest["files"])
   table = "\n".join(
@@ -125,7 +125,7 @@ def generation_and_prepare(config, work_dir: str) -> tuple[str, prepared.Prepare
   return table, dataset
 
 
-def train_pipeline(config, dataset: prepared.PreparedDataset, num_batches: int) -> str:
+def train_pipeline(config, dataset: datasets.PreparedDataset, num_batches: int) -> str:
   spec = pipeline.InputSpec.from_config(config.input)
   stats = dataset.normalization_stats(spec.mel)
   batch_size = config.get("batch_size", 64)

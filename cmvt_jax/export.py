@@ -49,7 +49,7 @@ from cmvt_jax import embedding
 from cmvt_jax import files
 from cmvt_jax import run as run_lib
 from cmvt_jax import sharding
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import video_io
 
@@ -251,11 +251,12 @@ def _video_files(video_dir: epath.Path) -> list[tuple[epath.Path, str]]:
   for parent, _, names in video_dir.walk():  # walk, not rglob: rglob is refused on gs://
     for name in names:
       path = epath.Path(parent) / name
-      if path.suffix.lower() in builder.VIDEO_EXTENSIONS:
+      if path.suffix.lower() in dataset_writer.VIDEO_EXTENSIONS:
         files.append((path, "/".join(path.relative_to(video_dir).parts)))
   if not files:
     raise FileNotFoundError(
-      f"No video file ({', '.join(builder.VIDEO_EXTENSIONS)}) under export.video_dir {video_dir}."
+      f"No video file ({', '.join(dataset_writer.VIDEO_EXTENSIONS)}) under "
+      f"export.video_dir {video_dir}."
     )
   return sorted(files, key=lambda file: file[1])
 
@@ -307,7 +308,7 @@ def _split_videos(
 
 
 def _stitch(
-  examples: Sequence[dict[str, Any]], storage: builder.StorageSpec, video: str, split: str
+  examples: Sequence[dict[str, Any]], storage: dataset_writer.StorageSpec, video: str, split: str
 ) -> tuple[np.ndarray, np.ndarray]:
   """The stored clips of one video (sorted by start) put back on one timeline.
 

@@ -5,7 +5,7 @@
       [--sample_rate 16000] [--keep_audioless] [--hash_split train=0.8,test=0.2] \
       [--num_workers N]
 
-Writes `DATA_DIR/NAME/VERSION/` (see `cmvt_jax.data.builder`); train on it with
+Writes `DATA_DIR/NAME/VERSION/` (see `cmvt_jax.data.dataset_writer`); train on it with
 `--config.dataset.name=NAME --config.dataset.data_dir=DATA_DIR`. Storage and log-mel defaults
 match `configs/default.py`; the input pipeline resamples to whatever a config asks.
 
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import parts
 from cmvt_jax.data import spectrogram
 
@@ -126,7 +126,7 @@ def _run() -> None:
       f"--worker_index={worker_index} needs --num_workers N with "
       f"0 <= worker_index < N; got --num_workers={num_workers}."
     )
-  storage = builder.StorageSpec(
+  storage = dataset_writer.StorageSpec(
     clip_seconds=_CLIP_SECONDS.value,
     stride_seconds=_STRIDE_SECONDS.value or _CLIP_SECONDS.value,
     fps=_FPS.value,
@@ -169,7 +169,7 @@ def _run() -> None:
     )
     parts.merge_parts(_DATA_DIR.value, _NAME.value, num_workers=1)
   else:
-    builder.prepare(
+    dataset_writer.prepare(
       _VIDEO_DIR.value, _DATA_DIR.value, _NAME.value, num_workers=num_workers, **settings
     )
 

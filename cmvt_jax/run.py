@@ -29,9 +29,9 @@ from cmvt_jax import checkpoints
 from cmvt_jax import flops as flops_lib
 from cmvt_jax import losses
 from cmvt_jax import sharding
+from cmvt_jax.data import datasets
 from cmvt_jax.data import normalization
 from cmvt_jax.data import pipeline
-from cmvt_jax.data import prepared
 from cmvt_jax.models import cmvt
 
 # Config sections whose keys can set parameter shapes; named in a mismatch message.
@@ -217,7 +217,7 @@ class Run:
     )
 
   @functools.cached_property
-  def dataset(self) -> prepared.PreparedDataset:
+  def dataset(self) -> datasets.PreparedDataset:
     """The prepared dataset (made first when it is the synthetic one), opened on first use.
 
     The synthetic dataset is made once, by process 0, when every process sees the same
@@ -226,16 +226,16 @@ class Run:
     """
     maker = jax.process_index()
     if (
-      self.config.dataset.name == prepared.SYNTHETIC_NAME
+      self.config.dataset.name == datasets.SYNTHETIC_NAME
       and jax.process_count() > 1
-      and not sharding.folder_is_shared(self.config.dataset.data_dir or prepared.default_data_dir())
+      and not sharding.folder_is_shared(self.config.dataset.data_dir or datasets.default_data_dir())
     ):
       logging.info(
         "dataset.data_dir is not shared between the hosts: each host makes its "
         "own copy of the synthetic dataset."
       )
       maker = 0
-    return prepared.open_from_config(
+    return datasets.open_from_config(
       self.config.dataset, self.config.input, process_index=maker, log=logging.info
     )
 

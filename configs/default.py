@@ -34,7 +34,7 @@ def get_config() -> config_dict.ConfigDict:
   # A non-finite loss stops the run (False) or skips that batch and counts it (True).
   config.skip_nonfinite_batches = False
 
-  # Where the prepared dataset is and how its clips were stored (cmvt_jax/data/prepared.py).
+  # Where the prepared dataset is and how its clips were stored (cmvt_jax/data/datasets.py).
   # name 'cmvt_synthetic' = the generated dataset, made on first use under data_dir; any
   # other name = DATA_DIR/NAME/VERSION written by `python -m cmvt_jax.prepare`.
   config.dataset = config_dict.ConfigDict()

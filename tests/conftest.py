@@ -23,7 +23,7 @@ jax.config.update(
 
 import pytest  # noqa: E402  (after the cache settings above)
 
-from cmvt_jax.data import prepared  # noqa: E402
+from cmvt_jax.data import datasets  # noqa: E402
 from cmvt_jax.data import spectrogram  # noqa: E402
 from configs import micro  # noqa: E402
 from tests import helpers  # noqa: E402
@@ -38,7 +38,7 @@ def micro_data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("micro_data")
   config = micro.get_config()
   config.dataset.data_dir = str(data_dir)
-  prepared.ensure_synthetic_dataset(
+  datasets.ensure_synthetic_dataset(
     config.dataset,
     spectrogram.MelSettings.from_config(config.input),
     process_index=0,

@@ -1,4 +1,4 @@
-"""The package's imports run one way (DESIGN.md's order), read from the source with ast.
+"""The package's imports run one way (README's Layout), read from the source with ast.
 
     files → models, losses and data → sharding, checkpoints, metrics, flops → run →
     embedding → evaluate, export, prepare → plots → train → main
@@ -59,7 +59,7 @@ def layer(module: str) -> str:
 
 def test_every_module_has_a_layer():
   missing = sorted({layer(module) for module in imports()} - set(RANK))
-  assert not missing, f"add these modules to LAYERS (and DESIGN.md's package map): {missing}"
+  assert not missing, f"add these modules to LAYERS (and README's Layout): {missing}"
 
 
 def test_imports_run_one_way_and_only_at_the_top():

@@ -10,7 +10,7 @@
       moves every part's shards into `DATA_DIR/NAME/VERSION/` under the dataset's own shard
       names, writes one `dataset_info.json` that lists them all, and the metadata (summary,
       normalisation statistics) recomputed from all outcomes in the folder's file order, so
-      it is bit-identical to a one-machine `builder.prepare`. The info file is written
+      it is bit-identical to a one-machine `dataset_writer.prepare`. The info file is written
       last: the dataset reads as complete only when everything is in place. An interrupted
       merge can be run again.
 
@@ -40,7 +40,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cmvt_jax import files
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 
@@ -50,7 +50,7 @@ OUTCOMES_FILE = "outcomes.json"
 
 def parts_dir(data_dir: epath.PathLike, name: str) -> epath.Path:
   """`DATA_DIR/NAME/VERSION.parts`: where workers put their parts until the merge."""
-  target = builder.dataset_dir(data_dir, name)
+  target = dataset_writer.dataset_dir(data_dir, name)
   return target.parent / f"{target.name}.parts"
 
 
@@ -75,7 +75,7 @@ def prepare_part(
   *,
   worker_index: int,
   num_workers: int,
-  storage: builder.StorageSpec = builder.StorageSpec(),
+  storage: dataset_writer.StorageSpec = dataset_writer.StorageSpec(),
   mel: spectrogram.MelSettings,
   hash_split: Mapping[str, float] | None = None,
   processes: int = 0,
@@ -85,13 +85,13 @@ def prepare_part(
   """Worker `worker_index` of `num_workers`: decodes its share and writes its part.
 
   Args:
-    video_dir: the folder of videos (see `builder`); every worker must see the same one.
+    video_dir: the folder of videos (see `dataset_writer`); every worker must see the same one.
     data_dir: the TFDS data folder (local or `gs://`); the part lands in
       `part_dir(data_dir, name, worker_index, num_workers)`.
     name: the dataset name.
     worker_index: this worker, in [0, num_workers).
     num_workers: how many workers share the files.
-    storage, mel, hash_split: as for `builder.prepare` (the same on every worker).
+    storage, mel, hash_split: as for `dataset_writer.prepare` (the same on every worker).
     processes: decoding processes on this machine (0: one per CPU core).
     progress: show progress bars.
     log: where notices go.
@@ -100,19 +100,19 @@ def prepare_part(
     The part's folder.
   """
   check_worker(worker_index, num_workers)
-  builder.check_name(name)
-  if builder.is_prepared(builder.dataset_dir(data_dir, name)):
+  dataset_writer.check_name(name)
+  if dataset_writer.is_prepared(dataset_writer.dataset_dir(data_dir, name)):
     log(f"Dataset {name} is already prepared in {data_dir}; nothing to do.")
-    return builder.dataset_dir(data_dir, name)
+    return dataset_writer.dataset_dir(data_dir, name)
   part = part_dir(data_dir, name, worker_index, num_workers)
   if (part / OUTCOMES_FILE).exists():
     log(f"Part {part} is already complete; nothing to do.")
     return part
-  video_files, label_names, ignored = builder.scan_video_dir(video_dir, hash_split)
+  video_files, label_names, ignored = dataset_writer.scan_video_dir(video_dir, hash_split)
   if not label_names:
     raise ValueError(
       f"No video file inside a class folder under {video_dir} (expected "
-      f"SPLIT/CLASS/file{builder.VIDEO_EXTENSIONS[0]})."
+      f"SPLIT/CLASS/file{dataset_writer.VIDEO_EXTENSIONS[0]})."
     )
   indices = list(range(worker_index, len(video_files), num_workers))
   log(
@@ -123,7 +123,7 @@ def prepare_part(
     part.rmtree()
   part.mkdir(parents=True)
   with tempfile.TemporaryDirectory(prefix="cmvt_prepare_part_") as scratch:
-    outcomes = builder.decode_all(
+    outcomes = dataset_writer.decode_all(
       [video_files[i] for i in indices],
       storage,
       mel,
@@ -133,16 +133,16 @@ def prepare_part(
     )
     if any(outcome.num_clips for outcome in outcomes):
       local_data = os.path.join(scratch, "data")
-      builder.write_dataset(
+      dataset_writer.write_dataset(
         name,
         local_data,
         outcomes,
         label_names,
-        {builder.STORAGE_KEY: dataclasses.asdict(storage)},
+        {dataset_writer.STORAGE_KEY: dataclasses.asdict(storage)},
         scratch_dir=scratch,
         progress=progress,
       )
-      _copy_folder(builder.dataset_dir(local_data, name), part)
+      _copy_folder(dataset_writer.dataset_dir(local_data, name), part)
   record = {
     "worker_index": worker_index,
     "num_workers": num_workers,
@@ -168,8 +168,8 @@ def merge_parts(
     FileNotFoundError: some worker has not finished its part.
     ValueError: the parts do not belong together, or no file gave a single clip.
   """
-  target = builder.dataset_dir(data_dir, name)
-  if builder.is_prepared(target):
+  target = dataset_writer.dataset_dir(data_dir, name)
+  if dataset_writer.is_prepared(target):
     log(f"Dataset {name} is already prepared at {target}; nothing to do.")
     return target
   parts = [part_dir(data_dir, name, i, num_workers) for i in range(num_workers)]
@@ -183,20 +183,20 @@ def merge_parts(
     )
   records = [json.loads((part / OUTCOMES_FILE).read_text()) for part in parts]
   mel = spectrogram.MelSettings(**records[0]["mel"])
-  storage = builder.StorageSpec(**records[0]["storage"])
+  storage = dataset_writer.StorageSpec(**records[0]["storage"])
   outcomes, ignored = _joined_outcomes(records, mel, parts)
-  summary = builder.summarize(outcomes, ignored)
+  summary = dataset_writer.summarize(outcomes, ignored)
   if not summary.clips:
     raise ValueError(
       f"No usable clip in any part under {parts_dir(data_dir, name)}:\n{summary.format()}"
     )
-  metadata = builder.dataset_metadata(summary, outcomes, storage, mel)
+  metadata = dataset_writer.dataset_metadata(summary, outcomes, storage, mel)
   written = [part for part in parts if (part / "dataset_info.json").exists()]
   infos = [tfds.builder_from_directory(os.fspath(part)).info for part in written]
   target.mkdir(parents=True, exist_ok=True)
   split_infos = [
     _move_split_shards(split, written, infos, target)
-    for split in builder.SPLITS
+    for split in dataset_writer.SPLITS
     if any(split in info.splits for info in infos)
   ]
   info = infos[0]
@@ -211,7 +211,7 @@ def merge_parts(
 
 def _joined_outcomes(
   records: Sequence[dict[str, Any]], mel: spectrogram.MelSettings, parts: Sequence[epath.Path]
-) -> tuple[list[builder.FileOutcome], int]:
+) -> tuple[list[dataset_writer.FileOutcome], int]:
   """Every file's outcome in the folder's order, checking that the parts belong together."""
   first = records[0]
   for part, record in zip(parts, records):
@@ -279,7 +279,7 @@ def _copy_folder(source: epath.Path, destination: epath.Path) -> None:
     files.copy(path, destination / path.name)
 
 
-def _outcome_record(index: int, outcome: builder.FileOutcome) -> dict[str, Any]:
+def _outcome_record(index: int, outcome: dataset_writer.FileOutcome) -> dict[str, Any]:
   """A JSON-able outcome; floats survive JSON exactly, so merged statistics match."""
   stats = None
   if outcome.stats is not None:
@@ -305,7 +305,7 @@ def _outcome_record(index: int, outcome: builder.FileOutcome) -> dict[str, Any]:
 
 def _outcome_from_record(
   item: Mapping[str, Any], mel: spectrogram.MelSettings
-) -> builder.FileOutcome:
+) -> dataset_writer.FileOutcome:
   stats = None
   if item["stats"] is not None:
     values = item["stats"]
@@ -318,8 +318,8 @@ def _outcome_from_record(
       mel_sum=values["mel_sum"],
       mel_square_sum=values["mel_square_sum"],
     )
-  return builder.FileOutcome(
-    file=builder.VideoFile(**item["file"]),
+  return dataset_writer.FileOutcome(
+    file=dataset_writer.VideoFile(**item["file"]),
     num_clips=item["num_clips"],
     seconds=item["seconds"],
     skip_reason=item["skip_reason"],

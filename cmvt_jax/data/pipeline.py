@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 from cmvt_jax.data import video_io
@@ -414,7 +414,7 @@ def eval_dataset(
 def file_elements(
   path: epath.PathLike,
   preprocessor: Preprocessor,
-  storage: builder.StorageSpec,
+  storage: dataset_writer.StorageSpec,
   *,
   source: str | None = None,
   whole_video: bool = False,
@@ -465,7 +465,7 @@ def file_elements(
   elements = []
   for clip in clips:
     num_samples = round(len(clip.frames) / storage.fps * storage.sample_rate)
-    audio = builder.stored_audio(clip.audio, num_samples)
+    audio = dataset_writer.stored_audio(clip.audio, num_samples)
     view = preprocessor(clip.frames, audio, num_frames=num_frames)
     elements.append(
       {

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cmvt_jax.data import builder
-from cmvt_jax.data import prepared
+from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import datasets
 from cmvt_jax.data import synthetic
 from tests.data import media
 
@@ -20,7 +20,7 @@ def tiny_video_dir(tmp_path_factory):
 def tiny_dataset(tiny_video_dir, tmp_path_factory):
   """`tiny_video_dir` prepared with the default storage, opened."""
   data_dir = tmp_path_factory.mktemp("tiny_data")
-  directory = builder.prepare(
+  directory = dataset_writer.prepare(
     tiny_video_dir,
     data_dir,
     "tiny",
@@ -29,4 +29,4 @@ def tiny_dataset(tiny_video_dir, tmp_path_factory):
     progress=False,
     log=lambda _: None,
   )
-  return prepared.open_prepared(directory)
+  return datasets.open_prepared(directory)

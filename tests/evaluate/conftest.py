@@ -14,8 +14,8 @@ from cmvt_jax import checkpoints
 from cmvt_jax import metrics
 from cmvt_jax import run as run_lib
 from cmvt_jax import train
+from cmvt_jax.data import datasets
 from cmvt_jax.data import pipeline
-from cmvt_jax.data import prepared
 from cmvt_jax.models import cmvt
 from configs import micro
 from tests import helpers
@@ -82,7 +82,7 @@ class DirectEmbedder:
   def __init__(self, workdir, data_dir):
     config = micro_config(data_dir)
     self.model = cmvt.from_config(config)
-    self.dataset = prepared.open_from_config(config.dataset, config.input)
+    self.dataset = datasets.open_from_config(config.dataset, config.input)
     self.preprocessor = pipeline.Preprocessor(
       pipeline.InputSpec.from_config(config.input),
       self.dataset.stored_stats,

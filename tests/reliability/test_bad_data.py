@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cmvt_jax.data import prepared
+from cmvt_jax.data import datasets
 from tests import helpers
 from tests.data import media
 
@@ -61,7 +61,7 @@ def test_prepare_skips_and_counts_every_bad_file(tmp_path):
   assert "train/dogs/huge.mp4: frame too large: 8200x8200 frames exceed" in report
   assert "truncated, kept the clips of their decodable part: 1" in report
 
-  dataset = prepared.open_prepared(tmp_path / "data" / "mixed" / "1.0.0")
+  dataset = datasets.open_prepared(tmp_path / "data" / "mixed" / "1.0.0")
   written = []
   for split in dataset.num_examples:
     source = dataset.source(split)

@@ -41,22 +41,22 @@ FILE_OR_PATH_CALLS = {
 # (module, enclosing function, call): why a local path is right there.
 ALLOWED = {
   (
-    "data/builder.py",
+    "data/dataset_writer.py",
     "_decode_file",
     "os.path.join",
   ): "decoded clips spill into a local temporary folder (tempfile)",
   (
-    "data/builder.py",
+    "data/dataset_writer.py",
     "_decode_file",
     "os.path.basename",
   ): "formats a message from a relative file name",
   (
-    "data/builder.py",
+    "data/dataset_writer.py",
     "_ClipFolderBuilder._generate_examples",
     "np.load",
   ): "reads the local spill file back",
   (
-    "data/builder.py",
+    "data/dataset_writer.py",
     "write_dataset",
     "os.path.join",
   ): "TFDS's download folder inside the local scratch folder",
@@ -66,11 +66,11 @@ ALLOWED = {
     "os.path.join",
   ): "the worker's local scratch dataset (ArrayRecord needs POSIX paths), copied up by epath",
   (
-    "data/prepared.py",
+    "data/datasets.py",
     "default_data_dir",
     "os.path.join",
   ): "builds the default cache folder from $HOME; the result is an epath",
-  ("data/prepared.py", "default_data_dir", "os.path.expanduser"): "likewise",
+  ("data/datasets.py", "default_data_dir", "os.path.expanduser"): "likewise",
   (
     "data/synthetic.py",
     "write_mp4",

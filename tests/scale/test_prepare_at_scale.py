@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import datasets
 from cmvt_jax.data import parts
-from cmvt_jax.data import prepared
 from cmvt_jax.data import synthetic
 from tests import helpers
 from tests.data import media
@@ -35,15 +35,15 @@ def prepare_cli(*args: str) -> subprocess.CompletedProcess:
   )
 
 
-def examples_by_id(dataset: prepared.PreparedDataset, split: str) -> dict[bytes, dict]:
+def examples_by_id(dataset: datasets.PreparedDataset, split: str) -> dict[bytes, dict]:
   source = dataset.source(split)
   return {example["id"]: example for example in (source[i] for i in range(len(source)))}
 
 
 @pytest.mark.slow
 def test_two_workers_and_a_merge_equal_one_machine(video_dir, tmp_path):
-  one = prepared.open_prepared(
-    builder.prepare(
+  one = datasets.open_prepared(
+    dataset_writer.prepare(
       video_dir,
       tmp_path / "one",
       "clips",
@@ -71,7 +71,7 @@ def test_two_workers_and_a_merge_equal_one_machine(video_dir, tmp_path):
   assert merge.returncode == 0, merge.stderr
   assert "Merged 2 parts into dataset clips" in merge.stdout
 
-  two = prepared.open_prepared(builder.dataset_dir(tmp_path / "two", "clips"))
+  two = datasets.open_prepared(dataset_writer.dataset_dir(tmp_path / "two", "clips"))
   assert not parts.parts_dir(tmp_path / "two", "clips").exists()
   assert two.num_examples == one.num_examples == {"train": 4, "validation": 4, "test": 4}
   assert two.label_names == one.label_names

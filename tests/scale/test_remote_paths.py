@@ -17,9 +17,9 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from cmvt_jax import metrics
 from cmvt_jax import train
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import datasets
 from cmvt_jax.data import parts
-from cmvt_jax.data import prepared
 from cmvt_jax.data import synthetic
 from configs import micro
 from tests.data import media
@@ -77,13 +77,15 @@ def test_two_workers_prepare_from_and_into_gs(gcs, tmp_path):
     )
   target = parts.merge_parts("gs://data", "clips", num_workers=2, log=lambda message: None)
 
-  assert str(target) == f"gs://data/clips/{builder.VERSION}" and builder.is_prepared(target)
+  assert str(target) == f"gs://data/clips/{dataset_writer.VERSION}" and dataset_writer.is_prepared(
+    target
+  )
   assert not parts.parts_dir("gs://data", "clips").exists()
   downloaded = tmp_path / "downloaded"
   upload(target, epath.Path(downloaded))  # ArrayRecord is read from local files only
-  from_gs = prepared.open_prepared(downloaded)
-  local = prepared.open_prepared(
-    builder.prepare(
+  from_gs = datasets.open_prepared(downloaded)
+  local = datasets.open_prepared(
+    dataset_writer.prepare(
       local_videos,
       tmp_path / "local",
       "clips",

@@ -11,14 +11,14 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cmvt_jax import prepare as prepare_cli
-from cmvt_jax.data import builder
-from cmvt_jax.data import prepared
+from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import datasets
 from configs import default
 from tests.data import media
 
 
 def _prepare(video_dir, data_dir, name="clips", **kwargs):
-  return builder.prepare(
+  return dataset_writer.prepare(
     video_dir,
     data_dir,
     name,
@@ -34,7 +34,7 @@ def test_tiny_generated_set_reads_back(tiny_dataset, tiny_video_dir):
   manifest = json.loads((tiny_video_dir / "manifest.json").read_text())
   reader = tfds.builder_from_directory(os.fspath(tiny_dataset.directory))
 
-  assert tiny_dataset.directory.parts[-2:] == ("tiny", builder.VERSION)
+  assert tiny_dataset.directory.parts[-2:] == ("tiny", dataset_writer.VERSION)
   assert tiny_dataset.num_examples == {"train": 4, "validation": 4, "test": 4}
   assert reader.info.features["label"].names == ["green_square", "red_disc"]
   for split in ("train", "test"):
@@ -65,7 +65,7 @@ def test_rerun_over_a_finished_dataset_is_a_no_op(tiny_dataset, tiny_video_dir):
   info_file = pathlib.Path(tiny_dataset.directory) / "dataset_info.json"
   before = info_file.stat().st_mtime_ns
   messages = []
-  directory = builder.prepare(
+  directory = dataset_writer.prepare(
     tiny_video_dir,
     tiny_dataset.directory.parent.parent,
     "tiny",
@@ -80,7 +80,7 @@ def test_rerun_over_a_finished_dataset_is_a_no_op(tiny_dataset, tiny_video_dir):
 
 
 def test_interrupted_run_leaves_no_dataset(tiny_video_dir, tmp_path, monkeypatch):
-  original = builder._ClipFolderBuilder._generate_examples
+  original = dataset_writer._ClipFolderBuilder._generate_examples
 
   def fail_midway(self, split):
     for count, item in enumerate(original(self, split)):
@@ -88,20 +88,20 @@ def test_interrupted_run_leaves_no_dataset(tiny_video_dir, tmp_path, monkeypatch
         raise KeyboardInterrupt("simulated interruption")
       yield item
 
-  monkeypatch.setattr(builder._ClipFolderBuilder, "_generate_examples", fail_midway)
+  monkeypatch.setattr(dataset_writer._ClipFolderBuilder, "_generate_examples", fail_midway)
   with pytest.raises(KeyboardInterrupt):
     _prepare(tiny_video_dir, tmp_path, name="broken")
-  assert not builder.is_prepared(builder.dataset_dir(tmp_path, "broken"))
+  assert not dataset_writer.is_prepared(dataset_writer.dataset_dir(tmp_path, "broken"))
   assert list((tmp_path / "broken").iterdir()) == []  # TFDS removed its incomplete folder
   with pytest.raises(FileNotFoundError, match="No prepared dataset"):
-    prepared.open_prepared(builder.dataset_dir(tmp_path, "broken"))
+    datasets.open_prepared(dataset_writer.dataset_dir(tmp_path, "broken"))
 
 
 def test_bad_files_are_skipped_counted_and_every_good_clip_written(tmp_path):
   layout = media.bad_data_folder(tmp_path / "videos")
 
   directory = _prepare(tmp_path / "videos", tmp_path / "data")
-  dataset = prepared.open_prepared(directory)
+  dataset = datasets.open_prepared(directory)
   summary = dataset.summary
 
   assert summary.found == len(layout) == summary.good + len(summary.skipped)
@@ -135,7 +135,7 @@ def test_a_split_whose_files_are_all_bad_is_left_out(tmp_path):
   (tmp_path / "videos/validation/a").mkdir(parents=True)
   (tmp_path / "videos/validation/a/bad.mp4").write_bytes(b"")
 
-  dataset = prepared.open_prepared(_prepare(tmp_path / "videos", tmp_path / "data"))
+  dataset = datasets.open_prepared(_prepare(tmp_path / "videos", tmp_path / "data"))
 
   assert dataset.num_examples == {"train": 1}
   assert dataset.summary.empty_splits == ["validation"]
@@ -159,10 +159,10 @@ def test_keep_audioless_keeps_silent_videos(tmp_path):
   )
 
   directory = _prepare(
-    tmp_path / "videos", tmp_path / "data", storage=builder.StorageSpec(keep_audioless=True)
+    tmp_path / "videos", tmp_path / "data", storage=dataset_writer.StorageSpec(keep_audioless=True)
   )
 
-  source = prepared.open_prepared(directory).source("train")
+  source = datasets.open_prepared(directory).source("train")
   examples = [source[i] for i in range(len(source))]
   kept = sorted((e["source"].decode(), bool(e["has_audio"])) for e in examples)
   assert kept == [("train/a/loud.mp4", True)] * 2 + [("train/a/silent.mp4", False)] * 2
@@ -178,12 +178,12 @@ def test_clip_and_stride_options(tmp_path):
   directory = _prepare(
     tmp_path / "videos",
     tmp_path / "data",
-    storage=builder.StorageSpec(
+    storage=dataset_writer.StorageSpec(
       clip_seconds=3.0, stride_seconds=1.0, fps=4.0, short_side=16, sample_rate=8000
     ),
   )
 
-  source = prepared.open_prepared(directory).source("train")
+  source = datasets.open_prepared(directory).source("train")
   starts = sorted(float(source[i]["start"]) for i in range(len(source)))
   assert starts == [0.0, 1.0, 2.0]  # windows of 3 s every 1 s inside 5.5 s
   assert source[0]["frames"].shape == (12, 16, 24, 3)
@@ -199,13 +199,13 @@ def test_hash_split_is_stable_and_uses_top_level_folders_as_labels(tmp_path):
       audio=media.tone(2.0, 16000),
     )
   fractions = {"train": 0.5, "test": 0.5}
-  files, labels, _ = builder.scan_video_dir(tmp_path / "videos", fractions)
-  again, _, _ = builder.scan_video_dir(tmp_path / "videos", fractions)
+  files, labels, _ = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
+  again, _, _ = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
   assert files == again and labels == ["a", "b"]
   assert {file.split for file in files} == {"train", "test"}
   assert all(file.label == file.source.split("/")[0] for file in files)
   with pytest.raises(ValueError, match="summing to 1"):
-    builder.scan_video_dir(tmp_path / "videos", {"train": 0.5})
+    dataset_writer.scan_video_dir(tmp_path / "videos", {"train": 0.5})
 
 
 def test_missing_split_folders_are_a_clear_error(tmp_path):
@@ -223,7 +223,7 @@ def test_bad_dataset_name(tmp_path):
 
 def test_prepare_defaults_match_the_default_config():
   config = default.get_config()
-  storage = builder.StorageSpec()
+  storage = dataset_writer.StorageSpec()
   assert (
     storage.clip_seconds,
     storage.stride_seconds,
@@ -286,4 +286,4 @@ def test_command_line(tiny_video_dir, tmp_path):
   assert result.returncode == 0, result.stderr
   assert "clips written to train: 4" in result.stdout
   assert "Video files found: 6 = 6 used + 0 skipped" in result.stdout
-  assert builder.is_prepared(builder.dataset_dir(tmp_path, "cli"))
+  assert dataset_writer.is_prepared(dataset_writer.dataset_dir(tmp_path, "cli"))

@@ -24,7 +24,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 from cmvt_jax.data import synthetic
@@ -40,9 +40,9 @@ def default_data_dir() -> epath.Path:
   return epath.Path(cache) / "cmvt_jax"
 
 
-def storage_from_config(dataset_config) -> builder.StorageSpec:
+def storage_from_config(dataset_config) -> dataset_writer.StorageSpec:
   """The storage settings of the config's `dataset` section."""
-  return builder.StorageSpec(
+  return dataset_writer.StorageSpec(
     clip_seconds=float(dataset_config.clip_seconds),
     stride_seconds=float(dataset_config.stride_seconds),
     fps=float(dataset_config.fps),
@@ -68,9 +68,9 @@ class PreparedDataset:
   directory: epath.Path
   label_names: tuple[str, ...]
   num_examples: dict[str, int]
-  storage: builder.StorageSpec
+  storage: dataset_writer.StorageSpec
   stored_stats: normalization.NormalizationStats | None
-  summary: builder.PrepareSummary
+  summary: dataset_writer.PrepareSummary
 
   def source(self, split: str) -> Sequence[dict[str, Any]]:
     """Random-access source of `split` for grain (pickles into worker processes).
@@ -109,26 +109,26 @@ class PreparedDataset:
 def open_prepared(directory: epath.PathLike) -> PreparedDataset:
   """Opens `DATA_DIR/NAME/VERSION`; raises FileNotFoundError when it is not a dataset."""
   directory = epath.Path(directory)
-  if not builder.is_prepared(directory):
+  if not dataset_writer.is_prepared(directory):
     raise FileNotFoundError(
       f"No prepared dataset at {directory}: prepare one with `python -m cmvt_jax.prepare "
       "--video_dir DIR --data_dir DATA_DIR --name NAME`."
     )
   info = tfds.builder_from_directory(os.fspath(directory)).info
   metadata = info.metadata or {}
-  if builder.STORAGE_KEY not in metadata:
+  if dataset_writer.STORAGE_KEY not in metadata:
     raise ValueError(
       f"{directory} is a TFDS dataset but was not written by cmvt_jax.prepare "
-      f"(its metadata.json has no {builder.STORAGE_KEY!r})."
+      f"(its metadata.json has no {dataset_writer.STORAGE_KEY!r})."
     )
-  stats = metadata.get(builder.NORMALIZATION_KEY)
+  stats = metadata.get(dataset_writer.NORMALIZATION_KEY)
   return PreparedDataset(
     directory=directory,
     label_names=tuple(info.features["label"].names),
     num_examples={split: info.splits[split].num_examples for split in info.splits},
-    storage=builder.StorageSpec(**metadata[builder.STORAGE_KEY]),
+    storage=dataset_writer.StorageSpec(**metadata[dataset_writer.STORAGE_KEY]),
     stored_stats=normalization.NormalizationStats.from_dict(stats) if stats else None,
-    summary=builder.PrepareSummary.from_dict(metadata[builder.SUMMARY_KEY]),
+    summary=dataset_writer.PrepareSummary.from_dict(metadata[dataset_writer.SUMMARY_KEY]),
   )
 
 
@@ -139,7 +139,7 @@ def synthetic_dataset_dir(dataset_config) -> epath.Path:
   settings = json.dumps([dataclasses.asdict(spec), dataclasses.asdict(storage)], sort_keys=True)
   digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
   data_dir = epath.Path(dataset_config.data_dir or default_data_dir())
-  return builder.dataset_dir(data_dir / f"{SYNTHETIC_NAME}-{digest}", SYNTHETIC_NAME)
+  return dataset_writer.dataset_dir(data_dir / f"{SYNTHETIC_NAME}-{digest}", SYNTHETIC_NAME)
 
 
 def ensure_synthetic_dataset(
@@ -163,12 +163,12 @@ def ensure_synthetic_dataset(
     log: where notices go.
   """
   directory = synthetic_dataset_dir(dataset_config)
-  if builder.is_prepared(directory):
+  if dataset_writer.is_prepared(directory):
     return directory
   if process_index != 0:
     log(f"Waiting for process 0 to prepare the synthetic dataset at {directory}.")
     deadline = time.monotonic() + timeout_s
-    while not builder.is_prepared(directory):
+    while not dataset_writer.is_prepared(directory):
       if time.monotonic() > deadline:
         raise TimeoutError(
           f"Process {process_index} waited {timeout_s:.0f} s for process 0 to prepare the "
@@ -182,7 +182,7 @@ def ensure_synthetic_dataset(
   with tempfile.TemporaryDirectory(prefix="cmvt_synthetic_videos_") as video_dir:
     synthetic.generate(video_dir, spec)
     try:
-      builder.prepare(
+      dataset_writer.prepare(
         video_dir,
         directory.parent.parent,
         SYNTHETIC_NAME,
@@ -192,7 +192,7 @@ def ensure_synthetic_dataset(
       )
     except OSError:
       # Another run on the same cache folder finished the same dataset first.
-      if not builder.is_prepared(directory):
+      if not dataset_writer.is_prepared(directory):
         raise
   return directory
 
@@ -209,7 +209,7 @@ def open_from_config(
       log=log,
     )
   else:
-    directory = builder.dataset_dir(
+    directory = dataset_writer.dataset_dir(
       dataset_config.data_dir or default_data_dir(), dataset_config.name
     )
   return open_prepared(directory)

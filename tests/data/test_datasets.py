@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cmvt_jax.data import builder
+from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import datasets
 from cmvt_jax.data import pipeline
-from cmvt_jax.data import prepared
 from configs import default
 from tests.data import media
 
@@ -25,30 +25,30 @@ def test_synthetic_dataset_is_made_once_then_reused(tmp_path):
   config = _tiny_config(tmp_path)
   messages = []
 
-  dataset = prepared.open_from_config(config.dataset, config.input, log=messages.append)
+  dataset = datasets.open_from_config(config.dataset, config.input, log=messages.append)
 
   assert dataset.num_examples == {"train": 4, "validation": 2, "test": 2}
-  assert dataset.directory == prepared.synthetic_dataset_dir(config.dataset)
+  assert dataset.directory == datasets.synthetic_dataset_dir(config.dataset)
   assert str(dataset.directory).startswith(str(tmp_path / "cmvt_synthetic-"))
   assert any("Generating the synthetic dataset" in m for m in messages)
   # Another process (or a later run) finds it complete and does nothing.
   messages.clear()
-  again = prepared.open_from_config(
+  again = datasets.open_from_config(
     config.dataset, config.input, process_index=1, log=messages.append
   )
   assert again.directory == dataset.directory and messages == []
   # Other generator settings are another dataset.
   config.dataset.synthetic.seed = 1
-  assert prepared.synthetic_dataset_dir(config.dataset) != dataset.directory
+  assert datasets.synthetic_dataset_dir(config.dataset) != dataset.directory
 
 
 def test_other_processes_wait_for_process_zero(tmp_path):
   config = _tiny_config(tmp_path)
   with pytest.raises(TimeoutError, match="process 0"):
-    prepared.ensure_synthetic_dataset(
+    datasets.ensure_synthetic_dataset(
       config.dataset, media.MEL, process_index=1, timeout_s=0.5, log=lambda _: None
     )
-  assert not builder.is_prepared(prepared.synthetic_dataset_dir(config.dataset))
+  assert not dataset_writer.is_prepared(datasets.synthetic_dataset_dir(config.dataset))
 
 
 def test_a_named_dataset_that_is_not_there(tmp_path):
@@ -56,12 +56,12 @@ def test_a_named_dataset_that_is_not_there(tmp_path):
   config.dataset.name = "my_videos"
   config.dataset.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="python -m cmvt_jax.prepare"):
-    prepared.open_from_config(config.dataset, config.input)
+    datasets.open_from_config(config.dataset, config.input)
 
 
 def test_default_cache_folder_follows_xdg(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  assert prepared.default_data_dir() == tmp_path / "cmvt_jax"
+  assert datasets.default_data_dir() == tmp_path / "cmvt_jax"
 
 
 def test_statistics_recomputed_for_other_mel_settings(tiny_dataset):
