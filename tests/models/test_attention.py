@@ -13,7 +13,7 @@ from cmvt_jax.models.attention import banded_attention
 
 
 def dense_reference(q, k, v, window, dilation=1, global_mask=None, kv_mask=None):
-  """The rule of `banded_attention`'s docstring as a T×T mask, then softmax and matmul (small T only)."""
+  """The rule of `banded_attention`'s docstring as a T×T mask, softmax, matmul (small T)."""
   batch, length, heads, head_dim = q.shape
   per_head = np.broadcast_to(np.asarray(dilation), (heads,))[:, None, None]
   offset = np.arange(length)[:, None] - np.arange(length)[None, :]
