@@ -38,7 +38,7 @@ def reduced_vtn_base():
   return config
 
 
-def random_batch(run, batch_size: int) -> dict:
+def random_batch(run: run_lib.Run, batch_size: int) -> dict:
   rng = np.random.default_rng(0)
   video, audio = run_lib.example_inputs(run.spec, batch_size)
   host = {

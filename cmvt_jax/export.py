@@ -247,18 +247,18 @@ def _video_files(video_dir: epath.Path) -> list[tuple[epath.Path, str]]:
   """(path, path relative to `video_dir`) of every video file under it, sorted."""
   if not video_dir.is_dir():
     raise FileNotFoundError(f"export.video_dir {video_dir} does not exist or is not a folder.")
-  files = []
+  found = []
   for parent, _, names in video_dir.walk():  # walk, not rglob: rglob is refused on gs://
     for name in names:
       path = epath.Path(parent) / name
       if path.suffix.lower() in dataset_writer.VIDEO_EXTENSIONS:
-        files.append((path, "/".join(path.relative_to(video_dir).parts)))
-  if not files:
+        found.append((path, "/".join(path.relative_to(video_dir).parts)))
+  if not found:
     raise FileNotFoundError(
       f"No video file ({', '.join(dataset_writer.VIDEO_EXTENSIONS)}) under "
       f"export.video_dir {video_dir}."
     )
-  return sorted(files, key=lambda file: file[1])
+  return sorted(found, key=lambda file: file[1])
 
 
 def _check_frames(num_frames: int, source: str, spec: pipeline.InputSpec, max_frames: int) -> None:
@@ -274,7 +274,7 @@ def _check_frames(num_frames: int, source: str, spec: pipeline.InputSpec, max_fr
 
 
 def _split_videos(
-  run, preprocessor: pipeline.Preprocessor, split: str, max_frames: int
+  run: run_lib.Run, preprocessor: pipeline.Preprocessor, split: str, max_frames: int
 ) -> tuple[int, Iterator[dict[str, Any]]]:
   """(count, elements) of this process's source videos of a prepared split, each rebuilt
   from its clips on one timeline and preprocessed whole.
@@ -340,9 +340,9 @@ def _stitch(
 
 
 def _file_elements(
-  files: Iterable[tuple[epath.Path, str]],
-  preprocessor,
-  storage,
+  video_files: Iterable[tuple[epath.Path, str]],
+  preprocessor: pipeline.Preprocessor,
+  storage: dataset_writer.StorageSpec,
   *,
   whole_video: bool,
   max_frames: int,
@@ -352,7 +352,7 @@ def _file_elements(
 ) -> Iterator[dict[str, Any]]:
   """Eval elements of each file in turn (whole, or per clip); unreadable files are skipped
   (and their sources appended to `skipped`) or raise."""
-  for path, source in files:
+  for path, source in video_files:
     try:
       elements = pipeline.file_elements(
         path, preprocessor, storage, source=source, whole_video=whole_video

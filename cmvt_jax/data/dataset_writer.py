@@ -406,7 +406,7 @@ def is_prepared(directory: epath.PathLike) -> bool:
 
 
 def decode_all(
-  files: Sequence[VideoFile],
+  video_files: Sequence[VideoFile],
   storage: StorageSpec,
   mel: spectrogram.MelSettings,
   spill_dir: str,
@@ -414,8 +414,10 @@ def decode_all(
   num_workers: int,
   progress: bool,
 ) -> list[FileOutcome]:
-  """Phase 1 (see module docstring): decodes and spills every file, in `files` order."""
-  tasks = [(file, storage, mel if file.split == "train" else None, spill_dir) for file in files]
+  """Phase 1 (see module docstring): decodes and spills every file, in `video_files` order."""
+  tasks = [
+    (file, storage, mel if file.split == "train" else None, spill_dir) for file in video_files
+  ]
   bar = tqdm.tqdm(total=len(tasks), desc="Decoding videos", unit="file", disable=not progress)
   outcomes = []
   with bar:
@@ -494,7 +496,7 @@ def prepare(
   if is_prepared(target):
     log(f"Dataset {name} is already prepared at {target}; nothing to do.")
     return target
-  files, label_names, ignored = scan_video_dir(video_dir, hash_split)
+  video_files, label_names, ignored = scan_video_dir(video_dir, hash_split)
   if not label_names:
     raise ValueError(
       f"No video file inside a class folder under {video_dir} (expected "
@@ -503,7 +505,7 @@ def prepare(
   num_workers = num_workers or os.cpu_count() or 1
   with tempfile.TemporaryDirectory(prefix="cmvt_prepare_") as spill_dir:
     outcomes = decode_all(
-      files, storage, mel, spill_dir, num_workers=num_workers, progress=progress
+      video_files, storage, mel, spill_dir, num_workers=num_workers, progress=progress
     )
     summary = summarize(outcomes, ignored)
     if not summary.clips:
