@@ -41,11 +41,6 @@ from cmvt_jax.data import normalization
 from cmvt_jax.data import pipeline
 from cmvt_jax.models import cmvt
 
-# In a multi-process run the processes vote on stopping (a SIGTERM may reach only some of
-# them) about this often: a preemption notice gives ~30 s, and a vote every step would block
-# the host on the step it just dispatched.
-STOP_VOTE_SECONDS = 5.0
-
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf."""
@@ -270,12 +265,13 @@ class StopSignal:
   """Records SIGTERM (preemption); every process agrees on stopping at the same step.
 
   One process stops at the first step after the signal. Several vote (an all-gather of
-  their flags), but not every step: each vote also gathers every process's wall time per
-  step since the last vote, and all of them compute the same next voting step from the
-  slowest, about `vote_seconds` ahead.
+  their flags; a SIGTERM may reach only some of them), but not every step, since a vote
+  blocks each host on the step it just dispatched: each vote also gathers every process's
+  wall time per step since the last vote, and all of them compute the same next voting step
+  from the slowest, about `vote_seconds` ahead (`config.distributed.stop_vote_seconds`).
   """
 
-  def __init__(self, vote_seconds: float = STOP_VOTE_SECONDS):
+  def __init__(self, vote_seconds: float):
     self.received = False
     self._vote_seconds = vote_seconds
     self._next_vote = None  # the first step seen votes
@@ -324,7 +320,8 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> run_lib.
 
   manager = checkpoints.manager(workdir, max_to_keep=config.checkpoint.keep)
   writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0)
-  stop = StopSignal()  # from here on, a SIGTERM stops the run at its next step, saved
+  # From here on, a SIGTERM stops the run at its next step (or vote), saved.
+  stop = StopSignal(config.distributed.stop_vote_seconds)
   start = None
   try:
     start = _start_or_resume(run, manager, holds_run, writer)
@@ -446,7 +443,9 @@ class _TrainLoop:
     while self.step < self.total:
       self._step()
       step = self.step
-      stopping = self.stop.should_stop(step)
+      # Every process votes at the last step, so that none goes on to the final evaluation
+      # and export while another stops.
+      stopping = self.stop.should_stop(step, vote_now=step == self.total)
       if _every(config.checkpoint_every_steps, step) or step == self.total or stopping:
         self._save()
       if not stopping and _every(config.eval_every_steps, step) and step != self.total:

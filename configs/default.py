@@ -214,6 +214,9 @@ def get_config() -> config_dict.ConfigDict:
   config.distributed = config_dict.ConfigDict()
   config.distributed.initialization_timeout_seconds = 300
   config.distributed.heartbeat_timeout_seconds = 100
+  # The processes vote on stopping for SIGTERM about this often (0 = every step): a vote
+  # blocks each host until its last step is done; a preemption notice gives ~30 s.
+  config.distributed.stop_vote_seconds = 5.0
   return config
 
 

@@ -28,6 +28,8 @@ SCHEDULE = (
   f"--config.total_steps={conftest.REFERENCE_STEPS}",
   f"--config.checkpoint_every_steps={conftest.REFERENCE_CHECKPOINT_EVERY}",
   "--config.checkpoint.keep=10",
+  # Micro steps take ~50 ms: a vote every step lets the SIGTERM land mid-run.
+  "--config.distributed.stop_vote_seconds=0",
 )
 
 
