@@ -124,7 +124,7 @@ def export_embeddings(
     rows, skipped = _embed_split(run, trained, export), 0
     label_names = list(run.dataset.label_names)
   _write_part(folder, rows)
-  counts = sharding.gather_ints([len(rows["id"]), skipped])
+  counts = sharding.gather([len(rows["id"]), skipped])
   if jax.process_index() == 0:
     _write_manifest(folder, config, trained, counts, label_names)
   multihost_utils.sync_global_devices("cmvt_jax export: manifest written")

@@ -179,9 +179,11 @@ def any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def gather_ints(values: Sequence[int]) -> np.ndarray:
-  """`[process_count, len(values)]` int32: every process's values, in process order."""
-  values = np.asarray(values, np.int32)
+def gather(values: Sequence[float], dtype=np.int32) -> np.ndarray:
+  """`[process_count, len(values)]` of `dtype`: every process's values, in process order.
+
+  Floats travel as float32 (JAX's default precision)."""
+  values = np.asarray(values, dtype)
   if jax.process_count() == 1:
     return values[None]
   return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)

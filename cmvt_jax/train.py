@@ -24,7 +24,6 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 from ml_collections import config_dict
 from orbax import checkpoint as ocp
 
@@ -293,8 +292,7 @@ class StopSignal:
     last_step, last_time = self._last_vote
     now = time.perf_counter()
     seconds_per_step = (now - last_time) / max(step - (last_step or step - 1), 1)
-    votes = multihost_utils.process_allgather(np.array([self.received, seconds_per_step]))
-    votes = np.asarray(votes).reshape(jax.process_count(), 2)
+    votes = sharding.gather([self.received, seconds_per_step], np.float32)
     slowest = float(votes[:, 1].max())
     self._next_vote = step + max(1, math.floor(self._vote_seconds / max(slowest, 1e-6)))
     self._last_vote = (step, now)

@@ -1,7 +1,7 @@
 """The multi-host stop vote: how often the processes vote, and that every SIGTERM is heeded.
 
-Two processes are simulated in one: `process_allgather` returns this process's vote for both,
-and a fake clock makes every step take one second.
+Two processes are simulated in one: the gather returns this process's vote for both, and a
+fake clock sets how long each step takes.
 """
 
 import signal
@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pytest
 
+from cmvt_jax import sharding
 from cmvt_jax import train
 
 
@@ -22,7 +23,7 @@ def two_processes(monkeypatch):
     return np.stack([np.asarray(values), np.asarray(values)])
 
   monkeypatch.setattr(train.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(train.multihost_utils, "process_allgather", allgather)
+  monkeypatch.setattr(sharding.multihost_utils, "process_allgather", allgather)
   monkeypatch.setattr(train.time, "perf_counter", lambda: clock["now"])
   return votes, clock
 
