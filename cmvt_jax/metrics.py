@@ -2,7 +2,9 @@
 
 Only process 0 writes (every process may call; the others do nothing). `metrics.jsonl` holds
 one JSON object per line; `step` counts optimiser updates completed. A resumed run first
-drops the lines past its checkpoint, so each step keeps exactly one train line.
+drops the lines past its checkpoint, so each step keeps exactly one train line, and an
+evaluation replaces an earlier line of the same (step, split). A last line that a crash cut
+short is dropped with a warning, never a failure.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorboardX
+from absl import logging
 from etils import epath
 
 from cmvt_jax import files
@@ -40,12 +45,20 @@ class MetricsWriter:
     """Removes lines with `step` beyond the step a resumed run starts from."""
     if not self._is_primary or not self.path.exists():
       return
-    lines = [
-      line
-      for line in self.path.read_text().splitlines()
-      if line.strip() and json.loads(line)["step"] <= step
-    ]
-    files.write_text(self.path, "".join(line + "\n" for line in lines))
+    self._keep(lambda record: record["step"] <= step)
+
+  def drop_evals(self, step: int, splits: Sequence[str]) -> None:
+    """Removes eval lines of `step` for `splits` (an evaluation that runs again replaces
+    them)."""
+    if self._is_primary and self.path.exists():
+      self._keep(lambda record: record["step"] != step or record.get("split") not in splits)
+
+  def _keep(self, keep: Callable[[dict], bool]) -> None:
+    """Rewrites metrics.jsonl (atomically) with the records `keep` accepts, if any is not."""
+    text = self.path.read_text()
+    kept = [record for record in _parse(text, self.path) if keep(record)]
+    if _text(kept) != text:  # also drops a torn last line, so that appends start clean
+      files.write_text(self.path, _text(kept))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self._is_primary:
@@ -70,16 +83,42 @@ class MetricsWriter:
 
 
 def write_evals(writer: MetricsWriter, step: int, results: Mapping[str, Mapping[str, Any]]) -> None:
-  """One metrics line per evaluated split: `{"step", "split", "eval/...": ...}`."""
+  """One metrics line per evaluated split, `{"step", "split", "eval/...": ...}`, replacing
+  any earlier line of the same step and split."""
+  writer.drop_evals(step, list(results))
   for split, values in results.items():
     writer.write(step, {"split": split, **values})
 
 
 def read(workdir: epath.PathLike) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl (none when there is no file)."""
   path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return _parse(path.read_text(), path) if path.exists() else []
+
+
+def _parse(text: str, path: epath.PathLike) -> list[dict]:
+  """The JSON records of a metrics file's `text`. A line that does not parse is what a crash
+  (or a full disk) left of an append: the last one is dropped with a warning naming the file
+  and line; one before the last means the file was damaged otherwise, which is an error."""
+  lines = text.splitlines()
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      if number < len(lines):
+        raise ValueError(
+          f"{path} line {number} is not JSON ({error}); only a last line can be cut short by "
+          "a crash. Remove or repair that line."
+        ) from error
+      logging.warning("Dropping the last line of %s (line %d): cut short by a crash.", path, number)
+  return records
+
+
+def _text(records: Sequence[dict]) -> str:
+  return "".join(json.dumps(record) + "\n" for record in records)
 
 
 def _plain(value):

@@ -1,9 +1,13 @@
 """Retrieval, linear probe, kNN and multi-clip averaging on hand-made embeddings."""
 
+import json
+import logging
+
 import numpy as np
 import pytest
 
 from cmvt_jax import evaluate
+from cmvt_jax import metrics
 
 
 def _unit(*rows):
@@ -77,3 +81,45 @@ def test_source_keys_are_equal_exactly_for_equal_sources():
   assert keys.shape == (4, 2) and keys.dtype == np.int32
   assert (keys[0] == keys[2]).all()
   assert len({tuple(key) for key in keys}) == 3
+
+
+def _lines(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_and_appends_start_clean(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+  with caplog.at_level(logging.WARNING):
+    assert metrics.read(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+  assert f"{path} (line 3)" in caplog.text
+  writer = metrics.MetricsWriter(tmp_path, is_primary=True)
+  writer.drop_after(2)  # what a resumed run does first
+  writer.write(3, {"loss": 1.25})
+  writer.close()
+  assert _lines(path) == [
+    {"step": 1, "loss": 2.0},
+    {"step": 2, "loss": 1.5},
+    {"step": 3, "loss": 1.25},
+  ]
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+    metrics.read(tmp_path)
+
+
+def test_evaluating_a_step_again_replaces_its_eval_lines(tmp_path):
+  writer = metrics.MetricsWriter(tmp_path, is_primary=True)
+  writer.write(10, {"loss": 1.0})
+  metrics.write_evals(
+    writer, 10, {"test": {"eval/a2v_r1": 0.5}, "validation": {"eval/a2v_r1": 0.4}}
+  )
+  metrics.write_evals(writer, 10, {"test": {"eval/a2v_r1": 0.5}})  # e.g. --mode eval again
+  writer.close()
+  assert _lines(tmp_path / "metrics.jsonl") == [
+    {"step": 10, "loss": 1.0},
+    {"step": 10, "split": "validation", "eval/a2v_r1": 0.4},
+    {"step": 10, "split": "test", "eval/a2v_r1": 0.5},
+  ]
