@@ -271,7 +271,8 @@ class StopSignal:
   """
 
   def __init__(self, vote_seconds: float):
-    self.received = False
+    self.received = False  # this process got SIGTERM
+    self._agreed = False  # the processes voted to stop
     self._vote_seconds = vote_seconds
     self._next_vote = None  # the first step seen votes
     self._last_vote = (None, time.perf_counter())
@@ -296,7 +297,14 @@ class StopSignal:
     slowest = float(votes[:, 1].max())
     self._next_vote = step + max(1, math.floor(self._vote_seconds / max(slowest, 1e-6)))
     self._last_vote = (step, now)
-    return bool(votes[:, 0].max())
+    self._agreed = bool(votes[:, 0].max())
+    return self._agreed
+
+  @property
+  def stopped(self) -> bool:
+    """Whether the run stops: one process on its own signal; several only on a vote they all
+    saw (a process that got no SIGTERM stops too, and none goes on alone)."""
+    return self.received if jax.process_count() == 1 else self._agreed
 
   def restore_handler(self) -> None:
     signal.signal(signal.SIGTERM, self._previous)
@@ -333,7 +341,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> run_lib.
     manager.close()
     writer.close()
     stop.restore_handler()
-  if stop.received:
+  if stop.stopped:
     return state
   trained = run_lib.TrainedParams(
     step=int(state.step), params=state.params["model"], stats=start.stats

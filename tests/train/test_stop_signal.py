@@ -43,6 +43,7 @@ def test_processes_vote_every_few_seconds_and_stop_on_a_sigterm(two_processes):
   # Step 1 votes (one second per step since the start), then every 5 steps of one second.
   assert len(votes) == 3
   assert [step for step, stopping in decisions.items() if stopping] == [6, 11]
+  assert stop.stopped
   assert not any(decisions[step] for step in (1, 2, 3, 4, 5, 7, 8, 9, 10))
 
 
