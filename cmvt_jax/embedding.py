@@ -26,7 +26,6 @@ import math
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -196,12 +195,6 @@ class WholeVideoEmbedder:
     batch[0, :frames] = video
     inputs = jax.device_put((batch, np.arange(padded)[None] < frames, audio[None]), self.device)
     return jax.device_get(self._embed(self._params, *inputs))
-
-  def embed_all(self, elements: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """`element` with its `video` and `audio` replaced by their embeddings `[E]`."""
-    for element in elements:
-      out = self.embed(element["video"], element["audio"])
-      yield {**element, "video": out["video"][0], "audio": out["audio"][0]}
 
 
 def padded_frames(frames: int) -> int:
