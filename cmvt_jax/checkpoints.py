@@ -78,16 +78,29 @@ def holds_run(workdir: epath.PathLike) -> bool:
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict) -> None:
-  """Starts an asynchronous save of step `step` (returns once the arrays are copied)."""
-  checkpoints.save(
-    step,
-    force=True,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iterator),
-      meta=ocp.args.JsonSave(meta),
-    ),
-  )
+  """Starts an asynchronous save of step `step` (returns once the arrays are copied).
+
+  Orbax's commit protocol is one opaque write point for the crash tests: "after" is when
+  this returns, with the save still under way in the background.
+  """
+  write = files.LibraryWrite("checkpoint", epath.Path(checkpoints.directory) / str(step))
+  with files.naming_full_disk(checkpoints.directory):
+    checkpoints.save(
+      step,
+      force=True,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta),
+      ),
+    )
+  write.finished()
+
+
+def wait(checkpoints: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous saves under way (their errors surface here)."""
+  with files.naming_full_disk(checkpoints.directory):
+    checkpoints.wait_until_finished()
 
 
 def restore_latest(
@@ -162,7 +175,9 @@ def set_aside(checkpoints: ocp.CheckpointManager, steps) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for step in steps:
       destination = target / f"{step}-{int(time.time())}"
-      files.move(epath.Path(checkpoints.directory) / str(step), destination)
+      files.move(
+        epath.Path(checkpoints.directory) / str(step), destination, kind="checkpoint-set-aside"
+      )
       logging.warning("Moved the unusable checkpoint %d to %s.", step, destination)
   multihost_utils.sync_global_devices("cmvt_jax: damaged checkpoints set aside")
   checkpoints.reload()

@@ -190,13 +190,13 @@ class Evaluator:
     self.run, self.stats = run, stats
     self._embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
 
-  def evaluate(self, model_params) -> dict[str, dict[str, float]]:
-    """{split: {"eval/a2v_r1": ..., ...}} for each split of `config.eval.splits`."""
+  def evaluate(self, model_params, splits=None) -> dict[str, dict[str, float]]:
+    """{split: {"eval/a2v_r1": ..., ...}} for each of `splits` (default `eval.splits`)."""
     config = self.run.config.eval
     num_classes = len(self.run.dataset.label_names)
     train = probe = None
     results = {}
-    for split in config.splits:
+    for split in config.splits if splits is None else splits:
       embedded = embed_split(self.run, self._embedder, model_params, self.stats, split)
       values = {"eval/num_clips": int(len(embedded["label"]))}
       levels = {"eval/": embedded}  # key prefix -> embeddings scored under it
@@ -264,6 +264,7 @@ def evaluate_latest(config: config_dict.ConfigDict, workdir: str) -> dict[str, d
   trained = run.restore_params()
   results = Evaluator(run, trained.stats).evaluate(trained.params)
   writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0)
+  writer.continue_from(trained.step)
   metrics.write_evals(writer, trained.step, results)
   writer.close()
   return results

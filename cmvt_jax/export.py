@@ -27,7 +27,6 @@ without a manifest is an incomplete export, and `load_embeddings` refuses it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -85,6 +84,13 @@ def export_name(export_config) -> str:
 
 def part_name(process_index: int, process_count: int) -> str:
   return f"part-{process_index:05d}-of-{process_count:05d}.npz"
+
+
+def is_current(config: config_dict.ConfigDict, workdir: epath.PathLike, step: int) -> bool:
+  """Whether the workdir holds this config's complete export of checkpoint `step` (a rerun
+  of a finished run skips it then). Call on every process."""
+  folder = epath.Path(workdir) / "embeddings" / export_name(config.export)
+  return run_lib.output_is_current(folder / MANIFEST, config, step, listed="parts")
 
 
 # ----------------------------------------------------------------------------- export
@@ -523,16 +529,16 @@ def _clear(folder: epath.Path) -> None:
   """Process 0 removes a previous export (manifest first); then every process may write."""
   if jax.process_index() == 0:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
+    files.remove(folder / MANIFEST, kind="export-clear")
     for path in folder.glob("part-*"):
-      path.unlink()
+      files.remove(path, kind="export-clear")
   multihost_utils.sync_global_devices("cmvt_jax export: folder cleared")
 
 
 def _write_part(folder: epath.Path, rows: dict[str, np.ndarray]) -> None:
   """This process's part, under a temporary name until it is complete."""
   path = folder / part_name(jax.process_index(), jax.process_count())
-  with files.replacing(path) as temporary, temporary.open("wb") as f:
+  with files.replacing(path, kind="export-part") as temporary, temporary.open("wb") as f:
     np.savez(f, **rows)
 
 
@@ -544,13 +550,12 @@ def _write_manifest(
   label_names: Sequence[str] | None,
 ) -> None:
   export = config.export
-  config_json = config.to_json_best_effort(sort_keys=True)
   manifest = {
     "split": None if export.video_dir else export.split,
     "video_dir": export.video_dir,
     "whole_video": bool(export.whole_video),
     "step": trained.step,
-    "config_sha256": hashlib.sha256(config_json.encode("utf-8")).hexdigest(),
+    "config_sha256": run_lib.config_digest(config),
     "embed_dim": int(config.model.embed_dim),
     "count": int(counts[:, 0].sum()),
     "parts": {
@@ -559,4 +564,4 @@ def _write_manifest(
     "skipped_files": int(counts[:, 1].sum()),
     "label_names": label_names,
   }
-  files.write_json(folder / MANIFEST, manifest)
+  files.write_json(folder / MANIFEST, manifest, kind="export-manifest")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging as logging_lib
 import os
 import sys
+import threading
+import traceback
 
 import jax
 from absl import app
@@ -21,6 +23,7 @@ from cmvt_jax import checkpoints
 from cmvt_jax import config_overrides
 from cmvt_jax import evaluate
 from cmvt_jax import export
+from cmvt_jax import files
 from cmvt_jax import plots
 from cmvt_jax import sharding
 from cmvt_jax import train
@@ -61,6 +64,7 @@ _USER_ERRORS = (
   PermissionError,
   FloatingPointError,
   checkpoints.NoUsableCheckpointError,
+  files.DiskFullError,
 )
 
 
@@ -71,11 +75,51 @@ class _OwnInfoOnly(logging_lib.Filter):
     return record.levelno >= logging_lib.WARNING or "cmvt_jax" in record.pathname
 
 
+class _FullDiskEchoes(logging_lib.Filter):
+  """Drops the libraries' own error reports of a full disk: orbax's background threads log
+  every write that failed, with a traceback, and asyncio logs their tasks' exceptions when
+  they are collected. Main reports the full disk once, with the path and what to do."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    if record.levelno < logging_lib.ERROR or "cmvt_jax" in record.pathname:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not (files.mentions_full_disk(record.getMessage()) or files.full_disk_cause(error))
+
+
+def _quiet_full_disk_echoes() -> None:
+  """Also silences a full disk's echoes that bypass logging: a library thread that dies of
+  it (tensorboardX's writer), a library's exit handler that fails on it, and the callbacks
+  that TensorStore (orbax's array writer) runs from its own threads for the writes that a
+  failed save left pending, into orbax's event loop that is closed by then: each reports
+  `RuntimeError: Event loop is closed` as unraisable, with nothing to act on."""
+  thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+  def on_thread_error(args):
+    if not files.full_disk_cause(args.exc_value):
+      thread_hook(args)
+
+  def on_unraisable(args):
+    frames = traceback.extract_tb(args.exc_traceback)
+    late_callback = (
+      isinstance(args.exc_value, RuntimeError)
+      and str(args.exc_value) == "Event loop is closed"
+      and bool(frames)
+      and frames[0].name == "call_soon_threadsafe"  # called from native code, not ours
+    )
+    if not (late_callback or files.full_disk_cause(args.exc_value)):
+      unraisable_hook(args)
+
+  threading.excepthook, sys.unraisablehook = on_thread_error, on_unraisable
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if flags.FLAGS.verbosity < 1:  # --verbosity=1 shows the libraries' INFO logs too
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    logging.get_absl_handler().addFilter(_FullDiskEchoes())
+    _quiet_full_disk_echoes()
   config = _CONFIG.value
   try:
     sharding.initialize_distributed(

@@ -5,12 +5,18 @@ one JSON object per line; `step` counts optimiser updates completed. A resumed r
 drops the lines past its checkpoint, so each step keeps exactly one train line, and an
 evaluation replaces an earlier line of the same (step, split). A last line that a crash cut
 short is dropped with a warning, never a failure.
+
+TensorBoard shows what metrics.jsonl holds: a writer that continues a workdir from step S
+starts a new event file that tells TensorBoard to hide every earlier event at steps >= S
+(tensorboardX's `purge_step`), and first writes metrics.jsonl's records from step S again;
+so no step appears twice, whatever a crash left in the older event files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -33,12 +39,25 @@ class MetricsWriter:
     self._tensorboard_dir = epath.Path(workdir) / "tensorboard"
     self._is_primary = is_primary
     self._writer = None
+    self._continues_from = 0  # the first step this writer's events may show
+
+  def continue_from(self, step: int) -> None:
+    """This writer's events start at `step` (see the module docstring); a new run's at 0."""
+    self._continues_from = int(step)
 
   @property
   def _tensorboard(self):
     """The event-file writer, created with the first scalar (a refused run writes nothing)."""
     if self._writer is None:
-      self._writer = tensorboardX.SummaryWriter(str(self._tensorboard_dir))
+      self._writer = tensorboardX.SummaryWriter(
+        str(self._tensorboard_dir),
+        purge_step=self._continues_from,
+        # Two runs in one second would otherwise open the same file name and truncate it.
+        filename_suffix=f".{os.getpid()}",
+      )
+      for record in read(self.path.parent):
+        if record["step"] >= self._continues_from:
+          self._add_scalars(record)
     return self._writer
 
   def drop_after(self, step: int) -> None:
@@ -58,18 +77,24 @@ class MetricsWriter:
     text = self.path.read_text()
     kept = [record for record in _parse(text, self.path) if keep(record)]
     if _text(kept) != text:  # also drops a torn last line, so that appends start clean
-      files.write_text(self.path, _text(kept))
+      files.write_text(self.path, _text(kept), kind="metrics-rewrite")
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self._is_primary:
       return
     record = {"step": int(step)}
     record.update({key: _plain(value) for key, value in values.items()})
-    files.append_line(self.path, json.dumps(record))
+    tensorboard = self._tensorboard  # before the append: it writes earlier records again
+    files.append_line(self.path, json.dumps(record), kind="metrics-append")
+    self._add_scalars(record)
+    with files.LibraryWrite("tensorboard", self._tensorboard_dir):
+      with files.naming_full_disk(self._tensorboard_dir):
+        tensorboard.flush()
+
+  def _add_scalars(self, record: Mapping[str, Any]) -> None:
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        self._tensorboard.add_scalar(key, value, step)
-    self._tensorboard.flush()
+        self._writer.add_scalar(key, value, record["step"])
 
   def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
     """TensorBoard only (e.g. input-pipeline timing, which metrics.jsonl leaves out)."""
@@ -77,9 +102,16 @@ class MetricsWriter:
       for key, value in values.items():
         self._tensorboard.add_scalar(key, float(value), step)
 
+  def sync(self) -> None:
+    """Forces metrics.jsonl to disk: a checkpoint must never outlive the lines before it."""
+    if self._is_primary:
+      files.sync(self.path)
+
   def close(self) -> None:
     if self._writer is not None:
-      self._writer.close()
+      writer, self._writer = self._writer, None
+      with files.naming_full_disk(self._tensorboard_dir):
+        writer.close()
 
 
 def write_evals(writer: MetricsWriter, step: int, results: Mapping[str, Mapping[str, Any]]) -> None:
@@ -88,6 +120,13 @@ def write_evals(writer: MetricsWriter, step: int, results: Mapping[str, Mapping[
   writer.drop_evals(step, list(results))
   for split, values in results.items():
     writer.write(step, {"split": split, **values})
+
+
+def evaluated_splits(workdir: epath.PathLike, step: int) -> set[str]:
+  """The splits metrics.jsonl holds an eval line of `step` for."""
+  return {
+    record["split"] for record in read(workdir) if record["step"] == step and "split" in record
+  }
 
 
 def read(workdir: epath.PathLike) -> list[dict]:

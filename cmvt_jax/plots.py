@@ -14,6 +14,8 @@
                          and column) over a long sequence, and per head the attention
                          weights of one eval clip, computed densely from the layer's inputs
 
+`manifest.json`, written after the figures, names the checkpoint step and config they show.
+
 Figures are drawn on `matplotlib.figure.Figure` objects (the Agg canvas; no pyplot, no
 display) at fixed sizes: `FIGURE_SIZES` inches at `DPI`. Every process must call
 `make_plots` (embedding runs collectives on the mesh); only process 0 writes.
@@ -47,6 +49,8 @@ from cmvt_jax.models import cmvt
 from cmvt_jax.models import longformer
 
 DPI = 100
+# Written last into WORKDIR/plots/ (checkpoint step, config digest, figure files).
+MANIFEST = "manifest.json"
 FIGURE_SIZES = {  # inches (width, height)
   "training_curves": (15, 4),
   "similarity_matrix": (7, 6),
@@ -102,11 +106,24 @@ def make_plots(
   written = []
   for name, draw in figures.items():
     path = folder / f"{name}.png"
-    with files.replacing(path) as temporary, temporary.open("wb") as f:
+    with files.replacing(path, kind="plot") as temporary, temporary.open("wb") as f:
       draw().savefig(f, format="png", dpi=DPI)
     written.append(path)
+  manifest = {
+    "step": trained.step,
+    "config_sha256": run_lib.config_digest(config),
+    "figures": [path.name for path in written],
+  }
+  files.write_json(folder / MANIFEST, manifest, kind="plots-manifest")
   logging.info("Wrote %d figures to %s.", len(written), folder)
   return written
+
+
+def is_current(config: config_dict.ConfigDict, workdir: epath.PathLike, step: int) -> bool:
+  """Whether WORKDIR/plots holds this config's figures of checkpoint `step` (a rerun of a
+  finished run skips them then). Call on every process."""
+  manifest = epath.Path(workdir) / "plots" / MANIFEST
+  return run_lib.output_is_current(manifest, config, step, listed="figures")
 
 
 def _figure(name: str) -> figure.Figure:

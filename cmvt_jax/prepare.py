@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 
+from cmvt_jax import files
 from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import parts
 from cmvt_jax.data import spectrogram
@@ -104,7 +105,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   try:
     _run()
-  except (ValueError, FileNotFoundError) as error:
+  except (ValueError, FileNotFoundError, files.DiskFullError) as error:
     # The message names the problem and what to do; a traceback would only bury it.
     sys.stderr.write(f"prepare: {type(error).__name__}: {error}\n")
     sys.exit(1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from typing import Any
 
@@ -40,6 +41,34 @@ _MODEL_SECTIONS = ("model.", "input.")
 
 class ConfigMismatchError(ValueError):
   """The workdir's checkpoint was written by a model of another shape."""
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def config_digest(config: config_dict.ConfigDict) -> str:
+  """SHA-256 of the resolved config: which config an output folder was written with."""
+  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def output_is_current(
+  manifest_path: epath.Path, config: config_dict.ConfigDict, step: int, listed: str
+) -> bool:
+  """Whether an output folder's manifest (written last, by process 0) says that the folder
+  holds this config's outputs of checkpoint `step`, with every file its `listed` entry
+  names present. Process 0 decides; every process gets its answer (call on all)."""
+  current = False
+  if jax.process_index() == 0 and manifest_path.exists():
+    try:
+      manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+      manifest = {}
+    current = (
+      manifest.get("step") == step
+      and manifest.get("config_sha256") == config_digest(config)
+      and all((manifest_path.parent / name).exists() for name in manifest.get(listed, ()))
+    )
+  return bool(sharding.from_process_zero([current])[0])
 
 
 # ----------------------------------------------------------------------------- train state

@@ -179,6 +179,15 @@ def any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def from_process_zero(values: Sequence[int]) -> np.ndarray:
+  """Process 0's int `values` on every process: for decisions read from files that only
+  process 0 is sure to see."""
+  values = np.asarray(values, np.int32)
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.broadcast_one_to_all(values))
+
+
 def gather(values: Sequence[float], dtype=np.int32) -> np.ndarray:
   """`[process_count, len(values)]` of `dtype`: every process's values, in process order.
 
@@ -196,13 +205,13 @@ def folder_is_shared(folder: epath.PathLike) -> bool:
   probe = folder / f".cmvt_shared_probe_{token}"
   if jax.process_index() == 0:
     folder.mkdir(parents=True, exist_ok=True)
-    files.write_text(probe, str(token))
+    files.write_text(probe, str(token), kind="shared-probe")
   multihost_utils.sync_global_devices("cmvt_jax: shared-folder probe written")
   sees = probe.exists() and probe.read_text() == str(token)
   every = not any_process(not sees)
   multihost_utils.sync_global_devices("cmvt_jax: shared-folder probe read")
   if jax.process_index() == 0:
-    probe.unlink()
+    files.remove(probe, kind="shared-probe-remove")
   return every
 
 

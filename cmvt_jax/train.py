@@ -69,7 +69,10 @@ def write_config_json(workdir: epath.Path, config: config_dict.ConfigDict) -> No
     "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
     "processes": jax.process_count(),
   }
-  files.write_json(workdir / "config.json", record)
+  path = workdir / "config.json"
+  text = json.dumps(record, indent=2) + "\n"
+  if not path.exists() or path.read_text() != text:  # a rerun of the same run writes nothing
+    files.write_text(path, text, kind="config.json")
 
 
 def _version(package: str) -> str | None:
@@ -314,7 +317,11 @@ class StopSignal:
 
 
 def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> run_lib.TrainState:
-  """`--mode train`: trains to `config.total_steps` (resuming), evaluates, exports, plots."""
+  """`--mode train`: trains to `config.total_steps` (resuming), evaluates, exports, plots.
+
+  Run again on a finished workdir, it does only the end stages that are missing (an
+  evaluation, export or plots that a crash or a stop interrupted).
+  """
   workdir = epath.Path(workdir)
   _check_config(config)
   check_workdir_writable(workdir)
@@ -322,6 +329,8 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> run_lib.
   # Opening the dataset (making it, when synthetic) is the last check before any write.
   logging.info("Dataset %s: %s clips.", run.dataset.directory, run.dataset.num_examples)
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    _remove_temporaries(workdir)
   holds_run = checkpoints.holds_run(workdir)
 
   manager = checkpoints.manager(workdir, max_to_keep=config.checkpoint.keep)
@@ -337,20 +346,38 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> run_lib.
   finally:
     if start is not None:
       start.data_iterator.close()  # stops grain's worker processes
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    stop.restore_handler()
+    try:
+      checkpoints.wait(manager)
+    finally:
+      manager.close()
+      writer.close()
+      stop.restore_handler()
   if stop.stopped:
     return state
   trained = run_lib.TrainedParams(
     step=int(state.step), params=state.params["model"], stats=start.stats
   )
   if config.export.at_end:
-    export.export_embeddings(config, str(workdir), run=run, trained=trained)
+    if export.is_current(config, workdir, trained.step):
+      logging.info("The export of step %d is complete already.", trained.step)
+    else:
+      export.export_embeddings(config, str(workdir), run=run, trained=trained)
   if config.plots.at_end:
-    plots.make_plots(config, str(workdir), run=run, trained=trained)
+    if plots.is_current(config, workdir, trained.step):
+      logging.info("The plots of step %d are complete already.", trained.step)
+    else:
+      plots.make_plots(config, str(workdir), run=run, trained=trained)
   return state
+
+
+def _remove_temporaries(workdir: epath.Path) -> None:
+  """Removes what writes interrupted by a crash left in the workdir's own folders."""
+  folders = [workdir, workdir / "plots"]
+  if (workdir / "embeddings").is_dir():
+    folders += [path for path in (workdir / "embeddings").iterdir() if path.is_dir()]
+  for folder in folders:
+    for path in files.remove_temporaries(folder):
+      logging.info("Removed %s, left by an interrupted write.", path)
 
 
 @dataclasses.dataclass
@@ -366,7 +393,10 @@ class _Start:
 def _start_or_resume(
   run: run_lib.Run, manager: ocp.CheckpointManager, holds_run: bool, writer: metrics.MetricsWriter
 ) -> _Start:
-  """The run's starting point — restored from the newest usable checkpoint when possible."""
+  """The run's starting point — restored from the newest usable checkpoint when possible.
+
+  The data iterator (and its worker processes) is made last, once nothing else can fail.
+  """
   config = run.config
   host_batch = config.batch_size // jax.process_count()
 
@@ -386,6 +416,7 @@ def _start_or_resume(
     stats = run.stats()
     logging.info("Starting a new run in %s.", run.workdir)
     writer.drop_after(0)
+    writer.continue_from(0)
     return _Start(run.init_state(), train_iterator(stats), stats, 0)
 
   try:
@@ -402,17 +433,23 @@ def _start_or_resume(
     return _start_or_resume(run, manager, False, writer)
   # The model's own statistics, whatever the dataset says now (it may have been re-prepared).
   stats = normalization.NormalizationStats.from_dict(restored.meta["stats"])
-  data_iterator = train_iterator(stats)
-  if not checkpoints.restore_data(manager, restored.step, data_iterator):
-    logging.warning(
-      "The data position was rebuilt from step %d × global batch %d (the saved iterator "
-      "state is for another process count, or missing).",
-      restored.step,
-      config.batch_size,
-    )
-    data_iterator = train_iterator(stats, start_step=restored.step)
-  logging.info("Resuming from the checkpoint at step %d in %s.", restored.step, run.workdir)
   writer.drop_after(restored.step)
+  writer.continue_from(restored.step)
+  data_iterator = train_iterator(stats)
+  try:
+    if not checkpoints.restore_data(manager, restored.step, data_iterator):
+      logging.warning(
+        "The data position was rebuilt from step %d × global batch %d (the saved iterator "
+        "state is for another process count, or missing).",
+        restored.step,
+        config.batch_size,
+      )
+      data_iterator.close()
+      data_iterator = train_iterator(stats, start_step=restored.step)
+  except BaseException:
+    data_iterator.close()
+    raise
+  logging.info("Resuming from the checkpoint at step %d in %s.", restored.step, run.workdir)
   return _Start(restored.state, data_iterator, stats, restored.step)
 
 
@@ -446,6 +483,8 @@ class _TrainLoop:
   def train(self) -> run_lib.TrainState:
     """Runs the loop; returns the final state (or the state it stopped at for SIGTERM)."""
     config = self.config
+    if 0 < self.step < self.total and _every(config.eval_every_steps, self.step):
+      self._evaluate(only_missing=True)  # a crash may have cut the evaluation after the save
     while self.step < self.total:
       self._step()
       step = self.step
@@ -460,7 +499,7 @@ class _TrainLoop:
         if stopping and self.saved_step != step:
           self._save()
       if stopping:
-        self.manager.wait_until_finished()
+        checkpoints.wait(self.manager)
         logging.warning(
           "Stopped at step %d for SIGTERM; the checkpoint is saved. Run the same "
           "command again to continue.",
@@ -468,13 +507,14 @@ class _TrainLoop:
         )
         return self.state
     self._report_pending()
-    self.manager.wait_until_finished()
-    logging.info(
-      "Training done at step %d; input wait %.1f%% of training time.",
-      self.step,
-      100 * self.data_seconds / max(self.progress.training_seconds(), 1e-9),
-    )
-    self._evaluate()
+    checkpoints.wait(self.manager)
+    if self.step > self.first_step:
+      logging.info(
+        "Training done at step %d; input wait %.1f%% of training time.",
+        self.step,
+        100 * self.data_seconds / max(self.progress.training_seconds(), 1e-9),
+      )
+    self._evaluate(only_missing=True)
     return self.state
 
   def _step(self) -> None:
@@ -522,13 +562,25 @@ class _TrainLoop:
       "stats": self.stats.to_dict(),
       "step": self.step,
     }
+    self.writer.sync()  # the checkpoint must not outlive the metrics lines it resumes after
     checkpoints.save(self.manager, self.step, self.state, self.data_iterator, meta)
     self.saved_step = self.step
 
-  def _evaluate(self) -> None:
+  def _evaluate(self, *, only_missing: bool = False) -> None:
+    """Evaluates the current parameters on `eval.splits` (`only_missing`: those splits that
+    metrics.jsonl has no line of this step for, as process 0 reads it)."""
     self._report_pending()
+    splits = list(self.config.eval.splits)
+    if only_missing:
+      is_primary = jax.process_index() == 0
+      done = metrics.evaluated_splits(self.run.workdir, self.step) if is_primary else set()
+      missing = sharding.from_process_zero([split not in done for split in splits])
+      splits = [split for split, is_missing in zip(splits, missing) if is_missing]
+      if not splits:
+        logging.info("The evaluation at step %d is in metrics.jsonl already.", self.step)
+        return
     self.progress.pause()
-    results = self.evaluator.evaluate(self.state.params["model"])
+    results = self.evaluator.evaluate(self.state.params["model"], splits)
     metrics.write_evals(self.writer, self.step, results)
     self.progress.resume()
 

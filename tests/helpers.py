@@ -212,3 +212,9 @@ def metrics_without_timing(workdir) -> list[dict]:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
+
+
+def logged(stderr: str, levels: str = "WEF") -> list[str]:
+  """The absl log records of `levels` in a program's stderr (each starts with its level
+  letter and the date, e.g. `E1202 19:18:46.06 ... main.py:125] ...`)."""
+  return [line for line in stderr.splitlines() if line[:1] in levels and line[1:5].isdigit()]

@@ -50,6 +50,8 @@ from cmvt_jax.data import spectrogram
 from cmvt_jax.data import video_io
 
 VERSION = "1.0.0"
+# Written last, by TFDS or by the merge of parts: a dataset folder is complete when it exists.
+INFO_FILE = "dataset_info.json"
 SPLITS = ("train", "validation", "test")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 # Keys of the dataset's metadata.json.
@@ -237,7 +239,10 @@ def _decode_file(
       outcome.stats.add(clip_frames, waveform)
   spill_name = hashlib.sha256(os.fsencode(file.path)).hexdigest()
   outcome.spill_path = os.path.join(spill_dir, f"{spill_name}.npz")
-  with files.replacing(outcome.spill_path) as temporary, temporary.open("wb") as f:
+  with (
+    files.replacing(outcome.spill_path, kind="prepare-spill", durable=False) as temporary,
+    temporary.open("wb") as f,
+  ):
     np.savez(
       f,
       frames=frames,
@@ -402,7 +407,7 @@ def dataset_dir(data_dir: epath.PathLike, name: str) -> epath.Path:
 
 def is_prepared(directory: epath.PathLike) -> bool:
   """Whether `directory` holds a complete dataset (TFDS renames it into place when done)."""
-  return (epath.Path(directory) / "dataset_info.json").exists()
+  return (epath.Path(directory) / INFO_FILE).exists()
 
 
 def decode_all(
@@ -562,8 +567,10 @@ def write_dataset(
   )
   if not progress:
     tfds.disable_progress_bar()
-  builder.download_and_prepare(
-    download_dir=os.path.join(scratch_dir, "downloads"),
-    file_format="array_record",
-    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-  )
+  # TFDS writes into a temporary folder and renames it into place when every shard is done.
+  with files.LibraryWrite("dataset", dataset_dir(data_dir, name)):
+    builder.download_and_prepare(
+      download_dir=os.path.join(scratch_dir, "downloads"),
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )

@@ -120,7 +120,7 @@ def prepare_part(
     f"{len(video_files)} video files."
   )
   if part.exists():  # an earlier, interrupted attempt
-    part.rmtree()
+    files.remove(part, kind="part-clear")
   part.mkdir(parents=True)
   with tempfile.TemporaryDirectory(prefix="cmvt_prepare_part_") as scratch:
     outcomes = dataset_writer.decode_all(
@@ -153,7 +153,7 @@ def prepare_part(
     "mel": dataclasses.asdict(mel),
     "outcomes": [_outcome_record(index, outcome) for index, outcome in zip(indices, outcomes)],
   }
-  files.write_json(part / OUTCOMES_FILE, record, indent=None)
+  files.write_json(part / OUTCOMES_FILE, record, kind="part-outcomes", indent=None)
   clips = sum(outcome.num_clips for outcome in outcomes)
   log(f"Worker {worker_index} of {num_workers} wrote {clips} clips to {part}.")
   return part
@@ -170,6 +170,9 @@ def merge_parts(
   """
   target = dataset_writer.dataset_dir(data_dir, name)
   if dataset_writer.is_prepared(target):
+    if parts_dir(data_dir, name).exists():  # an interrupted merge left them
+      files.remove(parts_dir(data_dir, name), kind="merge-clean")
+      log(f"Removed the parts that an interrupted merge left in {parts_dir(data_dir, name)}.")
     log(f"Dataset {name} is already prepared at {target}; nothing to do.")
     return target
   parts = [part_dir(data_dir, name, i, num_workers) for i in range(num_workers)]
@@ -191,7 +194,7 @@ def merge_parts(
       f"No usable clip in any part under {parts_dir(data_dir, name)}:\n{summary.format()}"
     )
   metadata = dataset_writer.dataset_metadata(summary, outcomes, storage, mel)
-  written = [part for part in parts if (part / "dataset_info.json").exists()]
+  written = [part for part in parts if (part / dataset_writer.INFO_FILE).exists()]
   infos = [tfds.builder_from_directory(os.fspath(part)).info for part in written]
   target.mkdir(parents=True, exist_ok=True)
   split_infos = [
@@ -203,8 +206,8 @@ def merge_parts(
   info.set_splits(tfds.core.SplitDict(split_infos))
   info.metadata.clear()
   info.metadata.update(metadata)
-  info.write_to_directory(target)  # dataset_info.json last: now the dataset is complete
-  parts_dir(data_dir, name).rmtree()
+  _write_info(info, target)
+  files.remove(parts_dir(data_dir, name), kind="merge-clean")
   log(f"Merged {num_workers} parts into dataset {name} at {target}\n{summary.format()}")
   return target
 
@@ -258,7 +261,7 @@ def _move_split_shards(split: str, parts: Sequence[epath.Path], infos, target: e
   ]
   for source, destination in zip(sources, destinations):
     if source.exists():
-      files.move(source, destination)
+      files.move(source, destination, kind="merge-move")
     elif not destination.exists():
       raise FileNotFoundError(
         f"Shard {source} is missing (and not yet moved to "
@@ -272,11 +275,22 @@ def _move_split_shards(split: str, parts: Sequence[epath.Path], infos, target: e
   )
 
 
+def _write_info(info, target: epath.Path) -> None:
+  """Writes the merged dataset's info files into `target`, each atomically, dataset_info.json
+  last: then the dataset reads as complete. (TFDS writes them in place, so a crash in the
+  middle of its write would leave a torn dataset_info.json that reads as complete.)"""
+  with tempfile.TemporaryDirectory(prefix="cmvt_merge_info_") as scratch:
+    info.write_to_directory(scratch)
+    names = sorted(os.listdir(scratch), key=lambda name: name == dataset_writer.INFO_FILE)
+    for name in names:
+      files.copy(os.path.join(scratch, name), target / name, kind="merge-info")
+
+
 def _copy_folder(source: epath.Path, destination: epath.Path) -> None:
   """Copies a flat local folder's files to `destination` (any epath; streamed)."""
   destination.mkdir(parents=True, exist_ok=True)
   for path in source.iterdir():
-    files.copy(path, destination / path.name)
+    files.copy(path, destination / path.name, kind="part-copy")
 
 
 def _outcome_record(index: int, outcome: dataset_writer.FileOutcome) -> dict[str, Any]:

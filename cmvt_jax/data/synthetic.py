@@ -271,7 +271,10 @@ def write_mp4(
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   # The mp4 muxer seeks back to finish the file, so it writes to a local path, not a stream.
-  with files.replacing(path) as temporary, av.open(os.fspath(temporary), "w", "mp4") as container:
+  with (
+    files.replacing(path, kind="synthetic-video", durable=False) as temporary,
+    av.open(os.fspath(temporary), "w", "mp4") as container,
+  ):
     video = container.add_stream("libx264", rate=fps)
     video.height, video.width = frames.shape[1:3]
     video.pix_fmt = "yuv420p"
@@ -349,7 +352,7 @@ def generate(
     "classes": [kind.name for kind in CLASSES],
     "files": entries,
   }
-  files.write_json(output_dir / "manifest.json", manifest, indent=None)
+  files.write_json(output_dir / "manifest.json", manifest, kind="synthetic-manifest", indent=None)
   return manifest
 
 

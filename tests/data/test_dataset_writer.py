@@ -14,6 +14,7 @@ from cmvt_jax import prepare as prepare_cli
 from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import datasets
 from configs import default
+from tests import helpers
 from tests.data import media
 
 
@@ -267,23 +268,24 @@ def test_prepare_defaults_match_the_default_config():
 
 
 @pytest.mark.slow
-def test_command_line(tiny_video_dir, tmp_path):
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "cmvt_jax.prepare",
-      f"--video_dir={tiny_video_dir}",
-      f"--data_dir={tmp_path}",
-      "--name=cli",
-      "--num_workers=2",
-    ],
-    capture_output=True,
-    text=True,
-    check=False,
-    timeout=300,
-  )
+def test_command_line_twice(tiny_video_dir, tmp_path):
+  command = [
+    sys.executable,
+    "-m",
+    "cmvt_jax.prepare",
+    f"--video_dir={tiny_video_dir}",
+    f"--data_dir={tmp_path}",
+    "--name=cli",
+    "--num_workers=2",
+  ]
+  result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
   assert result.returncode == 0, result.stderr
   assert "clips written to train: 4" in result.stdout
   assert "Video files found: 6 = 6 used + 0 skipped" in result.stdout
   assert dataset_writer.is_prepared(dataset_writer.dataset_dir(tmp_path, "cli"))
+
+  before = helpers.file_digests(tmp_path)
+  again = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+  assert again.returncode == 0, again.stderr
+  assert "already prepared" in again.stdout
+  assert helpers.file_digests(tmp_path) == before  # kept as it was

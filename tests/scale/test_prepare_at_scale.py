@@ -70,6 +70,11 @@ def test_two_workers_and_a_merge_equal_one_machine(video_dir, tmp_path):
   merge = prepare_cli(*common[1:], "--merge")
   assert merge.returncode == 0, merge.stderr
   assert "Merged 2 parts into dataset clips" in merge.stdout
+  before = helpers.file_digests(tmp_path / "two")
+  again = prepare_cli(*common[1:], "--merge")  # a second merge keeps the dataset as it is
+  assert again.returncode == 0, again.stderr
+  assert "already prepared" in again.stdout
+  assert helpers.file_digests(tmp_path / "two") == before
 
   two = datasets.open_prepared(dataset_writer.dataset_dir(tmp_path / "two", "clips"))
   assert not parts.parts_dir(tmp_path / "two", "clips").exists()

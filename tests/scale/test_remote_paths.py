@@ -8,13 +8,17 @@ the dataset through a Cloud Storage FUSE mount, see docs/scaling.md).
 """
 
 import importlib
+import io
+import warnings
 
 import numpy as np
 import pytest
 from etils import epath
 from etils.epath import backend
+from fsspec.implementations.memory import MemoryFile
 from fsspec.implementations.memory import MemoryFileSystem
 
+from cmvt_jax import files
 from cmvt_jax import metrics
 from cmvt_jax import train
 from cmvt_jax.data import dataset_writer
@@ -25,8 +29,27 @@ from configs import micro
 from tests.data import media
 
 
+class Upload(io.BytesIO):
+  """An object upload as gcsfs makes one: the object appears, whole, when the file is
+  closed (the upload finalised), and `discard()` abandons it."""
+
+  def __init__(self, fs, path):
+    super().__init__()
+    self.fs, self.path, self.discarded = fs, path, False
+
+  def discard(self):
+    self.discarded = True
+
+  def close(self):
+    if not self.closed and not self.discarded:
+      self.fs.store[self.path] = MemoryFile(self.fs, self.path, self.getvalue())
+    super().close()
+
+
 class InMemoryGcs(MemoryFileSystem):
-  """gs://BUCKET/PATH kept in memory, with its own store."""
+  """gs://BUCKET/PATH kept in memory, with its own store, writing like gcsfs: objects
+  appear when their upload is closed; append mode is not supported and, as gcsfs does,
+  becomes overwrite with a warning."""
 
   protocol = ("gs", "gcs")
   store = {}
@@ -39,6 +62,15 @@ class InMemoryGcs(MemoryFileSystem):
       if path.startswith(prefix):
         path = path[len(prefix) :]
     return super()._strip_protocol(path)
+
+  def _open(self, path, mode="rb", **kwargs):
+    if "r" in mode:
+      return super()._open(path, mode, **kwargs)
+    if "a" in mode:
+      warnings.warn(
+        "Append mode 'a' is not supported in GCS. Using overwrite mode instead.", stacklevel=2
+      )
+    return Upload(self, self._strip_protocol(path))
 
 
 @pytest.fixture
@@ -109,7 +141,8 @@ def test_run_files_go_to_a_gs_workdir(gcs, monkeypatch):
   written = []
 
   class EventWriter:  # tensorboardX writes gs:// with its own client, not through epath
-    def __init__(self, logdir):
+    def __init__(self, logdir, **options):
+      del options
       written.append(logdir)
 
     def add_scalar(self, *args):
@@ -135,3 +168,43 @@ def test_run_files_go_to_a_gs_workdir(gcs, monkeypatch):
   assert '"processes": 1' in (workdir / "config.json").read_text()
   assert written == ["gs://runs/cmvt-1/tensorboard"]
   assert sorted(path.name for path in workdir.iterdir()) == ["config.json", "metrics.jsonl"]
+
+
+def test_whole_files_on_gs_appear_complete_or_not_at_all(gcs):
+  del gcs
+  path = epath.Path("gs://runs/cmvt-1/config.json")
+  files.write_json(path, {"run": 1}, kind="config.json")
+  files.write_json(path, {"run": 2}, kind="config.json")  # replaced, as locally
+  assert path.read_text() == '{\n  "run": 2\n}\n'
+  with pytest.raises(RuntimeError, match="drawing failed"):
+    with files.replacing(epath.Path("gs://runs/cmvt-1/plots/a.png"), kind="plot") as temporary:
+      temporary.write_bytes(b"half a figure")
+      raise RuntimeError("drawing failed")
+  assert sorted(InMemoryGcs.store) == ["/runs/cmvt-1/config.json"]  # no object, no temporary
+
+
+def test_an_upload_that_fails_midway_leaves_the_old_object(gcs, monkeypatch):
+  del gcs
+  path = epath.Path("gs://runs/cmvt-1/embeddings/test/part-00000-of-00001.npz")
+  files.write_bytes(path, b"old part", kind="export-part")
+
+  def write(self, data):
+    raise OSError("connection reset")  # the network fails during the upload
+
+  with monkeypatch.context() as patched, pytest.raises(OSError, match="connection reset"):
+    patched.setattr(Upload, "write", write)
+    files.write_bytes(path, b"new part", kind="export-part")
+  assert path.read_bytes() == b"old part"
+  assert len(InMemoryGcs.store) == 1
+
+
+def test_appended_lines_on_gs_are_all_kept(gcs):
+  """gcsfs has no append (it overwrites, with a warning): every metrics line but the last
+  would be lost. append_line rewrites the object with the new line instead."""
+  del gcs
+  path = epath.Path("gs://runs/cmvt-1/metrics.jsonl")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # append mode is never asked of the object store
+    for step in (1, 2, 3):
+      files.append_line(path, f'{{"step": {step}}}', kind="metrics-append")
+  assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
