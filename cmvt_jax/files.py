@@ -34,7 +34,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -115,7 +114,7 @@ class _WritePoint:
     self.kind, self.ordinal, self.path = kind, _ordinals[kind], os.fspath(path)
     log = os.environ.get(WRITE_LOG_ENV)
     if log:
-      with open(log, "a", encoding="utf-8") as f:
+      with epath.Path(log).open("a") as f:
         f.write(f"{os.getpid()}\t{kind}\t{self.ordinal}\t{','.join(phases)}\t{self.path}\n")
 
   def reach(self, phase: str, tear: Callable[[], None] | None = None) -> None:
@@ -172,9 +171,14 @@ def _fsync(path: epath.PathLike, *, directory: bool = False) -> None:
     os.close(descriptor)
 
 
-def _tear(path: epath.PathLike) -> Callable[[], None]:
-  """Cuts a local file to half its length (what a kill mid-write leaves)."""
-  return lambda: os.truncate(path, os.path.getsize(path) // 2)
+def _tear(path: epath.Path) -> Callable[[], None]:
+  """Cuts a file to half its length (what a kill mid-write leaves)."""
+
+  def tear():
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+  return tear
 
 
 @contextlib.contextmanager
@@ -199,7 +203,7 @@ def replacing(path: epath.PathLike, *, kind: str, durable: bool = True) -> Itera
       except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-      os.replace(temporary, path)
+      temporary.replace(path)
       if durable:
         _fsync(path.parent, directory=True)
     else:
@@ -323,19 +327,24 @@ def remove(path: epath.PathLike, *, kind: str) -> None:
     return
   point = _WritePoint(kind, path, WHOLE_FILE)
   point.reach(BEFORE)
-  if _is_local(path):
-    point.reach(MIDDLE, lambda: _remove_some(path))
-    shutil.rmtree(path)
-  else:
-    path.rmtree()
+  point.reach(MIDDLE, lambda: _remove_some(path))
+  path.rmtree()
   point.reach(AFTER)
 
 
 def _remove_some(folder: epath.Path) -> None:
-  """Removes about half the files under a local folder."""
-  found = sorted(os.path.join(top, name) for top, _, names in os.walk(folder) for name in names)
+  """Removes about half the files under a folder (what a kill mid-removal leaves)."""
+  found = sorted(_files_under(folder))
   for path in found[: (len(found) + 1) // 2]:
-    os.unlink(path)
+    path.unlink()
+
+
+def _files_under(folder: epath.Path) -> Iterator[epath.Path]:
+  for path in folder.iterdir():
+    if path.is_dir():
+      yield from _files_under(path)
+    else:
+      yield path
 
 
 def remove_temporaries(folder: epath.PathLike) -> list[epath.Path]:

@@ -8,8 +8,9 @@ short is dropped with a warning, never a failure.
 
 TensorBoard shows what metrics.jsonl holds: a writer that continues a workdir from step S
 starts a new event file that tells TensorBoard to hide every earlier event at steps >= S
-(tensorboardX's `purge_step`), and first writes metrics.jsonl's records from step S again;
-so no step appears twice, whatever a crash left in the older event files.
+(a `SessionLog.START` at S, as tensorboardX's `purge_step` writes), and first writes
+metrics.jsonl's records from step S again; so no step appears twice, whatever a crash left
+in the older event files.
 """
 
 from __future__ import annotations
@@ -24,21 +25,61 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorboardX
 from absl import logging
 from etils import epath
+from tensorboardX import event_file_writer
+from tensorboardX import record_writer
+from tensorboardX.proto import event_pb2
+from tensorboardX.proto import summary_pb2
 
 from cmvt_jax import files
 
 
+class EventFile:
+  """One TensorBoard event file, written synchronously: a `flush()` that returns has
+  handed every event to the operating system. (tensorboardX's SummaryWriter queues events
+  for a thread and its flush does not wait for the queue, so a kill could lose events that
+  metrics.jsonl already holds.)"""
+
+  def __init__(self, folder: epath.PathLike, *, purge_step: int):
+    record_writer.directory_check(os.fspath(folder))
+    # The process id keeps two runs in one second from truncating the same file name.
+    self._events = event_file_writer.EventsWriter(
+      os.fspath(epath.Path(folder) / "events"), filename_suffix=f".{os.getpid()}"
+    )
+    # TensorBoard hides every event of earlier files at steps >= purge_step.
+    start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+    self._events.write_event(
+      event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=start)
+    )
+
+  def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
+    summary = summary_pb2.Summary(
+      value=[
+        summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()
+      ]
+    )
+    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def flush(self) -> None:
+    self._events.flush()
+
+  def close(self) -> None:
+    self._events.close()
+
+
 class MetricsWriter:
-  """Appends metric lines to WORKDIR/metrics.jsonl and TensorBoard (tensorboardX)."""
+  """Writes metric lines to WORKDIR/metrics.jsonl and TensorBoard.
+
+  TensorBoard first: it then never lacks a line of metrics.jsonl; an event whose line a
+  kill prevented is hidden by the next writer's purge, which writes the line's step again.
+  """
 
   def __init__(self, workdir: epath.PathLike, *, is_primary: bool):
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self._tensorboard_dir = epath.Path(workdir) / "tensorboard"
     self._is_primary = is_primary
-    self._writer = None
+    self._events = None
     self._continues_from = 0  # the first step this writer's events may show
 
   def continue_from(self, step: int) -> None:
@@ -46,19 +87,15 @@ class MetricsWriter:
     self._continues_from = int(step)
 
   @property
-  def _tensorboard(self):
-    """The event-file writer, created with the first scalar (a refused run writes nothing)."""
-    if self._writer is None:
-      self._writer = tensorboardX.SummaryWriter(
-        str(self._tensorboard_dir),
-        purge_step=self._continues_from,
-        # Two runs in one second would otherwise open the same file name and truncate it.
-        filename_suffix=f".{os.getpid()}",
-      )
+  def _tensorboard(self) -> EventFile:
+    """The event file, created with the first scalar (a refused run writes nothing)."""
+    if self._events is None:
+      with files.naming_full_disk(self._tensorboard_dir):
+        self._events = EventFile(self._tensorboard_dir, purge_step=self._continues_from)
       for record in read(self.path.parent):
         if record["step"] >= self._continues_from:
-          self._add_scalars(record)
-    return self._writer
+          self._events.add_scalars(record["step"], _scalars(record))
+    return self._events
 
   def drop_after(self, step: int) -> None:
     """Removes lines with `step` beyond the step a resumed run starts from."""
@@ -84,23 +121,18 @@ class MetricsWriter:
       return
     record = {"step": int(step)}
     record.update({key: _plain(value) for key, value in values.items()})
-    tensorboard = self._tensorboard  # before the append: it writes earlier records again
-    files.append_line(self.path, json.dumps(record), kind="metrics-append")
-    self._add_scalars(record)
+    tensorboard = self._tensorboard
     with files.LibraryWrite("tensorboard", self._tensorboard_dir):
       with files.naming_full_disk(self._tensorboard_dir):
+        tensorboard.add_scalars(record["step"], _scalars(record))
         tensorboard.flush()
-
-  def _add_scalars(self, record: Mapping[str, Any]) -> None:
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        self._writer.add_scalar(key, value, record["step"])
+    files.append_line(self.path, json.dumps(record), kind="metrics-append")
 
   def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
-    """TensorBoard only (e.g. input-pipeline timing, which metrics.jsonl leaves out)."""
+    """TensorBoard only (e.g. input-pipeline timing, which metrics.jsonl leaves out); written
+    with the next line's flush."""
     if self._is_primary:
-      for key, value in values.items():
-        self._tensorboard.add_scalar(key, float(value), step)
+      self._tensorboard.add_scalars(step, {key: float(value) for key, value in values.items()})
 
   def sync(self) -> None:
     """Forces metrics.jsonl to disk: a checkpoint must never outlive the lines before it."""
@@ -108,10 +140,19 @@ class MetricsWriter:
       files.sync(self.path)
 
   def close(self) -> None:
-    if self._writer is not None:
-      writer, self._writer = self._writer, None
+    if self._events is not None:
+      events, self._events = self._events, None
       with files.naming_full_disk(self._tensorboard_dir):
-        writer.close()
+        events.close()
+
+
+def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
+  """A record's numbers (TensorBoard scalars), by key."""
+  return {
+    key: float(value)
+    for key, value in record.items()
+    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+  }
 
 
 def write_evals(writer: MetricsWriter, step: int, results: Mapping[str, Mapping[str, Any]]) -> None:

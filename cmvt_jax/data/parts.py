@@ -281,9 +281,11 @@ def _write_info(info, target: epath.Path) -> None:
   middle of its write would leave a torn dataset_info.json that reads as complete.)"""
   with tempfile.TemporaryDirectory(prefix="cmvt_merge_info_") as scratch:
     info.write_to_directory(scratch)
-    names = sorted(os.listdir(scratch), key=lambda name: name == dataset_writer.INFO_FILE)
-    for name in names:
-      files.copy(os.path.join(scratch, name), target / name, kind="merge-info")
+    written = sorted(
+      epath.Path(scratch).iterdir(), key=lambda p: p.name == dataset_writer.INFO_FILE
+    )
+    for path in written:
+      files.copy(path, target / path.name, kind="merge-info")
 
 
 def _copy_folder(source: epath.Path, destination: epath.Path) -> None:

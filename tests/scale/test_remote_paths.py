@@ -140,13 +140,12 @@ def test_run_files_go_to_a_gs_workdir(gcs, monkeypatch):
   del gcs
   written = []
 
-  class EventWriter:  # tensorboardX writes gs:// with its own client, not through epath
-    def __init__(self, logdir, **options):
-      del options
-      written.append(logdir)
+  class EventFile:  # tensorboardX writes gs:// with its own client, not through epath
+    def __init__(self, folder, *, purge_step):
+      written.append((str(folder), purge_step))
 
-    def add_scalar(self, *args):
-      del args
+    def add_scalars(self, step, values):
+      del step, values
 
     def flush(self):
       pass
@@ -154,7 +153,7 @@ def test_run_files_go_to_a_gs_workdir(gcs, monkeypatch):
     def close(self):
       pass
 
-  monkeypatch.setattr("tensorboardX.SummaryWriter", EventWriter)
+  monkeypatch.setattr(metrics, "EventFile", EventFile)
   workdir = epath.Path("gs://runs/cmvt-1")
   train.check_workdir_writable(workdir)
   train.write_config_json(workdir, micro.get_config())
@@ -166,7 +165,7 @@ def test_run_files_go_to_a_gs_workdir(gcs, monkeypatch):
 
   assert metrics.read("gs://runs/cmvt-1") == [{"step": 1, "loss": 1.0}]
   assert '"processes": 1' in (workdir / "config.json").read_text()
-  assert written == ["gs://runs/cmvt-1/tensorboard"]
+  assert written == [("gs://runs/cmvt-1/tensorboard", 0)]
   assert sorted(path.name for path in workdir.iterdir()) == ["config.json", "metrics.jsonl"]
 
 
