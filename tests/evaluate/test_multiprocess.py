@@ -48,6 +48,7 @@ def test_two_process_run_exports_and_plots_at_the_end(tmp_path, micro_data_dir):
   assert written == [
     "attention.png",
     "embeddings_pca.png",
+    "manifest.json",
     "similarity_matrix.png",
     "training_curves.png",
   ]
