@@ -107,12 +107,15 @@ class Scenario:
     commands: argument lists (after `python -m`).
     check: `check(trial_root, reference_root)` asserts the invariants.
     setup: makes the starting state in a fresh folder (default: nothing).
+    crash_kinds: the kinds of write point its trials kill at (None: every kind); for a
+      scenario whose other points another scenario covers already.
   """
 
   name: str
   commands: list[list[str]]
   check: Callable[[pathlib.Path, pathlib.Path], None]
   setup: Callable[[pathlib.Path], None] = lambda root: None
+  crash_kinds: tuple[str, ...] | None = None
 
   def command(self, index: int, root: pathlib.Path) -> list[str]:
     return [
@@ -429,6 +432,8 @@ def from_nothing() -> Scenario:
       check_dataset(_only_dataset(root / "data"), _only_dataset(expected / "data")),
       check_training(root, expected),
     ),
+    # Its training's write points are the "train" scenario's.
+    crash_kinds=("synthetic-video", "synthetic-manifest", "prepare-spill", "dataset"),
   )
 
 
