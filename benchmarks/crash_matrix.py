@@ -23,8 +23,8 @@ import time
 from collections.abc import Sequence
 
 from absl import app
-from absl import logging
 from absl import flags
+from absl import logging
 
 from cmvt_jax.data import datasets
 from cmvt_jax.data import spectrogram
