@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cmvt_jax import export
+from cmvt_jax import files
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import synthetic
 from configs import micro
@@ -83,11 +84,13 @@ def test_an_interrupted_export_is_not_loaded(clip_export, workdir, tmp_path):
   complete = tmp_path / "embeddings" / "test"
   shutil.copytree(workdir / "embeddings" / "test", complete)
   # A stray temporary part beside a complete export is ignored.
-  (complete / "part-00001-of-00002.npz.tmp").write_bytes(b"half a part")
+  (complete / f"part-00001-of-00002.npz{files.TEMPORARY_SUFFIX}").write_bytes(b"half a part")
   assert len(export.load_embeddings(tmp_path, "test")["id"]) == MICRO_TEST_CLIPS
   # Killed before the rename: the part under its temporary name, no manifest yet.
   (complete / "manifest.json").unlink()
-  (complete / "part-00000-of-00001.npz").rename(complete / "part-00000-of-00001.npz.tmp")
+  (complete / "part-00000-of-00001.npz").rename(
+    complete / f"part-00000-of-00001.npz{files.TEMPORARY_SUFFIX}"
+  )
   with pytest.raises(FileNotFoundError, match="interrupted export"):
     export.load_embeddings(tmp_path, "test")
   with pytest.raises(FileNotFoundError, match="No complete export 'validation'"):
@@ -166,3 +169,24 @@ def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_d
   config = micro_config(micro_data_dir, **{"export.whole_video": True, "export.max_frames": 100})
   with pytest.raises(ValueError, match=r"240 input frames .* export.max_frames=100"):
     export.embed_videos([path], workdir, config=config)
+
+
+@pytest.mark.parametrize("setting", ["split", "step", "whole_video", "video_dir"])
+def test_each_export_setting_twice_replaces_its_folder_with_equal_files(
+  setting, workdir, run, micro_data_dir, test_videos
+):
+  overrides = {
+    "split": {},
+    "step": {"export.step": 5},
+    "whole_video": {"export.whole_video": True},
+    "video_dir": {"export.video_dir": str(test_videos)},
+  }[setting]
+  config = micro_config(micro_data_dir, **overrides, **{"export.name": f"twice_{setting}"})
+  folder = export.export_embeddings(config, str(workdir), run=run)
+  first = export.load_embeddings(workdir, f"twice_{setting}")
+  assert export.export_embeddings(config, str(workdir), run=run) == folder
+  second = export.load_embeddings(workdir, f"twice_{setting}")
+  assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "part-00000-of-00001.npz"]
+  assert sorted(first) == sorted(second)
+  for key in first:
+    np.testing.assert_array_equal(second[key], first[key], err_msg=key)
