@@ -26,10 +26,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from cmvt_jax.data import datasets
-from cmvt_jax.data import spectrogram
 from cmvt_jax.data import synthetic
-from configs import micro
+from tests import helpers
 from tests.data import media
 from tests.reliability import crash_harness as harness
 
@@ -55,21 +53,9 @@ class Outcome:
   failure: str | None
 
 
-def micro_data_dir(folder: pathlib.Path) -> pathlib.Path:
-  config = micro.get_config()
-  config.dataset.data_dir = str(folder)
-  datasets.ensure_synthetic_dataset(
-    config.dataset,
-    spectrogram.MelSettings.from_config(config.input),
-    process_index=0,
-    log=lambda message: None,
-  )
-  return folder
-
-
 def scenarios(names: Sequence[str], base: pathlib.Path) -> list[tuple[str, harness.Scenario]]:
   """The named scenarios, with the starting states they need made in `base`."""
-  data_dir = micro_data_dir(base / "micro_data")
+  data_dir = helpers.make_micro_dataset(base / "micro_data")
   made = []
   if {"train", "extended"} & set(names):
     made.append(("train", harness.training(data_dir)))

@@ -23,9 +23,6 @@ jax.config.update(
 
 import pytest  # noqa: E402  (after the cache settings above)
 
-from cmvt_jax.data import datasets  # noqa: E402
-from cmvt_jax.data import spectrogram  # noqa: E402
-from configs import micro  # noqa: E402
 from tests import helpers  # noqa: E402
 
 REFERENCE_STEPS = 20
@@ -35,16 +32,7 @@ REFERENCE_CHECKPOINT_EVERY = 5
 @pytest.fixture(scope="session")
 def micro_data_dir(tmp_path_factory):
   """The micro config's generated dataset, made once for every end-to-end test."""
-  data_dir = tmp_path_factory.mktemp("micro_data")
-  config = micro.get_config()
-  config.dataset.data_dir = str(data_dir)
-  datasets.ensure_synthetic_dataset(
-    config.dataset,
-    spectrogram.MelSettings.from_config(config.input),
-    process_index=0,
-    log=lambda message: None,
-  )
-  return data_dir
+  return helpers.make_micro_dataset(tmp_path_factory.mktemp("micro_data"))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cmvt_jax.data import datasets
+from cmvt_jax.data import spectrogram
+from configs import micro
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MICRO_CONFIG = "configs/micro.py"
 
@@ -218,3 +222,16 @@ def logged(stderr: str, levels: str = "WEF") -> list[str]:
   """The absl log records of `levels` in a program's stderr (each starts with its level
   letter and the date, e.g. `E1202 19:18:46.06 ... main.py:125] ...`)."""
   return [line for line in stderr.splitlines() if line[:1] in levels and line[1:5].isdigit()]
+
+
+def make_micro_dataset(data_dir) -> pathlib.Path:
+  """Generates and prepares the micro config's synthetic dataset under `data_dir`."""
+  config = micro.get_config()
+  config.dataset.data_dir = str(data_dir)
+  datasets.ensure_synthetic_dataset(
+    config.dataset,
+    spectrogram.MelSettings.from_config(config.input),
+    process_index=0,
+    log=lambda message: None,
+  )
+  return pathlib.Path(data_dir)
