@@ -2,6 +2,7 @@
 
   python -m benchmarks.crash_matrix [--scenarios=train,resumed,extended,nothing,parts]
       [--sample_seed=N]  # one trial per kind of file instead of all (what CI runs)
+      [--jobs=N]         # trials run side by side (each is its own subprocess)
 
 For each scenario of tests/reliability/crash_harness.py it runs the commands once
 uninterrupted (listing their write points), then, for every (write point, phase), kills a
@@ -13,6 +14,7 @@ of BENCHMARKS.md) and the failures, if any; exits 1 if any trial failed.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import os
@@ -37,6 +39,7 @@ _SCENARIOS = flags.DEFINE_list(
 _SAMPLE_SEED = flags.DEFINE_integer(
   "sample_seed", None, "Run one trial per kind of file (seeded) instead of every trial."
 )
+_JOBS = flags.DEFINE_integer("jobs", 1, "Trials run at the same time.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where trials run (default: a temporary folder).")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -78,7 +81,9 @@ def scenarios(names: Sequence[str], base: pathlib.Path) -> list[tuple[str, harne
   return [(name, scenario) for name, scenario in made if name in names]
 
 
-def run_matrix(base: pathlib.Path, names: Sequence[str], sample_seed: int | None) -> list[Outcome]:
+def run_matrix(
+  base: pathlib.Path, names: Sequence[str], sample_seed: int | None, jobs: int
+) -> list[Outcome]:
   outcomes = []
   for name, scenario in scenarios(names, base):
     reference = base / f"{name}-reference"
@@ -92,7 +97,8 @@ def run_matrix(base: pathlib.Path, names: Sequence[str], sample_seed: int | None
     else:
       trials = harness.sample_trials(points, sample_seed)
     print(f"{scenario.name}: {len(points)} write points, {len(trials)} trials", flush=True)
-    for index, trial in enumerate(trials):
+
+    def one_trial(index: int, trial: harness.Trial, scenario=scenario, reference=reference):
       root = base / f"{name}-{index}"
       started = time.perf_counter()
       try:
@@ -100,9 +106,13 @@ def run_matrix(base: pathlib.Path, names: Sequence[str], sample_seed: int | None
         failure = None
       except AssertionError as error:
         failure = str(error)
-      outcomes.append(Outcome(scenario.name, trial, time.perf_counter() - started, failure))
       print(f"  {trial}: {'ok' if failure is None else 'FAILED'}", flush=True)
       shutil.rmtree(root, ignore_errors=True)
+      return Outcome(scenario.name, trial, time.perf_counter() - started, failure)
+
+    # Threads only wait on the trials' subprocesses; the checks between them are light.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+      outcomes.extend(pool.map(one_trial, range(len(trials)), trials))
   return outcomes
 
 
@@ -151,13 +161,15 @@ def main(argv: Sequence[str]) -> None:
   with tempfile.TemporaryDirectory(prefix="cmvt_crash_matrix_") as scratch:
     base = pathlib.Path(_WORKDIR.value or scratch)
     base.mkdir(parents=True, exist_ok=True)
-    outcomes = run_matrix(base, _SCENARIOS.value, _SAMPLE_SEED.value)
+    wall = time.perf_counter()
+    outcomes = run_matrix(base, _SCENARIOS.value, _SAMPLE_SEED.value, _JOBS.value)
+    wall = time.perf_counter() - wall
   print(
     f"\nDate: {started:%a %b %d %Y, %H:%M} UTC. Machine: {harness.machine()}. "
     "Command: `python -m benchmarks.crash_matrix "
-    f"--scenarios={','.join(_SCENARIOS.value)}"
+    f"--scenarios={','.join(_SCENARIOS.value)} --jobs={_JOBS.value}"
     + (f" --sample_seed={_SAMPLE_SEED.value}`" if _SAMPLE_SEED.value is not None else "`")
-    + "\n"
+    + f". Wall time: {wall / 60:.0f} min (the s column sums each trial's own time).\n"
   )
   print(table(outcomes))
   failures = [outcome for outcome in outcomes if outcome.failure is not None]
