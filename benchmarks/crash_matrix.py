@@ -33,9 +33,8 @@ from tests import helpers
 from tests.data import media
 from tests.reliability import crash_harness as harness
 
-_SCENARIOS = flags.DEFINE_list(
-  "scenarios", ["train", "resumed", "extended", "nothing", "parts"], "Scenarios to run."
-)
+SCENARIO_NAMES = ("train", "resumed", "extended", "nothing", "parts")
+_SCENARIOS = flags.DEFINE_list("scenarios", list(SCENARIO_NAMES), "Scenarios to run, in order.")
 _SAMPLE_SEED = flags.DEFINE_integer(
   "sample_seed", None, "Run one trial per kind of file (seeded) instead of every trial."
 )
@@ -78,7 +77,8 @@ def scenarios(names: Sequence[str], base: pathlib.Path) -> list[tuple[str, harne
     videos = base / "videos"
     synthetic.generate(videos, media.TINY_SPEC, num_workers=1, progress=False)
     made.append(("parts", harness.prepare_in_parts(videos)))
-  return [(name, scenario) for name, scenario in made if name in names]
+  chosen = dict(made)
+  return [(name, chosen[name]) for name in names]
 
 
 def run_matrix(
@@ -113,6 +113,8 @@ def run_matrix(
     # Threads only wait on the trials' subprocesses; the checks between them are light.
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
       outcomes.extend(pool.map(one_trial, range(len(trials)), trials))
+    # The table so far after each scenario: a long matrix stopped early still reports.
+    print(f"\nAfter {scenario.name}:\n{table(outcomes)}\n", flush=True)
   return outcomes
 
 
@@ -153,6 +155,9 @@ def table(outcomes: Sequence[Outcome]) -> str:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  unknown = set(_SCENARIOS.value) - set(SCENARIO_NAMES)
+  if unknown:
+    raise app.UsageError(f"unknown --scenarios {sorted(unknown)}; choose from {SCENARIO_NAMES}.")
   # The trials' runs share one persistent compilation cache (as the tests' do).
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax-compilation"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
