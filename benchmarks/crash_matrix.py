@@ -141,7 +141,7 @@ def table(outcomes: Sequence[Outcome]) -> str:
   ]
   for kind, row in sorted(rows.items(), key=lambda item: item[1]["file"]):
     lines.append(
-      f"| {row['file']} | `{kind}` | {', '.join(row['scenarios'])} | {len(row['points'])} | "
+      f"| {row['file']} | `{kind}` | {'; '.join(row['scenarios'])} | {len(row['points'])} | "
       f"{row['trials']} | {row['passed']} | {row['seconds']:.0f} |"
     )
   total = len(outcomes)
