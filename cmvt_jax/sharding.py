@@ -70,34 +70,46 @@ def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
   DCN, multiplied into the "data" axis.
   """
   devices = list(jax.devices() if devices is None else devices)
+  return Mesh(device_grid(mesh_config, devices), tuple(mesh_shape_of(mesh_config, devices)))
+
+
+def mesh_shape_of(mesh_config, devices: Sequence[Any]) -> dict[str, int]:
+  """Axis sizes of `config.mesh` within one slice of `devices`."""
   num_slices = int(mesh_config.num_slices)
   if num_slices < 1 or len(devices) % num_slices:
     raise ValueError(
       f"mesh.num_slices={num_slices} must be >= 1 and divide the {len(devices)} devices."
     )
-  per_slice = mesh_shape(mesh_config.axes, len(devices) // num_slices)
-  names = tuple(per_slice)
+  return mesh_shape(mesh_config.axes, len(devices) // num_slices)
+
+
+def device_grid(mesh_config, devices: Sequence[Any]) -> np.ndarray:
+  """`devices` arranged as `config.mesh` (all slices): an array of axis sizes × slices.
+
+  On a TPU the order follows the torus (mesh_utils): the last axis ("fsdp") gets the
+  chips that are closest, and it stays inside one slice's ICI.
+  """
+  per_slice = mesh_shape_of(mesh_config, devices)
+  num_slices = int(mesh_config.num_slices)
   # A logical axis whose size is no product of whole torus axes (fsdp 8 on a v5e-256's
   # 16×16) takes part of one physical axis; mesh_utils splits only when it must, so the
   # axes that do fit whole keep their full ring bandwidth.
   if num_slices == 1:
-    grid = mesh_utils.create_device_mesh(
+    return mesh_utils.create_device_mesh(
       tuple(per_slice.values()), devices, allow_split_physical_axes=True
     )
-  else:
-    if "data" not in per_slice:
-      raise ValueError("a multi-slice mesh needs a 'data' axis to span the slices.")
-    dcn = tuple(num_slices if name == "data" else 1 for name in names)
-    # CPU and GPU devices have no slice_index: then each process stands for a slice.
-    process_is_granule = not hasattr(devices[0], "slice_index")
-    grid = mesh_utils.create_hybrid_device_mesh(
-      tuple(per_slice.values()),
-      dcn,
-      devices,
-      process_is_granule=process_is_granule,
-      allow_split_physical_axes=True,
-    )
-  return Mesh(grid, names)
+  if "data" not in per_slice:
+    raise ValueError("a multi-slice mesh needs a 'data' axis to span the slices.")
+  dcn = tuple(num_slices if name == "data" else 1 for name in per_slice)
+  # CPU and GPU devices have no slice_index: then each process stands for a slice.
+  process_is_granule = not hasattr(devices[0], "slice_index")
+  return mesh_utils.create_hybrid_device_mesh(
+    tuple(per_slice.values()),
+    dcn,
+    devices,
+    process_is_granule=process_is_granule,
+    allow_split_physical_axes=True,
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,5 +1,6 @@
 """The same global batch gives the same training on 1 device, 8 devices, and 2 hosts."""
 
+import dataclasses
 import shutil
 
 import jax
@@ -9,6 +10,7 @@ from jax.sharding import PartitionSpec
 from ml_collections import config_dict
 
 from cmvt_jax import sharding
+from configs import tpu_pod
 from tests import helpers
 
 STEPS = ("--config.total_steps=3", "--config.checkpoint_every_steps=0")
@@ -102,3 +104,45 @@ def test_batch_size_must_split_over_devices():
   mesh = jax.sharding.Mesh(grid, ("data", "fsdp"))
   with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by the 4 devices"):
     sharding.check_batch_size(6, mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorusChip:
+  """What mesh_utils reads of a TPU device: a v5e chip at `coords` of its slice's torus."""
+
+  id: int
+  coords: tuple[int, int, int]
+  slice_index: int
+  process_index: int
+  platform: str = "tpu"
+  device_kind: str = "TPU v5 lite"
+  core_on_chip: int = 0
+
+
+def v5e_slices(side: int, num_slices: int) -> list[TorusChip]:
+  """`num_slices` v5e slices of side × side chips, 2 × 2 chips per host (a v5e-256 is 16)."""
+  chips = []
+  for slice_index in range(num_slices):
+    for y in range(side):
+      for x in range(side):
+        host = slice_index * (side // 2) ** 2 + (y // 2) * (side // 2) + x // 2
+        chips.append(TorusChip(len(chips), (x, y, 0), slice_index, host))
+  return chips
+
+
+@pytest.mark.parametrize("num_slices", [1, 2])
+def test_tpu_pod_mesh_builds_on_v5e_256_slices_with_fsdp_on_neighbouring_chips(num_slices):
+  config = config_dict.ConfigDict()
+  config.axes, config.num_slices = tpu_pod.get_config().mesh.axes, num_slices
+  chips = v5e_slices(16, num_slices)
+  grid = sharding.device_grid(config, chips)
+  assert grid.shape == (32 * num_slices, 8)
+  assert sorted(chip.id for chip in grid.flat) == list(range(len(chips)))
+  for group in grid:  # one FSDP group: 8 chips in a line of one slice's torus
+    assert len({chip.slice_index for chip in group}) == 1
+    coords = np.array([chip.coords for chip in group])
+    varying = [axis for axis in range(3) if len(set(coords[:, axis])) > 1]
+    assert len(varying) == 1, coords
+    assert sorted(coords[:, varying[0]] % 8) == list(range(8)), coords
+  # The data axis spans the slices (over DCN).
+  assert {chip.slice_index for chip in grid[:, 0]} == set(range(num_slices))
