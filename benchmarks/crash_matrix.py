@@ -98,7 +98,9 @@ def run_matrix(
       trials = harness.sample_trials(points, sample_seed)
     print(f"{scenario.name}: {len(points)} write points, {len(trials)} trials", flush=True)
 
-    def one_trial(index: int, trial: harness.Trial, scenario=scenario, reference=reference):
+    def one_trial(
+      index: int, trial: harness.Trial, name=name, scenario=scenario, reference=reference
+    ):
       root = base / f"{name}-{index}"
       started = time.perf_counter()
       try:
