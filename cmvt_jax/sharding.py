@@ -70,17 +70,7 @@ def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
   DCN, multiplied into the "data" axis.
   """
   devices = list(jax.devices() if devices is None else devices)
-  return Mesh(device_grid(mesh_config, devices), tuple(mesh_shape_of(mesh_config, devices)))
-
-
-def mesh_shape_of(mesh_config, devices: Sequence[Any]) -> dict[str, int]:
-  """Axis sizes of `config.mesh` within one slice of `devices`."""
-  num_slices = int(mesh_config.num_slices)
-  if num_slices < 1 or len(devices) % num_slices:
-    raise ValueError(
-      f"mesh.num_slices={num_slices} must be >= 1 and divide the {len(devices)} devices."
-    )
-  return mesh_shape(mesh_config.axes, len(devices) // num_slices)
+  return Mesh(device_grid(mesh_config, devices), tuple(name for name, _ in mesh_config.axes))
 
 
 def device_grid(mesh_config, devices: Sequence[Any]) -> np.ndarray:
@@ -89,8 +79,12 @@ def device_grid(mesh_config, devices: Sequence[Any]) -> np.ndarray:
   On a TPU the order follows the torus (mesh_utils): the last axis ("fsdp") gets the
   chips that are closest, and it stays inside one slice's ICI.
   """
-  per_slice = mesh_shape_of(mesh_config, devices)
   num_slices = int(mesh_config.num_slices)
+  if num_slices < 1 or len(devices) % num_slices:
+    raise ValueError(
+      f"mesh.num_slices={num_slices} must be >= 1 and divide the {len(devices)} devices."
+    )
+  per_slice = mesh_shape(mesh_config.axes, len(devices) // num_slices)
   # A logical axis whose size is no product of whole torus axes (fsdp 8 on a v5e-256's
   # 16×16) takes part of one physical axis; mesh_utils splits only when it must, so the
   # axes that do fit whole keep their full ring bandwidth.
