@@ -48,16 +48,30 @@ def _normalised(model: cmvt.CMVT, params, video, audio, frame_mask=None) -> dict
   return {key: losses.l2_normalize(out[key]) for key in ("video", "audio")}
 
 
+def clip_embedding_step(model: cmvt.CMVT, mesh: jax.sharding.Mesh):
+  """The jitted (params, video `[B, T, S, S, 3]`, audio `[B, F, M]`) → `video`, `audio`
+  `[B, E]` over the mesh, rows split like the batch (also what `--mode compile` compiles)."""
+  return jax.jit(
+    lambda params, video, audio: _normalised(model, params, video, audio),
+    out_shardings=sharding.batch_sharding(mesh),
+  )
+
+
+def whole_video_step(model: cmvt.CMVT):
+  """The jitted (params, video `[1, T, S, S, 3]`, frame_mask `[1, T]`, audio `[1, F, M]`)
+  → `video`, `audio` `[1, E]` of one whole video, on the device its inputs are on."""
+  return jax.jit(
+    lambda params, video, frame_mask, audio: _normalised(model, params, video, audio, frame_mask)
+  )
+
+
 class ClipEmbedder:
   """Embeds host-local clip batches over the mesh (see the module docstring)."""
 
   def __init__(self, model: cmvt.CMVT, mesh: jax.sharding.Mesh, spec: pipeline.InputSpec):
     self.mesh, self.spec = mesh, spec
     self.embed_dim = model.embed_dim
-    self._embed = jax.jit(
-      lambda params, video, audio: _normalised(model, params, video, audio),
-      out_shardings=sharding.batch_sharding(mesh),
-    )
+    self._embed = clip_embedding_step(model, mesh)
 
   def embed(
     self,
@@ -180,9 +194,7 @@ class WholeVideoEmbedder:
     self.device = jax.local_devices()[0]
     whole = sharding.replicate(params, mesh)
     self._params = jax.device_put(jax.tree.map(lambda x: x.addressable_data(0), whole), self.device)
-    self._embed = jax.jit(
-      lambda params, video, frame_mask, audio: _normalised(model, params, video, audio, frame_mask)
-    )
+    self._embed = whole_video_step(model)
 
   def embed(self, video: np.ndarray, audio: np.ndarray) -> dict[str, np.ndarray]:
     """One video's frames `[T, S, S, 3]` and its log-mel `[F, M]` → `video`, `audio` `[1, E]`.

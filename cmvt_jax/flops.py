@@ -52,12 +52,20 @@ DEVICE_PEAK_FLOPS = {
 }
 
 
+def peak_flops_of(device_kind: str) -> float | None:
+  """The datasheet peak of a device kind (e.g. "TPU v5 lite"), None when not tabulated."""
+  for name, peak in DEVICE_PEAK_FLOPS.items():
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
 def peak_flops_per_device() -> float:
   """Datasheet peak for accelerators; a measured float32 matmul rate for CPUs."""
   kind = jax.devices()[0].device_kind
-  for name, peak in DEVICE_PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return peak
+  peak = peak_flops_of(kind)
+  if peak is not None:
+    return peak
   if jax.devices()[0].platform != "cpu":
     logging.warning("No peak FLOP/s known for %r; MFU is reported against a measured matmul.", kind)
   size = 2048

@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from cmvt_jax import checkpoints
+from cmvt_jax import compile as compile_lib
 from cmvt_jax import config_overrides
 from cmvt_jax import evaluate
 from cmvt_jax import export
@@ -38,8 +39,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _MODE = flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "eval", "export", "plots"],
-  "train (then evaluate and export), eval (latest checkpoint), export (embeddings), plots.",
+  ["train", "eval", "export", "plots", "compile"],
+  "train (then evaluate and export), eval (latest checkpoint), export (embeddings), plots, "
+  "compile (ahead of time for --config.compile.topology; needs requirements-tpu.txt).",
 )
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address",
@@ -121,7 +123,11 @@ def main(argv):
     logging.get_absl_handler().addFilter(_FullDiskEchoes())
     _quiet_full_disk_echoes()
   config = _CONFIG.value
+  sharding.choose_platforms()
   try:
+    if _MODE.value == "compile":  # one machine compiles for the whole slice: no cluster
+      compile_lib.compile_programs(config, _WORKDIR.value, make_train_step=train.make_train_step)
+      return
     sharding.initialize_distributed(
       config.distributed,
       coordinator_address=_COORDINATOR.value,

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -219,9 +220,15 @@ class Run:
   state_shardings: TrainState  # of NamedShardings
 
   @classmethod
-  def create(cls, config: config_dict.ConfigDict, workdir: epath.PathLike) -> Run:
-    """Checks the mesh and the batch split; builds everything but the dataset (lazy)."""
-    mesh = sharding.create_mesh(config.mesh)
+  def create(
+    cls, config: config_dict.ConfigDict, workdir: epath.PathLike, devices: Sequence | None = None
+  ) -> Run:
+    """Checks the mesh and the batch split; builds everything but the dataset (lazy).
+
+    `devices`: the mesh's (default: every process's); `--mode compile` passes a TPU
+    topology's devices, which have no chips behind them.
+    """
+    mesh = sharding.create_mesh(config.mesh, devices)
     sharding.check_batch_size(config.batch_size, mesh)
     model = cmvt.from_config(config)
     loss = losses.ContrastiveLoss.from_config(config.loss)

@@ -13,6 +13,8 @@ The multi-host helpers below are the only places where processes exchange host v
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import math
 import os
 import time
@@ -97,6 +99,13 @@ def device_grid(mesh_config, devices: Sequence[Any]) -> np.ndarray:
   dcn = tuple(num_slices if name == "data" else 1 for name in per_slice)
   # CPU and GPU devices have no slice_index: then each process stands for a slice.
   process_is_granule = not hasattr(devices[0], "slice_index")
+  processes = len({device.process_index for device in devices})
+  if process_is_granule and processes != num_slices:
+    raise ValueError(
+      f"mesh.num_slices={num_slices}, but these {devices[0].platform} devices belong to "
+      f"{processes} process(es): without TPU slices, each process stands for one slice. "
+      f"Run {num_slices} processes, or set --config.mesh.num_slices={processes}."
+    )
   return mesh_utils.create_hybrid_device_mesh(
     tuple(per_slice.values()),
     dcn,
@@ -238,6 +247,25 @@ _CLUSTER_MARKERS = {
   "TPU_WORKER_HOSTNAMES": "TPU VM",
   "MEGASCALE_NUM_SLICES": "TPU multi-slice",
 }
+
+
+def choose_platforms() -> None:
+  """Leaves the TPU backend out on a machine without TPU chips; call it before any computation.
+
+  With libtpu installed (requirements-tpu.txt, which `--mode compile` needs), jax tries the
+  TPU backend first on every machine: on one without chips that costs ~2 s and prints a page
+  of initialisation errors. When the user chose no platforms (JAX_PLATFORMS) and the PCI bus
+  has no TPU, jax gets CUDA then the CPU where a CUDA plugin and an NVIDIA device are present,
+  else the CPU (the TPU compiler stays usable through `jax.experimental.topologies`).
+  """
+  if jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
+    return
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+    return
+  has_cuda = glob.glob("/dev/nvidia[0-9]*") and any(
+    importlib.util.find_spec(plugin) for plugin in ("jax_cuda12_plugin", "jax_cuda13_plugin")
+  )
+  jax.config.update("jax_platforms", "cuda,cpu" if has_cuda else "cpu")
 
 
 def initialize_distributed(

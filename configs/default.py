@@ -14,6 +14,7 @@ Sections and their owners (each module reads only its own section):
   eval        evaluation (evaluate.py)
   export      embedding export (export.py)
   mesh        device mesh (sharding.py)
+  compile     ahead-of-time compile for a TPU topology (compile.py)
 """
 
 from ml_collections import config_dict
@@ -208,6 +209,16 @@ def get_config() -> config_dict.ConfigDict:
   config.mesh = config_dict.ConfigDict()
   config.mesh.axes = (("data", -1), ("fsdp", 1))
   config.mesh.num_slices = 1
+
+  # Ahead-of-time compile for a TPU (--mode compile, compile.py): the accelerator type the
+  # config is made for, as Cloud TPU names them (e.g. "v5e-256"; this CPU config has none:
+  # pass one), the slices (None: mesh.num_slices), the length of the whole video compiled and
+  # which of the run's programs to compile.
+  config.compile = config_dict.ConfigDict()
+  config.compile.topology = config_dict.placeholder(str)
+  config.compile.num_slices = config_dict.placeholder(int)
+  config.compile.whole_video_frames = 512
+  config.compile.programs = ("train_step", "embed_step", "whole_video")
 
   # Multi-host runtime: how long to wait for every process at start, and after how many
   # seconds without a heartbeat a process counts as dead (the others then exit with an error).

@@ -255,11 +255,15 @@ def _matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """einsum with float32 accumulation and result.
 
   XLA:CPU has no bfloat16 × bfloat16 → float32 dot for every shape, and a CPU gains nothing
-  from half-precision matmuls, so there the operands are widened first.
+  from half-precision matmuls, so there the operands are widened first. Decided by the
+  platform the program is lowered for (a TPU program compiled ahead of time on a CPU keeps
+  its bfloat16 matmuls), not the one this process runs on.
   """
-  if a.dtype != jnp.float32 and jax.default_backend() == "cpu":
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+  native = lambda a, b: jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+  if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+    return native(a, b)
+  widened = lambda a, b: native(a.astype(jnp.float32), b.astype(jnp.float32))
+  return jax.lax.platform_dependent(a, b, cpu=widened, default=native)
 
 
 def _finite_or_zero(x):

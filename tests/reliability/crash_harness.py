@@ -69,6 +69,8 @@ FILE_OF_KIND = {
   "merge-move": "merge of parts",
   "merge-info": "merge of parts",
   "merge-clean": "merge of parts",
+  "compile-hlo": "compile outputs",
+  "compile-summary": "compile outputs",
 }
 # Metrics that measure time, not behaviour: the only ones two runs may differ in.
 TIMING_TAGS = (*helpers.TIMING_KEYS, "input/wait_fraction")

@@ -148,3 +148,8 @@ def test_tpu_pod_mesh_builds_on_v5e_256_slices_with_fsdp_on_neighbouring_chips(n
     assert line == list(range(line[0], line[0] + 8)), coords
   # The data axis spans the slices (over DCN).
   assert {chip.slice_index for chip in grid[:, 0]} == set(range(num_slices))
+
+
+def test_two_slices_in_one_cpu_process_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"mesh.num_slices=2, but these cpu devices belong to 1 "):
+    sharding.create_mesh(mesh_config((("data", -1), ("fsdp", 1)), num_slices=2))

@@ -1,0 +1,481 @@
+"""`--mode compile`: a config's programs, compiled ahead of time for a TPU topology.
+
+No chip and no dataset: libtpu's compiler (`pip install -r requirements-tpu.txt`) builds, on
+this machine, exactly the programs a run on `compile.topology` × `compile.num_slices` would
+execute, from abstract inputs:
+  train_step    the update step of the run (its mesh rules, shardings, global batch, dtype,
+                remat, donation and gradient accumulation: `train.make_train_step` itself)
+  embed_step    the clip-embedding step of evaluation and export, at the larger of their
+                global batch sizes
+  whole_video   one video of `compile.whole_video_frames` frames on one chip (whole-video
+                export runs each video on a process's first chip)
+For each: the per-chip memory of XLA's buffer assignment (arguments, outputs, temporaries;
+outputs that alias a donated argument counted once), the chip's HBM and the headroom, model
+FLOPs per chip and the collectives of the optimised HLO. The tables are printed and written
+with the HLO text to WORKDIR/compile/. Exit 1 (`DoesNotFitError`) when a program does not fit.
+
+Topologies are named as Cloud TPU names accelerator types: `v5e-256` (or `v5litepod-256`),
+`v6e-64`, `v4-128`, `v5p-512`; the number counts chips for v5e/v6e and TensorCores for v4/v5p
+(two per chip, which these programs use as one device: "megacore").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import topologies
+from ml_collections import config_dict
+
+from cmvt_jax import embedding
+from cmvt_jax import files
+from cmvt_jax import flops as flops_lib
+from cmvt_jax import run as run_lib
+from cmvt_jax import sharding
+
+GIB = 1 << 30
+# Below this share of HBM left free a program may still fail on the chip: XLA's runtime, the
+# input pipeline's transfers and fragmentation take some.
+HEADROOM_WARNING = 0.15
+PROGRAMS = ("train_step", "embed_step", "whole_video")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """A TPU generation: what Cloud's accelerator-type number counts, its chips, its HBM."""
+
+  name: str  # as libtpu's topology names spell it: "v5e"
+  cores_per_chip: int  # TensorCores the accelerator-type number counts per chip
+  chip_config: str  # libtpu's chip config: one device per chip
+  hbm_bytes: int  # per chip
+  shapes: dict[int, tuple[int, ...]]  # chips → the slice's torus (chips per axis)
+
+
+_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16)}
+_2D[256] = (16, 16)
+_3D = {
+  4: (2, 2, 1),
+  8: (2, 2, 2),
+  16: (2, 2, 4),
+  32: (2, 4, 4),
+  64: (4, 4, 4),
+  128: (4, 4, 8),
+  256: (4, 8, 8),
+  512: (8, 8, 8),
+  1024: (8, 8, 16),
+  2048: (8, 16, 16),
+  4096: (16, 16, 16),
+}
+GENERATIONS = {
+  "v4": Generation("v4", 2, "megacore", 32 * GIB, _3D),
+  "v5e": Generation("v5e", 1, "default", 16 * GIB, _2D),
+  "v5p": Generation("v5p", 2, "megacore", 95 * GIB, _3D),
+  "v6e": Generation("v6e", 1, "default", 32 * GIB, _2D),
+}
+_ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """One slice of a TPU accelerator type, e.g. `v5e-256`: 256 chips in a 16 × 16 torus."""
+
+  accelerator_type: str
+  generation: Generation
+  chips: int
+
+  @classmethod
+  def parse(cls, name: str) -> Topology:
+    match = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
+    generation = match and GENERATIONS.get(_ALIASES.get(match[1], match[1]))
+    if not generation:
+      known = ", ".join(f"{g}-N" for g in [*GENERATIONS, *_ALIASES])
+      raise ValueError(
+        f"compile.topology={name!r} is no TPU accelerator type we know; use one of {known} "
+        "(as Cloud TPU names them, e.g. v5e-256 or v5p-512)."
+      )
+    count = int(match[2])
+    chips, odd = divmod(count, generation.cores_per_chip)
+    if odd or chips not in generation.shapes:
+      sizes = ", ".join(str(c * generation.cores_per_chip) for c in generation.shapes)
+      unit = "TensorCores" if generation.cores_per_chip > 1 else "chips"
+      raise ValueError(
+        f"compile.topology={name!r}: a {generation.name} slice has one of {sizes} {unit}."
+      )
+    return cls(f"{generation.name}-{count}", generation, chips)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.generation.shapes[self.chips]
+
+  @property
+  def host_bounds(self) -> tuple[int, int, int]:
+    """Chips per host along the torus axes: a v5e/v6e host of a slice of more than 8 chips
+    has 2 × 2; smaller slices are one host; v4 and v5p hosts have 2 × 2 × 1."""
+    if len(self.shape) == 2 and self.chips <= 8:
+      return (*self.shape, 1)
+    return (2, 2, 1)
+
+  def devices(self, num_slices: int) -> list:
+    """The devices of `num_slices` such slices, without chips (libtpu's topology)."""
+    # libtpu looks for this machine's TPU unless told which one it is (a CPU has none).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    try:
+      description = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=f"{self.generation.name}:{'x'.join(map(str, self.shape))}",
+        chip_config_name=self.generation.chip_config,
+        chips_per_host_bounds=self.host_bounds,
+        num_slices=num_slices,
+      )
+    except RuntimeError as error:
+      if importlib.util.find_spec("libtpu") is None:
+        raise MissingCompilerError(
+          "--mode compile needs the TPU compiler (libtpu), which is not installed here: "
+          "pip install -r requirements-tpu.txt"
+        ) from error
+      raise
+    return list(description.devices)
+
+
+class MissingCompilerError(ValueError):
+  """libtpu is not installed."""
+
+
+class DoesNotFitError(ValueError):
+  """A program needs more memory per chip than the chip's HBM."""
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One compiled program and what it was compiled for."""
+
+  name: str
+  inputs: str  # what one call takes, for the table's title
+  compiled: jax.stages.Compiled
+  chips: int  # the chips it runs on
+  model_flops: float  # per call, on all its chips together
+  compile_seconds: float
+
+
+def _abstract(shape, dtype, sharding_) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding_)
+
+
+def _clips(spec, rows: int, sharding_, *, two_views: bool = False) -> dict:
+  """Abstract clip batch: video `[rows, T, S, S, 3]`, audio `[rows, F, M]` float32, label."""
+  video, audio = run_lib.example_inputs(spec)
+  batch = {
+    "video": _abstract((rows, *video.shape[1:]), np.float32, sharding_),
+    "audio": _abstract((rows, *audio.shape[1:]), np.float32, sharding_),
+    "label": _abstract((rows,), np.int32, sharding_),
+  }
+  if two_views:
+    batch.update(video_view2=batch["video"], audio_view2=batch["audio"])
+  return batch
+
+
+def _compiled(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, float]:
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, time.perf_counter() - start
+
+
+def train_step(run: run_lib.Run, make_train_step: Callable) -> Program:
+  """The run's update step on its global batch."""
+  batch_size = int(run.config.batch_size)
+  batch = _clips(
+    run.spec,
+    batch_size,
+    sharding.batch_sharding(run.mesh),
+    two_views=bool(run.config.input.two_views),
+  )
+  compiled, seconds = _compiled(make_train_step(run).lower(run.abstract_state, batch))
+  views = 2 if run.config.input.two_views else 1
+  return Program(
+    "train_step",
+    f"global batch {batch_size}" + (" × 2 views" if views == 2 else ""),
+    compiled,
+    run.mesh.size,
+    run.flops().train_step * batch_size * views,
+    seconds,
+  )
+
+
+def embed_step(run: run_lib.Run) -> Program:
+  """Evaluation's and export's clip embedding, at the larger of their batch sizes."""
+  rows = max(int(run.config.eval.batch_size), int(run.config.export.batch_size))
+  batch = _clips(run.spec, rows, sharding.batch_sharding(run.mesh))
+  step = embedding.clip_embedding_step(run.model, run.mesh)
+  lowered = step.lower(run.abstract_state.params["model"], batch["video"], batch["audio"])
+  compiled, seconds = _compiled(lowered)
+  forward = run.flops().forward * rows
+  return Program("embed_step", f"global batch {rows}", compiled, run.mesh.size, forward, seconds)
+
+
+def whole_video(run: run_lib.Run, frames: int) -> Program:
+  """One whole video of `frames` input frames (padded to its bucket) on one chip."""
+  device = run.mesh.devices.flat[0]
+  on_chip = jax.sharding.SingleDeviceSharding(device)
+  params = jax.tree.map(
+    lambda x: _abstract(x.shape, x.dtype, on_chip), run.abstract_state.params["model"]
+  )
+  spec = run.spec
+  padded = embedding.padded_frames(frames)
+  audio_frames = spec.mel.num_frames(round(frames / spec.fps * spec.mel.sample_rate))
+  video = _abstract((1, padded, spec.frame_size, spec.frame_size, 3), np.float32, on_chip)
+  mask = _abstract((1, padded), np.bool_, on_chip)
+  audio = _abstract((1, audio_frames, spec.mel.n_mels), np.float32, on_chip)
+  step = embedding.whole_video_step(run.model)
+  compiled, seconds = _compiled(step.lower(params, video, mask, audio))
+  count = flops_lib.count(
+    run.model, video_shape=video.shape[1:], audio_shape=audio.shape[1:]
+  ).forward
+  return Program(
+    "whole_video",
+    f"one video of {frames} frames, padded to {padded}, and {audio_frames} audio frames",
+    compiled,
+    1,
+    count,
+    seconds,
+  )
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def per_chip_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
+  """XLA's buffer assignment for one chip: what the program holds at its peak.
+
+  total = arguments + outputs − aliased (outputs written into donated arguments) +
+  temporaries + the program's code.
+  """
+  memory = compiled.memory_analysis()
+  parts = {
+    "arguments": memory.argument_size_in_bytes,
+    "outputs": memory.output_size_in_bytes,
+    "aliased": memory.alias_size_in_bytes,
+    "temporaries": memory.temp_size_in_bytes,
+    "code": memory.generated_code_size_in_bytes,
+  }
+  parts = {key: int(value) for key, value in parts.items()}
+  parts["total"] = (
+    parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"] + parts["code"]
+  )
+  return parts
+
+
+COLLECTIVE_KINDS = (
+  "all-gather",
+  "reduce-scatter",
+  "all-reduce",
+  "all-to-all",
+  "collective-permute",
+  "collective-broadcast",
+  "ragged-all-to-all",
+)
+_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16}
+_BITS.update({"bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64})
+_BITS.update({"c64": 64, "c128": 128, "f8e4m3fn": 8, "f8e5m2": 8, "f8e4m3b11fnuz": 8})
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\((.*)\)\s+->\s+.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+# The TPU compiler writes a reduce-scatter as a fusion calling a computation of this name
+# (an all-reduce and a dynamic slice inside): counted once, as a reduce-scatter.
+_REDUCE_SCATTER_FUSION = "all-reduce-scatter"
+
+
+def _bytes(shape_text: str) -> int:
+  """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape_text):
+    if dtype in _BITS:
+      count = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+      total += count * _BITS[dtype] // 8
+  return total
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """`{kind: {"count": n, "bytes": b}}` of the collectives in optimised HLO text.
+
+  Counted wherever they are (fusions included), once each: an async `-start`/`-done` pair
+  once; a fusion that calls an all-reduce-scatter as one reduce-scatter (and not the
+  all-reduce inside it). Bytes: of the results each chip receives — an all-gather's gathered
+  tensor, a reduce-scatter's shard, an all-reduce's sum — every element of a tuple counted
+  (combined collectives move several tensors at once).
+  """
+  found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVE_KINDS}
+  computation, started = "", {}
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header[1]
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match or computation.startswith(_REDUCE_SCATTER_FUSION):
+      continue
+    name, shape, op, rest = match.groups()
+    called = _CALLS.search(rest)
+    if op == "fusion" and called and called[1].startswith(_REDUCE_SCATTER_FUSION):
+      kind = "reduce-scatter"
+    else:
+      kind = op.removesuffix("-start").removesuffix("-done")
+    if kind not in found:
+      continue
+    if op.endswith("-start"):  # its result holds the operands too: the -done's result counts
+      started[name] = kind
+      found[kind]["count"] += 1
+    elif op.endswith("-done"):
+      start = re.match(r"\s*%?([\w.\-]+)", rest)
+      found[started.get(start[1] if start else "", kind)]["bytes"] += _bytes(shape)
+    else:
+      found[kind]["count"] += 1
+      found[kind]["bytes"] += _bytes(shape)
+  return {kind: value for kind, value in found.items() if value["count"]}
+
+
+# ----------------------------------------------------------------------------- the mode
+
+
+def compile_programs(
+  config: config_dict.ConfigDict, workdir: str, *, make_train_step: Callable
+) -> dict:
+  """`--mode compile`: compiles, reports and checks every program; returns the summary.
+
+  `make_train_step` is `train.make_train_step` (passed in: the training loop's module comes
+  after this one in the package's import order).
+  """
+  if not config.compile.topology:
+    raise ValueError(
+      "--mode compile needs a TPU topology: pass --config.compile.topology=v5e-8 (or the "
+      "accelerator type you will run on, e.g. v5e-256, v5p-512)."
+    )
+  topology = Topology.parse(config.compile.topology)
+  config = config.copy_and_resolve_references()
+  if config.compile.num_slices is not None:
+    config.mesh.num_slices = int(config.compile.num_slices)
+  num_slices = int(config.mesh.num_slices)
+  frames = int(config.compile.whole_video_frames)
+  if frames < 1:
+    raise ValueError(f"compile.whole_video_frames must be >= 1; got {frames}.")
+  chosen = tuple(config.compile.programs)
+  unknown = sorted(set(chosen) - set(PROGRAMS))
+  if unknown or not chosen:
+    raise ValueError(
+      f"compile.programs={chosen}: choose among {PROGRAMS}; unknown: {unknown or 'none given'}."
+    )
+  where = (
+    f"{num_slices} × {topology.accelerator_type}" if num_slices > 1 else topology.accelerator_type
+  )
+  logging.info(
+    "Compiling for %s (%d chips) with libtpu, on this machine's CPU.",
+    where,
+    topology.chips * num_slices,
+  )
+  run = run_lib.Run.create(config, workdir, devices=topology.devices(num_slices))
+  hbm = topology.generation.hbm_bytes
+  peak = flops_lib.peak_flops_of(run.mesh.devices.flat[0].device_kind)
+  out = epath.Path(workdir) / "compile"
+  out.mkdir(parents=True, exist_ok=True)
+  builders = {
+    "train_step": lambda: train_step(run, make_train_step),
+    "embed_step": lambda: embed_step(run),
+    "whole_video": lambda: whole_video(run, frames),
+  }
+  programs = {}
+  for name in chosen:
+    program = builders[name]()
+    hlo = f"{program.name}.hlo.txt"
+    text = program.compiled.as_text()
+    files.write_text(out / hlo, text, kind="compile-hlo")
+    memory = per_chip_bytes(program.compiled)
+    summary = {
+      "inputs": program.inputs,
+      "chips": program.chips,
+      "per_chip_bytes": memory,
+      "hbm_bytes_per_chip": hbm,
+      "headroom": 1 - memory["total"] / hbm,
+      "fits": memory["total"] <= hbm,
+      "model_flops_per_chip": program.model_flops / program.chips,
+      "compile_seconds": round(program.compile_seconds, 1),
+      "collectives": {kind: c["count"] for kind, c in collectives(text).items()},
+      "collective_bytes": {kind: c["bytes"] for kind, c in collectives(text).items()},
+      "hlo": hlo,
+    }
+    programs[program.name] = summary
+    logging.info("%s", table(program.name, summary, peak))
+  result = {
+    "topology": topology.accelerator_type,
+    "num_slices": num_slices,
+    "chips": topology.chips * num_slices,
+    "device_kind": run.mesh.devices.flat[0].device_kind,
+    "mesh": dict(run.mesh.shape),
+    "config_sha256": run_lib.config_digest(config),
+    "programs": programs,
+  }
+  files.write_json(out / "summary.json", result, kind="compile-summary")
+  logging.info("Wrote %s and each program's optimised HLO there.", out / "summary.json")
+  _check_fit(programs, topology)
+  return result
+
+
+def _check_fit(programs: dict, topology: Topology) -> None:
+  for name, summary in programs.items():
+    total, hbm = summary["per_chip_bytes"]["total"], summary["hbm_bytes_per_chip"]
+    if not summary["fits"]:
+      raise DoesNotFitError(
+        f"{name} needs {total / GIB:.2f} GiB per chip but a {topology.generation.name} chip "
+        f"has {hbm / GIB:.2f} GiB of HBM. Lower batch_size (or eval/export.batch_size for "
+        "embed_step, compile.whole_video_frames for whole_video), set model.remat=True, "
+        "raise optim.grad_accum_steps or the fsdp axis of mesh.axes, or use a larger slice."
+      )
+    if summary["headroom"] < HEADROOM_WARNING:
+      logging.warning(
+        "%s leaves %.0f%% of the chip's HBM free (%.2f of %.2f GiB used): under %.0f%%, "
+        "the runtime's own buffers may not fit on the chip.",
+        name,
+        100 * summary["headroom"],
+        total / GIB,
+        hbm / GIB,
+        100 * HEADROOM_WARNING,
+      )
+
+
+def table(name: str, summary: dict, peak_flops: float) -> str:
+  """One program's summary as a text table."""
+  memory = summary["per_chip_bytes"]
+  rows = [
+    (key, _size(memory[key]))
+    for key in ("arguments", "outputs", "aliased", "temporaries", "code", "total")
+  ]
+  flops = summary["model_flops_per_chip"]
+  rows += [
+    ("HBM", _size(summary["hbm_bytes_per_chip"])),
+    ("headroom", f"{100 * summary['headroom']:.1f}%"),
+    ("model FLOPs", f"{flops:.3e} (at the chip's peak {flops / peak_flops * 1e3:.3g} ms)"),
+    ("compile time", f"{summary['compile_seconds']:.1f} s"),
+  ]
+  for kind, count in summary["collectives"].items():
+    rows.append((kind, f"{count} ({_size(summary['collective_bytes'][kind])})"))
+  width = max(len(key) for key, _ in rows)
+  lines = [f"{name} ({summary['inputs']}), per chip:"]
+  lines += [f"  {key:<{width}}  {value}" for key, value in rows]
+  return "\n".join(lines)
+
+
+def _size(count: int) -> str:
+  return f"{count / GIB:.2f} GiB" if count >= GIB else f"{count / (1 << 20):.1f} MiB"
