@@ -165,7 +165,8 @@ class Program:
 
   name: str
   inputs: str  # what one call takes, for the table's title
-  compiled: jax.stages.Compiled
+  compiled: jax.stages.Compiled | None  # None: refused by the compiler, see `refusal`
+  refusal: str | None  # the TPU compiler's words when the program cannot fit HBM
   chips: int  # the chips it runs on
   model_flops: float  # per call, on all its chips together
   compile_seconds: float
@@ -188,10 +189,17 @@ def _clips(spec, rows: int, sharding_, *, two_views: bool = False) -> dict:
   return batch
 
 
-def _compiled(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, float]:
+def _compiled(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled | None, str | None, float]:
+  """(compiled, None, seconds), or (None, the compiler's words, seconds) when the TPU
+  compiler refuses a program that cannot fit the chip's HBM."""
   start = time.perf_counter()
-  compiled = lowered.compile()
-  return compiled, time.perf_counter() - start
+  try:
+    return lowered.compile(), None, time.perf_counter() - start
+  except jax.errors.JaxRuntimeError as error:
+    words = str(error).strip().splitlines()[0]
+    if not words.startswith("RESOURCE_EXHAUSTED"):
+      raise
+    return None, words.removeprefix("RESOURCE_EXHAUSTED:").strip(), time.perf_counter() - start
 
 
 def train_step(run: run_lib.Run, make_train_step: Callable) -> Program:
@@ -203,12 +211,13 @@ def train_step(run: run_lib.Run, make_train_step: Callable) -> Program:
     sharding.batch_sharding(run.mesh),
     two_views=bool(run.config.input.two_views),
   )
-  compiled, seconds = _compiled(make_train_step(run).lower(run.abstract_state, batch))
+  compiled, refusal, seconds = _compiled(make_train_step(run).lower(run.abstract_state, batch))
   views = 2 if run.config.input.two_views else 1
   return Program(
     "train_step",
     f"global batch {batch_size}" + (" × 2 views" if views == 2 else ""),
     compiled,
+    refusal,
     run.mesh.size,
     run.flops().train_step * batch_size * views,
     seconds,
@@ -221,9 +230,11 @@ def embed_step(run: run_lib.Run) -> Program:
   batch = _clips(run.spec, rows, sharding.batch_sharding(run.mesh))
   step = embedding.clip_embedding_step(run.model, run.mesh)
   lowered = step.lower(run.abstract_state.params["model"], batch["video"], batch["audio"])
-  compiled, seconds = _compiled(lowered)
+  compiled, refusal, seconds = _compiled(lowered)
   forward = run.flops().forward * rows
-  return Program("embed_step", f"global batch {rows}", compiled, run.mesh.size, forward, seconds)
+  return Program(
+    "embed_step", f"global batch {rows}", compiled, refusal, run.mesh.size, forward, seconds
+  )
 
 
 def whole_video(run: run_lib.Run, frames: int) -> Program:
@@ -240,7 +251,7 @@ def whole_video(run: run_lib.Run, frames: int) -> Program:
   mask = _abstract((1, padded), np.bool_, on_chip)
   audio = _abstract((1, audio_frames, spec.mel.n_mels), np.float32, on_chip)
   step = embedding.whole_video_step(run.model)
-  compiled, seconds = _compiled(step.lower(params, video, mask, audio))
+  compiled, refusal, seconds = _compiled(step.lower(params, video, mask, audio))
   count = flops_lib.count(
     run.model, video_shape=video.shape[1:], audio_shape=audio.shape[1:]
   ).forward
@@ -248,6 +259,7 @@ def whole_video(run: run_lib.Run, frames: int) -> Program:
     "whole_video",
     f"one video of {frames} frames, padded to {padded}, and {audio_frames} audio frames",
     compiled,
+    refusal,
     1,
     count,
     seconds,
@@ -399,25 +411,9 @@ def compile_programs(
   programs = {}
   for name in chosen:
     program = builders[name]()
-    hlo = f"{program.name}.hlo.txt"
-    text = program.compiled.as_text()
-    files.write_text(out / hlo, text, kind="compile-hlo")
-    memory = per_chip_bytes(program.compiled)
-    summary = {
-      "inputs": program.inputs,
-      "chips": program.chips,
-      "per_chip_bytes": memory,
-      "hbm_bytes_per_chip": hbm,
-      "headroom": 1 - memory["total"] / hbm,
-      "fits": memory["total"] <= hbm,
-      "model_flops_per_chip": program.model_flops / program.chips,
-      "compile_seconds": round(program.compile_seconds, 1),
-      "collectives": {kind: c["count"] for kind, c in collectives(text).items()},
-      "collective_bytes": {kind: c["bytes"] for kind, c in collectives(text).items()},
-      "hlo": hlo,
-    }
-    programs[program.name] = summary
-    logging.info("%s", table(program.name, summary, peak))
+    programs[name] = _summary(program, hbm, out)
+    if program.compiled is not None:
+      logging.info("%s", table(name, programs[name], peak))
   result = {
     "topology": topology.accelerator_type,
     "num_slices": num_slices,
@@ -433,25 +429,67 @@ def compile_programs(
   return result
 
 
+def _summary(program: Program, hbm: int, out: epath.Path) -> dict:
+  """A program's entry of summary.json; its HLO text written beside it."""
+  summary = {
+    "inputs": program.inputs,
+    "chips": program.chips,
+    "hbm_bytes_per_chip": hbm,
+    "model_flops_per_chip": program.model_flops / program.chips,
+    "compile_seconds": round(program.compile_seconds, 1),
+  }
+  if program.compiled is None:
+    return {**summary, "fits": False, "compiler": program.refusal}
+  text = program.compiled.as_text()
+  hlo = f"{program.name}.hlo.txt"
+  files.write_text(out / hlo, text, kind="compile-hlo")
+  memory = per_chip_bytes(program.compiled)
+  found = collectives(text)
+  return {
+    **summary,
+    "per_chip_bytes": memory,
+    "headroom": 1 - memory["total"] / hbm,
+    "fits": memory["total"] <= hbm,
+    "collectives": {kind: c["count"] for kind, c in found.items()},
+    "collective_bytes": {kind: c["bytes"] for kind, c in found.items()},
+    "hlo": hlo,
+  }
+
+
+# What to change when a program does not fit.
+_ADVICE = {
+  "train_step": "Lower batch_size, set model.remat=True, raise optim.grad_accum_steps or the "
+  "fsdp axis of mesh.axes, or use a larger slice.",
+  "embed_step": "Lower eval.batch_size and export.batch_size, or raise the fsdp axis of mesh.axes.",
+  "whole_video": "Lower compile.whole_video_frames: videos that long do not fit one chip.",
+}
+
+
 def _check_fit(programs: dict, topology: Topology) -> None:
+  chip = topology.generation.name
   for name, summary in programs.items():
-    total, hbm = summary["per_chip_bytes"]["total"], summary["hbm_bytes_per_chip"]
+    hbm = summary["hbm_bytes_per_chip"]
+    if "compiler" in summary:
+      raise DoesNotFitError(
+        f"{name} does not fit the {hbm / GIB:.2f} GiB of HBM of a {chip} chip; the TPU "
+        f"compiler: {summary['compiler']} {_ADVICE[name]}"
+      )
+    total = summary["per_chip_bytes"]["total"]
     if not summary["fits"]:
       raise DoesNotFitError(
-        f"{name} needs {total / GIB:.2f} GiB per chip but a {topology.generation.name} chip "
-        f"has {hbm / GIB:.2f} GiB of HBM. Lower batch_size (or eval/export.batch_size for "
-        "embed_step, compile.whole_video_frames for whole_video), set model.remat=True, "
-        "raise optim.grad_accum_steps or the fsdp axis of mesh.axes, or use a larger slice."
+        f"{name} needs {total / GIB:.2f} GiB per chip but a {chip} chip has "
+        f"{hbm / GIB:.2f} GiB of HBM. {_ADVICE[name]}"
       )
     if summary["headroom"] < HEADROOM_WARNING:
       logging.warning(
         "%s leaves %.0f%% of the chip's HBM free (%.2f of %.2f GiB used): under %.0f%%, "
-        "the runtime's own buffers may not fit on the chip.",
+        "the runtime's own buffers may not fit on the chip. %s",
         name,
         100 * summary["headroom"],
         total / GIB,
         hbm / GIB,
         100 * HEADROOM_WARNING,
+        _ADVICE[name],
       )
 
 

@@ -1,0 +1,175 @@
+"""`--mode compile`: the micro model compiled by libtpu for small TPU topologies.
+
+The runs need the TPU compiler (`pip install -r requirements-tpu.txt`, which the README's test
+command installs); without it they are skipped with that reason. What they check is what the
+TPU compiler decides, read back from its own outputs: memory per chip, the collectives and
+dtypes in the optimised HLO.
+"""
+
+import importlib.util
+import json
+import re
+
+import pytest
+
+from cmvt_jax import compile as compile_lib
+from tests import helpers
+
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="the TPU compiler is not installed: pip install -r requirements-tpu.txt",
+)
+GIB = 1 << 30
+# Wide enough that FSDP splits the ViT, Longformer and projection matrices (the micro
+# model's are all smaller than sharding.FSDP_MIN_SIZE).
+WIDE = (
+  "--config.model.video.vit.width=64",
+  "--config.model.video.vit.mlp_dim=512",
+  "--config.model.video.temporal.mlp_dim=512",
+  "--config.model.audio.temporal.mlp_dim=512",
+  "--config.model.projection_hidden_dim=512",
+)
+
+
+def compile_micro(workdir, *overrides: str, check: bool = True):
+  return helpers.run_main(workdir, *overrides, mode="compile", check=check, timeout=900)
+
+
+def summary(workdir) -> dict:
+  return json.loads((workdir / "compile" / "summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------- no compiler
+
+
+def test_topologies_are_named_as_cloud_tpu_names_accelerator_types():
+  v5e = compile_lib.Topology.parse("v5litepod-256")
+  assert (v5e.accelerator_type, v5e.chips, v5e.shape, v5e.host_bounds) == (
+    "v5e-256",
+    256,
+    (16, 16),
+    (2, 2, 1),
+  )
+  one_host = compile_lib.Topology.parse("v5e-8")
+  assert (one_host.shape, one_host.host_bounds) == ((2, 4), (2, 4, 1))
+  v5p = compile_lib.Topology.parse("v5p-512")  # TensorCores: 256 chips
+  assert (v5p.chips, v5p.shape, v5p.generation.chip_config) == (256, (4, 8, 8), "megacore")
+  assert compile_lib.Topology.parse("v4-8").chips == 4
+  assert compile_lib.Topology.parse("v6e-64").generation.hbm_bytes == 32 * GIB
+  with pytest.raises(ValueError, match=r"a v5p slice has one of 8, 16, .* TensorCores"):
+    compile_lib.Topology.parse("v5p-12")
+  with pytest.raises(ValueError, match=r"'h100-8' is no TPU accelerator type .* v5e-256"):
+    compile_lib.Topology.parse("h100-8")
+
+
+# A module as the TPU compiler writes one (shapes with tiled layouts, operands by name only):
+# a reduce-scatter as a fusion calling an all-reduce-scatter (the all-reduce inside is part
+# of it), an all-gather inside a fusion, a combined (tuple) all-reduce, an async pair.
+HLO = """\
+HloModule jit_train_step, entry_computation_layout={()}
+
+%all-reduce-scatter.3 (input_0: f32[64,32], input_1: f32[16]) -> (f32[16,32], f32[4]) {
+  %input_0 = f32[64,32]{1,0:T(8,128)} parameter(0)
+  %all-reduce.1 = f32[64,32]{1,0:T(8,128)} all-reduce(%input_0), to_apply=%add
+  ROOT %tuple.1 = (f32[16,32]{1,0:T(8,128)}, f32[4]{0}) tuple(%slice.1, %slice.2)
+}
+
+%fused_computation.7 (param_0.1: bf16[8,32]) -> bf16[32,32] {
+  %param_0.1 = bf16[8,32]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %all-gather.2 = bf16[32,32]{1,0:T(8,128)(2,1)} all-gather(%param_0.1), dimensions={0}
+}
+
+ENTRY %main.9_spmd (p0: f32[64,32], p1: f32[16], p2: bf16[8,32]) -> f32[] {
+  %fusion.1 = (f32[16,32]{1,0:T(8,128)}, f32[4]{0}) fusion(%p0, %p1), calls=%all-reduce-scatter.3
+  %fusion.2 = bf16[32,32]{1,0:T(8,128)(2,1)} fusion(%p2), kind=kCustom, calls=%fused_computation.7
+  %all-reduce.5 = (f32[10]{0}, f32[6]{0}) all-reduce(%a, %b), to_apply=%add
+  %collective-permute-start.1 = (f32[100]{0}, f32[100]{0}, u32[]) collective-permute-start(%x)
+  %collective-permute-done.1 = f32[100]{0} collective-permute-done(%collective-permute-start.1)
+  %copy-start.1 = (f32[4]{0}, f32[4]{0}, u32[]) copy-start(%y)
+  %copy-done.1 = f32[4]{0} copy-done(%copy-start.1)
+  ROOT %all-gather.9 = s32[12]{0} all-gather(%c), dimensions={0}
+}
+"""
+
+
+def test_collectives_are_counted_once_each_with_the_bytes_each_chip_receives():
+  assert compile_lib.collectives(HLO) == {
+    "reduce-scatter": {"count": 1, "bytes": (16 * 32 + 4) * 4},
+    "all-gather": {"count": 2, "bytes": 32 * 32 * 2 + 12 * 4},
+    "all-reduce": {"count": 1, "bytes": (10 + 6) * 4},
+    "collective-permute": {"count": 1, "bytes": 100 * 4},
+  }
+
+
+def test_compile_without_a_topology_says_what_to_pass(tmp_path):
+  result = compile_micro(tmp_path / "run", check=False)
+  assert result.returncode == 1
+  (error,) = helpers.logged(result.stderr)
+  assert "--config.compile.topology=v5e-8" in error
+
+
+# ----------------------------------------------------------------------------- compiled
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_fsdp_bf16_programs_compile_for_a_v5e_8_with_their_memory_and_collectives(tmp_path):
+  workdir = tmp_path / "run"
+  result = compile_micro(
+    workdir,
+    *WIDE,
+    "--config.compile.topology=v5e-8",
+    "--config.mesh.axes=(('data', 2), ('fsdp', 4))",
+    "--config.model.dtype=bfloat16",
+    "--config.compile.whole_video_frames=40",
+  )
+  assert "TPU" not in result.stderr.replace("TPU v5 lite", "")  # no libtpu start-up noise
+  found = summary(workdir)
+  assert (found["topology"], found["num_slices"], found["chips"]) == ("v5e-8", 1, 8)
+  assert found["mesh"] == {"data": 2, "fsdp": 4}
+  assert set(found["programs"]) == {"train_step", "embed_step", "whole_video"}
+  for name, program in found["programs"].items():
+    memory = program["per_chip_bytes"]
+    assert memory["total"] == (
+      memory["arguments"]
+      + memory["outputs"]
+      - memory["aliased"]
+      + memory["temporaries"]
+      + memory["code"]
+    )
+    assert program["hbm_bytes_per_chip"] == 16 * GIB and program["fits"]
+    assert (workdir / "compile" / program["hlo"]).stat().st_size > 0, name
+    assert f"{name} (" in result.stderr  # its table
+  train = found["programs"]["train_step"]
+  # The state is donated: the new one is written over the old one.
+  assert train["per_chip_bytes"]["aliased"] >= 0.9 * train["per_chip_bytes"]["outputs"]
+  # FSDP: gradients reduce-scattered, parameters gathered (for evaluation too).
+  assert train["collectives"]["reduce-scatter"] >= 1
+  assert train["collectives"]["all-gather"] >= 1
+  assert found["programs"]["embed_step"]["collectives"]["all-gather"] >= 1
+  assert found["programs"]["whole_video"]["collectives"] == {}  # one chip
+  assert found["programs"]["whole_video"]["chips"] == 1
+
+  # bf16 on the TPU: the matmuls and convolutions run in bfloat16 (the CPU widens them).
+  hlo = (workdir / "compile" / "train_step.hlo.txt").read_text()
+  results = re.findall(r"= (\w+)\[[^\]]*\]\S* (?:convolution|dot)\(", hlo)
+  assert results and results.count("bf16") >= 0.5 * len(results), results
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_a_program_that_does_not_fit_exits_1_with_one_line(tmp_path):
+  # 2M frames of 32² pixels in float32 are 23 GiB of input alone: no v5e chip holds them
+  # (the TPU compiler refuses such a program itself).
+  result = compile_micro(
+    tmp_path / "run",
+    "--config.compile.topology=v5e-1",
+    "--config.compile.programs=('whole_video',)",
+    "--config.compile.whole_video_frames=2000000",
+    check=False,
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  (error,) = helpers.logged(result.stderr, "EF")
+  assert "whole_video does not fit the 16.00 GiB of HBM of a v5e chip" in error
+  assert "Ran out of memory" in error and "Lower compile.whole_video_frames" in error
+  assert summary(tmp_path / "run")["programs"]["whole_video"]["fits"] is False
