@@ -3,9 +3,11 @@ ViT-L width over 16-frame clips, a global batch of 4096 clips (every other clip 
 is a negative), bfloat16 compute, parameters and AdamW moments split over an 8-way "fsdp"
 mesh axis, every block rematerialised.
 
-Made for a v5e-256 or v5p-512 slice, or several slices (`--config.mesh.num_slices=N`, which
-launch/tpu_vm.sh sets); docs/scaling.md models its memory per chip and step time. Point it at
-a prepared dataset on a Cloud Storage FUSE mount:
+Made for a v5e-256 slice (`compile.topology`; check it before renting with `--mode compile`,
+for several slices with `--config.compile.num_slices=N`; launch/tpu_vm.sh sets
+`mesh.num_slices`); it also fits a v5p-512. docs/scaling.md models its memory per chip and
+step time. Input as vtn_base's (prepare the dataset with the command in its docstring), on a
+Cloud Storage FUSE mount:
   --config.dataset.name=NAME --config.dataset.data_dir=/gcs/BUCKET/datasets
 """
 
@@ -48,4 +50,5 @@ def get_config():
   # Many hosts take longer to start together; a stalled host is noticed within 5 minutes.
   config.distributed.initialization_timeout_seconds = 900
   config.distributed.heartbeat_timeout_seconds = 300
+  config.compile.topology = "v5e-256"
   return config

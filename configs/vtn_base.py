@@ -5,6 +5,18 @@ As in the Video Transformer Network (Neimark et al., 2021): a ViT-B/16 on every 
 Google ViT/AugReg layout), its CLS features through a 3-layer Longformer of ViT-B width,
 window ±9 frames, with a global CLS token, on 16-frame clips; the audio tower a ResNet-18-
 sized spectrogram CNN with a 2-layer Longformer. Computes in bfloat16 (params float32).
+
+Made for one accelerator host: a v5e-8 (`compile.topology`; check it before renting with
+`--mode compile`) or 8 GPUs. Real-data input, prepared first with matching storage:
+
+  python -m cmvt_jax.prepare --video_dir VIDEOS --data_dir DATA --name NAME --fps 8 \
+    --short_side 256 --sample_rate 16000 --n_fft 400 --hop_length 160 --n_mels 128 \
+    --fmin 20 --fmax 8000
+
+then `--config.dataset.name=NAME --config.dataset.data_dir=DATA`. Frames: 224-pixel random
+resized crops of the 256-pixel frames (scale 0.3–1, aspect 3/4–4/3) and flips. Audio: the
+AST / CAV-MAE front end — 16 kHz mono, 128 mel bins, 25 ms windows every 10 ms (200 frames per
+2-second clip) — with SpecAugment (two time masks of up to 0.4 s, two of up to 24 mel bins).
 """
 
 from configs import default
@@ -17,6 +29,24 @@ def get_config():
   config.input.num_frames = 16
   config.input.fps = 8.0
   config.input.frame_size = 224
+  config.input.crop_scale = (0.3, 1.0)
+  config.input.crop_ratio = (3 / 4, 4 / 3)
+  # The AST / CAV-MAE audio front end: 25 ms windows every 10 ms, 128 mel bins.
+  config.input.sample_rate = 16000
+  config.input.n_fft = 400
+  config.input.hop_length = 160
+  config.input.n_mels = 128
+  config.input.fmin = 20.0
+  config.input.fmax = 8000.0
+  config.input.num_time_masks = 2
+  config.input.max_time_mask = 40
+  config.input.num_freq_masks = 2
+  config.input.max_freq_mask = 24
+  # How the prepared dataset stores them (the prepare command in the docstring).
+  config.dataset.fps = 8.0
+  config.dataset.short_side = 256
+  config.dataset.sample_rate = 16000
+  config.compile.topology = "v5e-8"
 
   model = config.model
   model.dtype = "bfloat16"
