@@ -8,7 +8,7 @@
 #   create   create the slice (tpu-vm create), or queue it (--queued, or --num_slices > 1:
 #            queued-resources create --node-count), and wait until it is up
 #   setup    copy this checkout (or clone --repo) to every worker; install uv, Python
-#            $PYTHON_VERSION, requirements.txt and jax[tpu] in ~/cmvt_venv; with
+#            $PYTHON_VERSION and requirements-tpu.txt in ~/cmvt_venv; with
 #            --data_bucket, install gcsfuse and mount the bucket
 #   train    start `python -m cmvt_jax.main ARGS` on every worker of every slice (detached:
 #            a dropped connection does not stop it), then stream worker 0's log until the
@@ -231,8 +231,8 @@ setup() {
     done < <(nodes)
     code="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf \$HOME/cmvt_jax_code.tar.gz -C $REMOTE_DIR"
   fi
-  # jax[tpu] at the version requirements.txt pins for jax.
-  local install="python3 -m pip install --user --quiet uv && \$HOME/.local/bin/uv venv --python=$PYTHON_VERSION $VENV && cd $REMOTE_DIR && jax_version=\$(sed -n 's/^jax==//p' requirements.txt) && \$HOME/.local/bin/uv pip install --python=$VENV/bin/python -r requirements.txt \"jax[tpu]==\$jax_version\""
+  # requirements.txt plus jax[tpu] at the pinned jax version.
+  local install="python3 -m pip install --user --quiet uv && \$HOME/.local/bin/uv venv --python=$PYTHON_VERSION $VENV && cd $REMOTE_DIR && \$HOME/.local/bin/uv pip install --python=$VENV/bin/python -r requirements-tpu.txt"
   local fuse=''
   if [[ -n $data_bucket ]]; then
     fuse="export GCSFUSE_REPO=gcsfuse-\$(lsb_release -c -s) && echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt \$GCSFUSE_REPO main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse && $(mount_command)"

@@ -9,6 +9,8 @@ dtypes in the optimised HLO.
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -173,3 +175,25 @@ def test_a_program_that_does_not_fit_exits_1_with_one_line(tmp_path):
   assert "whole_video does not fit the 16.00 GiB of HBM of a v5e chip" in error
   assert "Ran out of memory" in error and "Lower compile.whole_video_frames" in error
   assert summary(tmp_path / "run")["programs"]["whole_video"]["fits"] is False
+
+
+@needs_libtpu
+def test_with_libtpu_installed_a_machine_without_chips_starts_on_the_cpu_quietly():
+  env = helpers.environment()
+  del env["JAX_PLATFORMS"]  # as a user's shell has it
+  started = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "from cmvt_jax import sharding; sharding.choose_platforms(); import jax; "
+      "print(jax.default_backend(), jax.device_count())",
+    ],
+    cwd=helpers.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert started.returncode == 0, started.stderr
+  assert started.stdout.split() == ["cpu", "1"]
+  assert "TPU" not in started.stderr, started.stderr

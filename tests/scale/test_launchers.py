@@ -55,7 +55,7 @@ def test_single_slice_up_creates_installs_trains_streams_and_deletes():
   )
   line_with(lines, "gcloud compute tpus tpu-vm scp", "cmvt:", "--worker=all")
   setup = line_with(lines, "gcloud compute tpus tpu-vm ssh cmvt", "--worker=all", "uv pip install")
-  assert "-r requirements.txt" in setup and '"jax[tpu]==$jax_version"' in setup
+  assert "-r requirements-tpu.txt" in setup
   train = line_with(lines, "gcloud compute tpus tpu-vm ssh cmvt", "--worker=all", "cmvt_jax.main")
   assert "--config=configs/tpu_pod.py --workdir=gs://my-runs/cmvt-1" in train
   assert "num_slices" not in train
