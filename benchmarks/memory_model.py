@@ -1,12 +1,13 @@
 """Per-chip memory, step time and contrastive all-gather of CMVT training: a model, checked.
 
-  python -m benchmarks.memory_model [--skip_check]
+  python -m benchmarks.memory_model [--skip_check] [--fit] [--tpu]
 
 Prints the tables of docs/scaling.md:
   1. parameters of vtn_base and of the large variant (configs/tpu_pod.py);
   2. memory per chip vs frames and clips per chip, with and without remat;
   3. the model against XLA: `jit(train_step).lower(...).compile().memory_analysis()` on this
-     CPU for reduced shapes that compile here (float32, one device), and the error;
+     CPU for reduced shapes that compile here (float32, one device), and the error; with
+     `--tpu`, against the TPU compiler for one v5e chip instead (bf16, remat off and on);
   4. step time from the FLOP model at a stated MFU on v5e-256, v5p-512 and 2 × v5e-256;
   5. the contrastive all-gather per step vs hosts.
 
@@ -37,6 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from cmvt_jax import compile as compile_lib
 from cmvt_jax import flops as flops_lib
 from cmvt_jax import run as run_lib
 from cmvt_jax import train
@@ -205,24 +207,19 @@ def chip_memory(config, chips: int, fsdp: int = 1, params: int | None = None) ->
   )
 
 
-def xla_memory(config) -> dict[str, float]:
-  """What XLA allocates for the whole train step on one CPU device (nothing is run)."""
-  run = run_lib.Run.create(config, "/tmp/cmvt_memory_model_unused")
-  video, audio = input_shapes(config)
-  batch = {
-    "video": jax.ShapeDtypeStruct((config.batch_size, *video), jnp.float32),
-    "audio": jax.ShapeDtypeStruct((config.batch_size, *audio), jnp.float32),
-    "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
-  }
-  memory = train.make_train_step(run).lower(run.abstract_state, batch).compile().memory_analysis()
-  arguments = memory.argument_size_in_bytes
+def xla_memory(config, devices=None) -> dict[str, float]:
+  """What XLA allocates per device for the whole train step (nothing is run): on this CPU's
+  one device, or on `devices` (a TPU topology's, compiled by libtpu)."""
+  run = run_lib.Run.create(config, "/tmp/cmvt_memory_model_unused", devices=devices)
+  program = compile_lib.train_step(run, train.make_train_step)
+  if program.compiled is None:
+    raise ValueError(f"the train step does not fit: {program.refusal}")
+  memory = compile_lib.per_chip_bytes(program.compiled)
   return {
-    "arguments": arguments,
-    "temp": memory.temp_size_in_bytes,
-    "total": arguments
-    + memory.output_size_in_bytes
-    - memory.alias_size_in_bytes
-    + memory.temp_size_in_bytes,
+    "arguments": memory["arguments"],
+    "temp": memory["temporaries"],
+    # The model leaves the program's code out.
+    "total": memory["total"] - memory["code"],
   }
 
 
@@ -299,11 +296,14 @@ def print_memory_table(name: str, config, chips: int, fsdp: int):
       )
 
 
+CHECK_SHAPES = ((4, 64, 8), (16, 64, 4), (8, 96, 2), (32, 64, 2), (8, 128, 2))
+
+
 def print_check():
   print("\n| reduced shape (float32, 1 CPU device, no remat) | model MiB | XLA MiB | error |")
   print("|---|---:|---:|---:|")
   errors = []
-  for frames, size, batch in ((4, 64, 8), (16, 64, 4), (8, 96, 2), (32, 64, 2), (8, 128, 2)):
+  for frames, size, batch in CHECK_SHAPES:
     config = reduced(frames, size, batch, remat=False)
     model = chip_memory(config, chips=1).total
     xla = xla_memory(config)["total"]
@@ -312,6 +312,31 @@ def print_check():
       f"| {frames} frames of {size}², batch {batch} | {model / 2**20:.1f} | "
       f"{xla / 2**20:.1f} | {errors[-1]:+.1%} |"
     )
+  _print_errors(errors)
+
+
+def print_tpu_check(topology: str = "v5e-1"):
+  """The model against libtpu's compiler for one chip, bf16 compute, remat off and on."""
+  devices = compile_lib.Topology.parse(topology).devices(1)
+  print(f"\n| reduced shape (bf16, one {topology} chip) | remat | model MiB | TPU MiB | error |")
+  print("|---|---|---:|---:|---:|")
+  errors = []
+  for frames, size, batch in CHECK_SHAPES:
+    for remat in (False, True):
+      config = reduced(frames, size, batch, remat=remat)
+      config.model.dtype = "bfloat16"
+      model = chip_memory(config, chips=1).total
+      tpu = xla_memory(config, devices)["total"]
+      errors.append(model / tpu - 1)
+      print(
+        f"| {frames} frames of {size}², batch {batch} | {'on' if remat else 'off'} | "
+        f"{model / 2**20:.1f} | {tpu / 2**20:.1f} | {errors[-1]:+.1%} |",
+        flush=True,
+      )
+  _print_errors(errors)
+
+
+def _print_errors(errors: list[float]) -> None:
   print(
     f"\nlargest error {max(errors, key=abs):+.1%}, mean |error| "
     f"{sum(map(abs, errors)) / len(errors):.1%}"
@@ -430,6 +455,11 @@ def main():
   parser.add_argument(
     "--fit", action="store_true", help="also measure the per-token block coefficients"
   )
+  parser.add_argument(
+    "--tpu",
+    action="store_true",
+    help="check the model against the TPU compiler instead (needs requirements-tpu.txt)",
+  )
   args = parser.parse_args()
   print_parameters()
   print_memory_table("vtn_base", vtn_base.get_config(), chips=256, fsdp=1)
@@ -437,7 +467,9 @@ def main():
   print_memory_table("tpu_pod (large)", pod, chips=256, fsdp=dict(pod.mesh.axes)["fsdp"])
   if args.fit:
     fit_coefficients()
-  if not args.skip_check:
+  if args.tpu:
+    print_tpu_check()
+  elif not args.skip_check:
     print_check()
   print_step_times()
   print_all_gather()

@@ -130,6 +130,9 @@ class Topology:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.accelerator_type)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes a machine-wide lock for the chips it would drive; compiling drives none,
+    # so two compile checks (or a compile beside a test) may run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
       description = topologies.get_topology_desc(
         platform="tpu",

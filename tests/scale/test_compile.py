@@ -197,3 +197,24 @@ def test_with_libtpu_installed_a_machine_without_chips_starts_on_the_cpu_quietly
   assert started.returncode == 0, started.stderr
   assert started.stdout.split() == ["cpu", "1"]
   assert "TPU" not in started.stderr, started.stderr
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_remat_lowers_the_train_steps_temporaries_on_a_tpu(tmp_path):
+  """On XLA:CPU `jax.checkpoint` saves nothing (docs/scaling.md); the TPU compiler it is made
+  for must keep fewer activations with it."""
+  temporaries = {}
+  for remat in (True, False):
+    workdir = tmp_path / f"remat_{remat}"
+    compile_micro(
+      workdir,
+      "--config.compile.topology=v5e-1",
+      "--config.compile.programs=('train_step',)",
+      "--config.batch_size=512",
+      f"--config.model.remat={remat}",
+    )
+    train = summary(workdir)["programs"]["train_step"]
+    temporaries[remat] = train["per_chip_bytes"]["temporaries"]
+  print(f"temporaries per chip, remat on/off: {temporaries}")
+  assert temporaries[True] < 0.7 * temporaries[False], temporaries
