@@ -168,11 +168,39 @@ class Program:
 
   name: str
   inputs: str  # what one call takes, for the table's title
-  compiled: jax.stages.Compiled | None  # None: refused by the compiler, see `refusal`
-  refusal: str | None  # the TPU compiler's words when the program cannot fit HBM
   chips: int  # the chips it runs on
   model_flops: float  # per call, on all its chips together
-  compile_seconds: float
+  compiled: jax.stages.Compiled | None  # None: refused by the compiler, see `refusal`
+  refusal: str | None  # the TPU compiler's words when the program cannot fit HBM
+  lower_seconds: float  # tracing and lowering to StableHLO (Python, jax)
+  compile_seconds: float  # libtpu's compiler
+
+
+def _program(name: str, inputs: str, chips: int, model_flops: float, step, *args) -> Program:
+  """Lowers and compiles the jitted `step` for `args` (abstract, with their shardings). A
+  program the TPU compiler refuses because it cannot fit the chip's HBM is returned with
+  the compiler's words instead of raising."""
+  start = time.perf_counter()
+  lowered = step.lower(*args)
+  lowered_at = time.perf_counter()
+  compiled, refusal = None, None
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as error:
+    words = str(error).strip().splitlines()[0]
+    if not words.startswith("RESOURCE_EXHAUSTED"):
+      raise
+    refusal = words.removeprefix("RESOURCE_EXHAUSTED:").strip()
+  return Program(
+    name,
+    inputs,
+    chips,
+    model_flops,
+    compiled,
+    refusal,
+    lowered_at - start,
+    time.perf_counter() - lowered_at,
+  )
 
 
 def _abstract(shape, dtype, sharding_) -> jax.ShapeDtypeStruct:
@@ -192,38 +220,19 @@ def _clips(spec, rows: int, sharding_, *, two_views: bool = False) -> dict:
   return batch
 
 
-def _compiled(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled | None, str | None, float]:
-  """(compiled, None, seconds), or (None, the compiler's words, seconds) when the TPU
-  compiler refuses a program that cannot fit the chip's HBM."""
-  start = time.perf_counter()
-  try:
-    return lowered.compile(), None, time.perf_counter() - start
-  except jax.errors.JaxRuntimeError as error:
-    words = str(error).strip().splitlines()[0]
-    if not words.startswith("RESOURCE_EXHAUSTED"):
-      raise
-    return None, words.removeprefix("RESOURCE_EXHAUSTED:").strip(), time.perf_counter() - start
-
-
 def train_step(run: run_lib.Run, make_train_step: Callable) -> Program:
   """The run's update step on its global batch."""
   batch_size = int(run.config.batch_size)
-  batch = _clips(
-    run.spec,
-    batch_size,
-    sharding.batch_sharding(run.mesh),
-    two_views=bool(run.config.input.two_views),
-  )
-  compiled, refusal, seconds = _compiled(make_train_step(run).lower(run.abstract_state, batch))
   views = 2 if run.config.input.two_views else 1
-  return Program(
+  batch = _clips(run.spec, batch_size, sharding.batch_sharding(run.mesh), two_views=views == 2)
+  return _program(
     "train_step",
     f"global batch {batch_size}" + (" × 2 views" if views == 2 else ""),
-    compiled,
-    refusal,
     run.mesh.size,
     run.flops().train_step * batch_size * views,
-    seconds,
+    make_train_step(run),
+    run.abstract_state,
+    batch,
   )
 
 
@@ -231,19 +240,21 @@ def embed_step(run: run_lib.Run) -> Program:
   """Evaluation's and export's clip embedding, at the larger of their batch sizes."""
   rows = max(int(run.config.eval.batch_size), int(run.config.export.batch_size))
   batch = _clips(run.spec, rows, sharding.batch_sharding(run.mesh))
-  step = embedding.clip_embedding_step(run.model, run.mesh)
-  lowered = step.lower(run.abstract_state.params["model"], batch["video"], batch["audio"])
-  compiled, refusal, seconds = _compiled(lowered)
-  forward = run.flops().forward * rows
-  return Program(
-    "embed_step", f"global batch {rows}", compiled, refusal, run.mesh.size, forward, seconds
+  return _program(
+    "embed_step",
+    f"global batch {rows}",
+    run.mesh.size,
+    run.flops().forward * rows,
+    embedding.clip_embedding_step(run.model, run.mesh),
+    run.abstract_state.params["model"],
+    batch["video"],
+    batch["audio"],
   )
 
 
 def whole_video(run: run_lib.Run, frames: int) -> Program:
   """One whole video of `frames` input frames (padded to its bucket) on one chip."""
-  device = run.mesh.devices.flat[0]
-  on_chip = jax.sharding.SingleDeviceSharding(device)
+  on_chip = jax.sharding.SingleDeviceSharding(run.mesh.devices.flat[0])
   params = jax.tree.map(
     lambda x: _abstract(x.shape, x.dtype, on_chip), run.abstract_state.params["model"]
   )
@@ -253,19 +264,17 @@ def whole_video(run: run_lib.Run, frames: int) -> Program:
   video = _abstract((1, padded, spec.frame_size, spec.frame_size, 3), np.float32, on_chip)
   mask = _abstract((1, padded), np.bool_, on_chip)
   audio = _abstract((1, audio_frames, spec.mel.n_mels), np.float32, on_chip)
-  step = embedding.whole_video_step(run.model)
-  compiled, refusal, seconds = _compiled(step.lower(params, video, mask, audio))
-  count = flops_lib.count(
-    run.model, video_shape=video.shape[1:], audio_shape=audio.shape[1:]
-  ).forward
-  return Program(
+  forward = flops_lib.count(run.model, video_shape=video.shape[1:], audio_shape=audio.shape[1:])
+  return _program(
     "whole_video",
     f"one video of {frames} frames, padded to {padded}, and {audio_frames} audio frames",
-    compiled,
-    refusal,
     1,
-    count,
-    seconds,
+    forward.forward,
+    embedding.whole_video_step(run.model),
+    params,
+    video,
+    mask,
+    audio,
   )
 
 
@@ -439,6 +448,7 @@ def _summary(program: Program, hbm: int, out: epath.Path) -> dict:
     "chips": program.chips,
     "hbm_bytes_per_chip": hbm,
     "model_flops_per_chip": program.model_flops / program.chips,
+    "lower_seconds": round(program.lower_seconds, 1),
     "compile_seconds": round(program.compile_seconds, 1),
   }
   if program.compiled is None:
@@ -508,7 +518,7 @@ def table(name: str, summary: dict, peak_flops: float) -> str:
     ("HBM", _size(summary["hbm_bytes_per_chip"])),
     ("headroom", f"{100 * summary['headroom']:.1f}%"),
     ("model FLOPs", f"{flops:.3e} (at the chip's peak {flops / peak_flops * 1e3:.3g} ms)"),
-    ("compile time", f"{summary['compile_seconds']:.1f} s"),
+    ("lower, compile", f"{summary['lower_seconds']:.1f} s, {summary['compile_seconds']:.1f} s"),
   ]
   for kind, count in summary["collectives"].items():
     rows.append((kind, f"{count} ({_size(summary['collective_bytes'][kind])})"))

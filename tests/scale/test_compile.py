@@ -211,7 +211,7 @@ def test_remat_lowers_the_train_steps_temporaries_on_a_tpu(tmp_path):
       workdir,
       "--config.compile.topology=v5e-1",
       "--config.compile.programs=('train_step',)",
-      "--config.batch_size=512",
+      "--config.batch_size=256",
       f"--config.model.remat={remat}",
     )
     train = summary(workdir)["programs"]["train_step"]
