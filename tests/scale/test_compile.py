@@ -64,6 +64,19 @@ def test_topologies_are_named_as_cloud_tpu_names_accelerator_types():
     compile_lib.Topology.parse("h100-8")
 
 
+def test_without_libtpu_the_compile_mode_says_what_to_install(monkeypatch):
+  def no_tpu_support(**kwargs):
+    raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology.")
+
+  monkeypatch.setattr(compile_lib.topologies, "get_topology_desc", no_tpu_support)
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name: None if name == "libtpu" else real_find_spec(name)
+  )
+  with pytest.raises(compile_lib.MissingCompilerError, match="pip install -r requirements-tpu.txt"):
+    compile_lib.Topology.parse("v5e-8").devices(1)
+
+
 # A module as the TPU compiler writes one (shapes with tiled layouts, operands by name only):
 # a reduce-scatter as a fusion calling an all-reduce-scatter (the all-reduce inside is part
 # of it), an all-gather inside a fusion, a combined (tuple) all-reduce, an async pair.
