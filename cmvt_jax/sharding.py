@@ -13,7 +13,6 @@ The multi-host helpers below are the only places where processes exchange host v
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import math
 import os
@@ -262,7 +261,7 @@ def choose_platforms() -> None:
     return
   if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
     return
-  has_cuda = glob.glob("/dev/nvidia[0-9]*") and any(
+  has_cuda = any(epath.Path("/dev").glob("nvidia[0-9]*")) and any(
     importlib.util.find_spec(plugin) for plugin in ("jax_cuda12_plugin", "jax_cuda13_plugin")
   )
   jax.config.update("jax_platforms", "cuda,cpu" if has_cuda else "cpu")
