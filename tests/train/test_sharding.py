@@ -152,4 +152,4 @@ def test_tpu_pod_mesh_builds_on_v5e_256_slices_with_fsdp_on_neighbouring_chips(n
 
 def test_two_slices_in_one_cpu_process_is_a_clear_error():
   with pytest.raises(ValueError, match=r"mesh.num_slices=2, but these cpu devices belong to 1 "):
-    sharding.create_mesh(mesh_config((("data", -1), ("fsdp", 1)), num_slices=2))
+    sharding.device_grid(mesh_config((("data", -1), ("fsdp", 1)), num_slices=2), jax.devices() * 2)
