@@ -34,7 +34,8 @@ SCHEDULE = (
 
 
 def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
-  """`local_multihost.sh 2` as a user types it; process 0's output, then the script's."""
+  """`DEVICES=2 local_multihost.sh 2` as a user types it (2 hosts of 2 devices: the batch
+  splits over hosts and over each host's devices); process 0's output, then the script's."""
   command = [
     "bash",
     str(SCRIPT),
@@ -46,6 +47,7 @@ def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
   ]
   env = helpers.environment()
   env["LOG_DIR"] = str(workdir.parent / f"logs_{workdir.name}")
+  env["DEVICES"] = "2"
   return subprocess.Popen(
     command, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )

@@ -49,15 +49,6 @@ def test_eight_devices_match_one(one_device_run, eight_device_run):
 
 
 @pytest.mark.slow
-def test_two_hosts_of_two_devices_match_one_host_of_four(tmp_path, micro_data_dir):
-  single = tmp_path / "single"
-  helpers.run_main(single, *STEPS, devices=4, data_dir=micro_data_dir)
-  multi = tmp_path / "multi"
-  helpers.finish_all(helpers.start_processes(multi, 2, *STEPS, devices=2, data_dir=micro_data_dir))
-  assert_same_training(single, multi)
-
-
-@pytest.mark.slow
 def test_eight_device_checkpoint_resumes_on_two(
   tmp_path, micro_data_dir, eight_device_run, one_device_run
 ):
