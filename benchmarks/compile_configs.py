@@ -27,16 +27,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # name: (config, overrides)
 CASES = {
   "vtn_base": ("vtn_base", ()),
-  "vtn_base, remat off": (
+  "vtn_base (remat off)": (
     "vtn_base",
     ("--config.model.remat=False", "--config.compile.programs=('train_step',)"),
   ),
   "tpu_pod": ("tpu_pod", ()),
-  "tpu_pod, 2 slices": (
+  "tpu_pod (2 slices)": (
     "tpu_pod",
     ("--config.compile.num_slices=2", "--config.compile.programs=('train_step',)"),
   ),
-  "tpu_pod, remat off": (
+  "tpu_pod (remat off)": (
     "tpu_pod",
     ("--config.model.remat=False", "--config.compile.programs=('train_step',)"),
   ),
@@ -101,7 +101,7 @@ def main(argv):
     "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
   ]
   for name in _CASES.value:
-    workdir = root / name.replace(" ", "_").replace(",", "")
+    workdir = root / "".join(c if c.isalnum() else "_" for c in name)
     summary, seconds, status = compile_case(name, workdir)
     table += rows(name, summary, seconds, status)
     print("\n".join(table), flush=True)
