@@ -247,6 +247,7 @@ def reduced(frames: int, size: int, batch: int, remat: bool):
   """vtn_base's structure at widths that compile on this CPU in float32, activations first."""
   config = vtn_base.get_config()
   config.input.num_frames, config.input.frame_size, config.batch_size = frames, size, batch
+  config.optim.grad_accum_steps = 1  # the model has no term for accumulation
   model = config.model
   model.dtype, model.remat = "float32", remat
   model.embed_dim, model.projection_hidden_dim = 64, 256

@@ -24,6 +24,7 @@ def get_config():
   config.eval.batch_size = 1024
   config.export.batch_size = 1024
 
+  config.optim.grad_accum_steps = 1  # 16 clips per chip fit a v5e chip whole (vtn_base: 2)
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 5000
   config.optim.weight_decay = 0.1

@@ -102,6 +102,10 @@ def get_config():
   config.optim.warmup_steps = 2_000
   config.optim.weight_decay = 0.05
   model.remat = True  # ViT-B on 16 frames × 256 clips does not fit activations otherwise
+  # 32 clips per v5e chip did not fit even with remat (`--mode compile`: 16.09 GiB of 16;
+  # 19.3 GiB of temporaries without remat): the batch is embedded in two halves (GradCache,
+  # train.py), which keeps all 256 clips as each other's negatives.
+  config.optim.grad_accum_steps = 2
   config.input.num_workers = 8
   config.input.worker_buffer_size = 4
   config.input.read_threads = 4
