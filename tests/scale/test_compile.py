@@ -126,6 +126,19 @@ def test_compile_without_a_topology_says_what_to_pass(tmp_path):
   assert "--config.compile.topology=v5e-8" in error
 
 
+def test_an_unknown_program_is_refused_before_any_compile(tmp_path):
+  result = compile_micro(
+    tmp_path / "run",
+    "--config.compile.topology=v5e-8",
+    "--config.compile.programs=('train',)",
+    check=False,
+  )
+  assert result.returncode == 1
+  (error,) = helpers.logged(result.stderr)
+  assert "compile.programs=('train',): choose among ('train_step'" in error
+  assert "unknown: ['train']" in error
+
+
 # ----------------------------------------------------------------------------- compiled
 
 
