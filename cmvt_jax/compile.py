@@ -326,6 +326,9 @@ _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\((.*)\)\s+->\s+.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_CALLED = re.compile(r"\b(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_WHILE = re.compile(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 # The TPU compiler writes a reduce-scatter as a fusion calling a computation of this name
 # (an all-reduce and a dynamic slice inside): counted once, as a reduce-scatter.
 _REDUCE_SCATTER_FUSION = "all-reduce-scatter"
@@ -342,42 +345,95 @@ def _bytes(shape_text: str) -> int:
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """`{kind: {"count": n, "bytes": b}}` of the collectives in optimised HLO text.
+  """`{kind: {"count": n, "bytes": b}}` of the collectives one run of the program executes,
+  read from its optimised HLO text.
 
   Counted wherever they are (fusions included), once each: an async `-start`/`-done` pair
   once; a fusion that calls an all-reduce-scatter as one reduce-scatter (and not the
-  all-reduce inside it). Bytes: of the results each chip receives — an all-gather's gathered
-  tensor, a reduce-scatter's shard, an all-reduce's sum — every element of a tuple counted
-  (combined collectives move several tensors at once).
+  all-reduce inside it); inside a `while` loop (scanned layers, the compiler's windowed
+  matmuls) as many times as the loop runs (its condition's `< constant` bound; once if it has
+  none). Bytes: of the results each chip receives — an all-gather's gathered tensor, a
+  reduce-scatter's shard, an all-reduce's sum — every element of a tuple counted (combined
+  collectives move several tensors at once).
   """
+  computations, entry = _computations(hlo_text)
+  executions: dict[str, int] = {}
+
+  def run(name: str, times: int) -> None:
+    executions[name] = executions.get(name, 0) + times
+    for instruction in computations.get(name, ()):
+      for callee, factor in _callees(instruction, computations):
+        run(callee, times * factor)
+
+  run(entry, 1)
   found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVE_KINDS}
-  computation, started = "", {}
+  for computation, times in executions.items():
+    if computation.startswith(_REDUCE_SCATTER_FUSION):
+      continue
+    started = {}
+    for name, shape, op, rest in computations[computation]:
+      called = _CALLS.search(rest)
+      if op == "fusion" and called and called[1].startswith(_REDUCE_SCATTER_FUSION):
+        kind = "reduce-scatter"
+      else:
+        kind = op.removesuffix("-start").removesuffix("-done")
+      if kind not in found:
+        continue
+      if op.endswith("-start"):  # its result holds the operands too: the -done's result counts
+        started[name] = kind
+        found[kind]["count"] += times
+      elif op.endswith("-done"):
+        start = re.match(r"\s*%?([\w.\-]+)", rest)
+        found[started.get(start[1] if start else "", kind)]["bytes"] += times * _bytes(shape)
+      else:
+        found[kind]["count"] += times
+        found[kind]["bytes"] += times * _bytes(shape)
+  return {kind: value for kind, value in found.items() if value["count"]}
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[tuple[str, ...]]], str]:
+  """{computation: [(name, shape, op, rest of the line), ...]} and the entry's name."""
+  computations: dict[str, list[tuple[str, ...]]] = {}
+  current, entry = None, ""
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
-      computation = header[1]
+      current = computations.setdefault(header[1], [])
+      entry = header[1] if line.startswith("ENTRY") else entry
       continue
     match = _INSTRUCTION.match(line)
-    if not match or computation.startswith(_REDUCE_SCATTER_FUSION):
-      continue
-    name, shape, op, rest = match.groups()
-    called = _CALLS.search(rest)
-    if op == "fusion" and called and called[1].startswith(_REDUCE_SCATTER_FUSION):
-      kind = "reduce-scatter"
-    else:
-      kind = op.removesuffix("-start").removesuffix("-done")
-    if kind not in found:
-      continue
-    if op.endswith("-start"):  # its result holds the operands too: the -done's result counts
-      started[name] = kind
-      found[kind]["count"] += 1
-    elif op.endswith("-done"):
-      start = re.match(r"\s*%?([\w.\-]+)", rest)
-      found[started.get(start[1] if start else "", kind)]["bytes"] += _bytes(shape)
-    else:
-      found[kind]["count"] += 1
-      found[kind]["bytes"] += _bytes(shape)
-  return {kind: value for kind, value in found.items() if value["count"]}
+    if match and current is not None:
+      current.append(match.groups())
+  return computations, entry
+
+
+def _callees(instruction: tuple[str, ...], computations: dict) -> list[tuple[str, int]]:
+  """(computation, runs per execution of the instruction) of what it calls."""
+  _, _, op, rest = instruction
+  if op == "while":
+    loop = _WHILE.search(rest)
+    if loop:
+      return [(loop[2], _trip_count(computations.get(loop[1], ())))]
+  called = [name for name in _CALLED.findall(rest) if name in computations]
+  for branches in _BRANCHES.findall(rest):
+    called += [name.strip().lstrip("%") for name in branches.split(",")]
+  return [(name, 1) for name in called if name in computations]
+
+
+def _trip_count(condition: list[tuple[str, ...]]) -> int:
+  """A loop condition's bound: `compare(i, constant N), direction=LT` runs the body N times
+  (the counters XLA writes start at 0 and step by 1); 1 when no such bound is found."""
+  constants = {
+    name: int(value[1])
+    for name, _, op, rest in condition
+    if op == "constant" and (value := re.match(r"(-?\d+)\)", rest))
+  }
+  for _, _, op, rest in condition:
+    if op == "compare" and "direction=LT" in rest:
+      operands = [o.strip().lstrip("%") for o in rest.split(")")[0].split(",")]
+      if len(operands) == 2 and operands[1] in constants:
+        return max(constants[operands[1]], 0)
+  return 1
 
 
 # ----------------------------------------------------------------------------- the mode

@@ -52,7 +52,9 @@ def clip_embedding_step(model: cmvt.CMVT, mesh: jax.sharding.Mesh):
   """The jitted (params, video `[B, T, S, S, 3]`, audio `[B, F, M]`) → `video`, `audio`
   `[B, E]` over the mesh, rows split like the batch (also what `--mode compile` compiles)."""
   return jax.jit(
-    lambda params, video, audio: _normalised(model, params, video, audio),
+    sharding.traced_over(
+      mesh, lambda params, video, audio: _normalised(model, params, video, audio)
+    ),
     out_shardings=sharding.batch_sharding(mesh),
   )
 

@@ -13,6 +13,7 @@ The multi-host helpers below are the only places where processes exchange host v
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -32,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from cmvt_jax import files
+from cmvt_jax.models import frame_encoder
 
 # Parameters smaller than this stay replicated: splitting them saves nothing and costs
 # a collective each step.
@@ -123,12 +125,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def parameter_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """Replicated, or split over "fsdp" along the largest dimension it divides."""
+def parameter_sharding(mesh: Mesh, shape: Sequence[int], *, stacked: bool = False) -> NamedSharding:
+  """Replicated, or split over "fsdp" along the largest dimension it divides.
+
+  `stacked`: the leaf holds one slice per layer on its leading axis (a scanned stack of
+  blocks); that axis is never split (the layer loop slices it: split, every step would gather
+  the whole stack), and the size rule counts one layer.
+  """
   fsdp = mesh.shape.get("fsdp", 1)
-  if fsdp == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+  layer_shape = shape[1:] if stacked else shape
+  if fsdp == 1 or math.prod(layer_shape) < FSDP_MIN_SIZE:
     return replicated(mesh)
-  candidates = [d for d in np.argsort(shape)[::-1] if shape[d] % fsdp == 0]
+  first = 1 if stacked else 0
+  candidates = [d for d in np.argsort(shape)[::-1] if d >= first and shape[d] % fsdp == 0]
   if not candidates:
     return replicated(mesh)
   spec = [None] * len(shape)
@@ -139,8 +148,25 @@ def parameter_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 def tree_shardings(mesh: Mesh, abstract_tree) -> Any:
   """`parameter_sharding` of every leaf of a pytree of ShapeDtypeStructs (`jax.eval_shape`):
   parameters and optimiser moments split by the FSDP rule, small leaves and scalars
-  replicated."""
-  return jax.tree.map(lambda x: parameter_sharding(mesh, x.shape), abstract_tree)
+  replicated; leaves under a scanned stack of ViT blocks keep their layer axis whole."""
+
+  def leaf_sharding(path, x):
+    stacked = any(getattr(key, "key", None) == frame_encoder.SCANNED_BLOCKS for key in path)
+    return parameter_sharding(mesh, x.shape, stacked=stacked)
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
+
+
+def traced_over(mesh: Mesh, fn):
+  """`fn` traced with `mesh` as the abstract mesh (jit it): the models' row constraints
+  (`frame_encoder.split_over_mesh`, inside scanned layers) then split rows like the batch."""
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:

@@ -233,7 +233,7 @@ def make_train_step(
 
   batch_sharding = sharding.batch_sharding(run.mesh)
   return jax.jit(
-    train_step,
+    sharding.traced_over(run.mesh, train_step),
     in_shardings=(run.state_shardings, batch_sharding),
     out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
     donate_argnums=(0,),

@@ -116,6 +116,9 @@ def get_config() -> config_dict.ConfigDict:
   video.vit.num_heads = 2
   video.vit.mlp_dim = 128
   video.vit.dropout_rate = 0.0
+  # One nn.scan over the blocks (parameters stacked on a layer axis): the TPU compiler sees one
+  # block instead of `depth`. Changes the checkpoint layout (a resume must keep it).
+  video.vit.scan_layers = False
   # A local ViT .npz (Google ViT/AugReg layout) to start the frame encoder from.
   video.vit.checkpoint = config_dict.placeholder(str)
   video.resnet = _resnet(

@@ -62,6 +62,7 @@ def get_config():
   vit.num_heads = 12
   vit.mlp_dim = 3072
   vit.dropout_rate = 0.0
+  vit.scan_layers = True  # the TPU compile of 12 unrolled blocks is most of the check's time
 
   temporal = model.video.temporal
   temporal.width = 768

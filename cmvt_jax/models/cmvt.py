@@ -264,6 +264,7 @@ def _frame_encoder(video, frame_size: int, remat: bool, dtype) -> nn.Module:
       image_size=frame_size,
       dropout_rate=vit.dropout_rate,
       remat=remat,
+      scan_layers=vit.scan_layers,
       dtype=dtype,
     )
   if video.frame_encoder == "resnet":

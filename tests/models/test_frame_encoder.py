@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from cmvt_jax.models import frame_encoder
 
@@ -124,9 +125,15 @@ def numpy_vit(weights, image, depth):
   return layer_norm(x, "Transformer/encoder_norm")[0]
 
 
-def small_vit(depth, image_size):
+def small_vit(depth, image_size, **options):
   return frame_encoder.ViT(
-    patch_size=PATCH, width=WIDTH, depth=depth, num_heads=HEADS, mlp_dim=MLP, image_size=image_size
+    patch_size=PATCH,
+    width=WIDTH,
+    depth=depth,
+    num_heads=HEADS,
+    mlp_dim=MLP,
+    image_size=image_size,
+    **options,
   )
 
 
@@ -141,16 +148,67 @@ def write(tmp_path, weights, name="vit.npz"):
   return str(path)
 
 
-def test_checkpoint_loads_into_a_vit_that_matches_the_numpy_reference(tmp_path):
-  weights = release_checkpoint(depth=2, grid=2)
-  vit = small_vit(depth=2, image_size=8)
+def stacked(weights, depth):
+  """The release layout's blocks stacked on a layer axis (big_vision's scanned layout)."""
+  stack = {}
+  for name, value in weights.items():
+    if name.startswith("Transformer/encoderblock_0/"):
+      suffix = name.removeprefix("Transformer/encoderblock_0/")
+      layers = [weights[f"Transformer/encoderblock_{i}/{suffix}"] for i in range(depth)]
+      stack[f"Transformer/encoderblock/{suffix}"] = np.stack(layers)
+    elif not name.startswith("Transformer/encoderblock_"):
+      stack[name] = value
+  return stack
+
+
+@pytest.mark.parametrize(
+  "layout, options",
+  [
+    ("per-layer", {}),
+    ("per-layer", {"scan_layers": True}),
+    ("per-layer", {"scan_layers": True, "remat": True}),
+    ("stacked", {}),
+    ("stacked", {"scan_layers": True}),
+  ],
+)
+def test_checkpoint_loads_into_a_vit_that_matches_the_numpy_reference(tmp_path, layout, options):
+  weights = release_checkpoint(depth=3, grid=2)
+  written = stacked(weights, depth=3) if layout == "stacked" else weights
+  vit = small_vit(depth=3, image_size=8, **options)
   params = frame_encoder.load_vit_checkpoint(
-    write(tmp_path, weights), target_params(vit, 8), grid=vit.table_grid()
+    write(tmp_path, written), target_params(vit, 8), grid=vit.table_grid()
   )
+  if options.get("scan_layers"):
+    block = params["Transformer"][frame_encoder.SCANNED_BLOCKS]
+    assert block["MlpBlock_3"]["Dense_0"]["kernel"].shape == (3, WIDTH, MLP)
   images = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
   features = vit.apply({"params": params}, images)
   for image, feature in zip(images, features):
-    np.testing.assert_allclose(feature, numpy_vit(weights, image, depth=2), atol=2e-4)
+    np.testing.assert_allclose(feature, numpy_vit(weights, image, depth=3), atol=2e-4)
+
+
+def test_a_scanned_vit_has_the_gradients_of_the_unrolled_one(tmp_path):
+  path = write(tmp_path, release_checkpoint(depth=3, grid=2))
+  images = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  gradients = {}
+  for scan in (False, True):
+    vit = small_vit(depth=3, image_size=8, scan_layers=scan, remat=scan)
+    params = frame_encoder.load_vit_checkpoint(path, target_params(vit, 8), grid=vit.table_grid())
+    loss = lambda p, vit=vit: jnp.sum(vit.apply({"params": p}, images) ** 2)
+    gradients[scan] = traverse_util.flatten_dict(jax.grad(loss)(params), sep="/")
+  assert set(stacked(gradients[False], depth=3)) == set(gradients[True])
+  for name, gradient in stacked(gradients[False], depth=3).items():
+    np.testing.assert_allclose(gradients[True][name], gradient, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_a_checkpoint_of_another_depth_is_refused_in_either_layout(tmp_path):
+  for options in ({}, {"scan_layers": True}):
+    vit = small_vit(depth=2, image_size=8, **options)
+    for weights in (release_checkpoint(depth=3, grid=2), stacked(release_checkpoint(3, 2), 3)):
+      with pytest.raises(ValueError, match="does not match the model"):
+        frame_encoder.load_vit_checkpoint(
+          write(tmp_path, weights), target_params(vit, 8), grid=vit.table_grid()
+        )
 
 
 def test_checkpoint_position_grid_is_resized_to_the_model(tmp_path):

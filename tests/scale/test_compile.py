@@ -82,7 +82,8 @@ def test_without_libtpu_the_compile_mode_says_what_to_install(monkeypatch):
 
 # A module as the TPU compiler writes one (shapes with tiled layouts, operands by name only):
 # a reduce-scatter as a fusion calling an all-reduce-scatter (the all-reduce inside is part
-# of it), an all-gather inside a fusion, a combined (tuple) all-reduce, an async pair.
+# of it), an all-gather inside a fusion, a combined (tuple) all-reduce, an async pair, and
+# loops: a scanned layer (3 runs) holding a windowed matmul's loop (2 runs each).
 HLO = """\
 HloModule jit_train_step, entry_computation_layout={()}
 
@@ -97,7 +98,33 @@ HloModule jit_train_step, entry_computation_layout={()}
   ROOT %all-gather.2 = bf16[32,32]{1,0:T(8,128)(2,1)} all-gather(%param_0.1), dimensions={0}
 }
 
+%windowed_cond (param.4: (f32[8], u32[])) -> pred[] {
+  %constant.2 = u32[]{:T(128)} constant(2)
+  %param.4 = (f32[8]{0}, u32[]{:T(128)}) parameter(0)
+  %get-tuple-element.5 = u32[]{:T(128)} get-tuple-element(%param.4), index=1
+  ROOT %compare.3 = pred[]{:T(512)} compare(%get-tuple-element.5, %constant.2), direction=LT
+}
+
+%windowed_body (param.5: (f32[8], u32[])) -> (f32[8], u32[]) {
+  %collective-permute.4 = f32[8]{0} collective-permute(%x), source_target_pairs={{0,1},{1,0}}
+  ROOT %tuple.4 = (f32[8]{0}, u32[]{:T(128)}) tuple(%collective-permute.4, %i)
+}
+
+%layers_cond (param.2: (bf16[8,32], s32[])) -> pred[] {
+  %param.2 = (bf16[8,32]{1,0}, s32[]) parameter(0)
+  %get-tuple-element.3 = s32[] get-tuple-element(%param.2), index=1
+  %constant.1 = s32[] constant(3)
+  ROOT %compare.1 = pred[] compare(%get-tuple-element.3, %constant.1), direction=LT
+}
+
+%layers_body (param.3: (bf16[8,32], s32[])) -> (bf16[8,32], s32[]) {
+  %all-gather.6 = bf16[32,32]{1,0} all-gather(%w), dimensions={0}
+  %while.2 = (f32[8]{0}, u32[]{:T(128)}) while(%tuple.3), condition=%windowed_cond, body=%windowed_body
+  ROOT %tuple.2 = (bf16[8,32]{1,0}, s32[]) tuple(%a, %i)
+}
+
 ENTRY %main.9_spmd (p0: f32[64,32], p1: f32[16], p2: bf16[8,32]) -> f32[] {
+  %while.1 = (bf16[8,32]{1,0}, s32[]) while(%tuple.0), condition=%layers_cond, body=%layers_body, metadata={op_name="scan"}
   %fusion.1 = (f32[16,32]{1,0:T(8,128)}, f32[4]{0}) fusion(%p0, %p1), calls=%all-reduce-scatter.3
   %fusion.2 = bf16[32,32]{1,0:T(8,128)(2,1)} fusion(%p2), kind=kCustom, calls=%fused_computation.7
   %all-reduce.5 = (f32[10]{0}, f32[6]{0}) all-reduce(%a, %b), to_apply=%add
@@ -111,11 +138,13 @@ ENTRY %main.9_spmd (p0: f32[64,32], p1: f32[16], p2: bf16[8,32]) -> f32[] {
 
 
 def test_collectives_are_counted_once_each_with_the_bytes_each_chip_receives():
+  # In the loops: an all-gather run 3 times (a scanned layer), and inside it a windowed
+  # matmul's collective-permute run 2 times per layer.
   assert compile_lib.collectives(HLO) == {
     "reduce-scatter": {"count": 1, "bytes": (16 * 32 + 4) * 4},
-    "all-gather": {"count": 2, "bytes": 32 * 32 * 2 + 12 * 4},
+    "all-gather": {"count": 2 + 3, "bytes": 32 * 32 * 2 + 12 * 4 + 3 * 32 * 32 * 2},
     "all-reduce": {"count": 1, "bytes": (10 + 6) * 4},
-    "collective-permute": {"count": 1, "bytes": 100 * 4},
+    "collective-permute": {"count": 1 + 3 * 2, "bytes": 100 * 4 + 3 * 2 * 8 * 4},
   }
 
 

@@ -91,6 +91,25 @@ def test_parameters_split_over_fsdp_along_their_largest_divisible_dimension():
   assert sharding.parameter_sharding(two, (64,)).spec == PartitionSpec()  # small: replicated
 
 
+def test_a_scanned_stack_of_layers_is_never_split_along_its_layer_axis():
+  grid = np.array(jax.devices() * 8).reshape(1, 8)
+  eight = jax.sharding.Mesh(grid, ("data", "fsdp"))
+  # The largest axis would be split, but in a stack it is the layer axis the loop slices.
+  stack, plain = (2048, 64, 1024), (2048, 64)
+  tree = {
+    "Transformer": {
+      "encoderblock": {"kernel": jax.ShapeDtypeStruct(stack, np.float32)},
+      "bias": jax.ShapeDtypeStruct(plain, np.float32),
+    }
+  }
+  found = sharding.tree_shardings(eight, tree)
+  assert found["Transformer"]["encoderblock"]["kernel"].spec == PartitionSpec(None, None, "fsdp")
+  assert found["Transformer"]["bias"].spec == PartitionSpec("fsdp", None)  # not a stack
+  # 2048 layers of 256 entries: each layer is small, so the stack stays replicated.
+  small = {"encoderblock": jax.ShapeDtypeStruct((2048, 16, 16), np.float32)}
+  assert sharding.tree_shardings(eight, small)["encoderblock"].spec == PartitionSpec()
+
+
 def test_batch_size_must_split_over_devices():
   grid = np.array(jax.devices() * 4).reshape(4, 1)
   mesh = jax.sharding.Mesh(grid, ("data", "fsdp"))
