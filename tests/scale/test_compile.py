@@ -119,12 +119,12 @@ HloModule jit_train_step, entry_computation_layout={()}
 
 %layers_body (param.3: (bf16[8,32], s32[])) -> (bf16[8,32], s32[]) {
   %all-gather.6 = bf16[32,32]{1,0} all-gather(%w), dimensions={0}
-  %while.2 = (f32[8]{0}, u32[]{:T(128)}) while(%tuple.3), condition=%windowed_cond, body=%windowed_body
+  %while.2 = (f32[8]{0}, u32[]) while(%t), condition=%windowed_cond, body=%windowed_body
   ROOT %tuple.2 = (bf16[8,32]{1,0}, s32[]) tuple(%a, %i)
 }
 
 ENTRY %main.9_spmd (p0: f32[64,32], p1: f32[16], p2: bf16[8,32]) -> f32[] {
-  %while.1 = (bf16[8,32]{1,0}, s32[]) while(%tuple.0), condition=%layers_cond, body=%layers_body, metadata={op_name="scan"}
+  %while.1 = (bf16[8,32], s32[]) while(%t0), condition=%layers_cond, body=%layers_body
   %fusion.1 = (f32[16,32]{1,0:T(8,128)}, f32[4]{0}) fusion(%p0, %p1), calls=%all-reduce-scatter.3
   %fusion.2 = bf16[32,32]{1,0:T(8,128)(2,1)} fusion(%p2), kind=kCustom, calls=%fused_computation.7
   %all-reduce.5 = (f32[10]{0}, f32[6]{0}) all-reduce(%a, %b), to_apply=%add
