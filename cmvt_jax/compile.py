@@ -322,7 +322,8 @@ COLLECTIVE_KINDS = (
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16}
 _BITS.update({"bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64})
 _BITS.update({"c64": 64, "c128": 128, "f8e4m3fn": 8, "f8e5m2": 8, "f8e4m3b11fnuz": 8})
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+# An array in an HLO shape: dtype and dimensions, e.g. `bf16[8,128]`.
+ARRAY_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\((.*)\)\s+->\s+.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -337,7 +338,7 @@ _REDUCE_SCATTER_FUSION = "all-reduce-scatter"
 def _bytes(shape_text: str) -> int:
   """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
   total = 0
-  for dtype, dims in _ARRAY.findall(shape_text):
+  for dtype, dims in ARRAY_SHAPE.findall(shape_text):
     if dtype in _BITS:
       count = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
       total += count * _BITS[dtype] // 8

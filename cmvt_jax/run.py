@@ -35,6 +35,7 @@ from cmvt_jax.data import datasets
 from cmvt_jax.data import normalization
 from cmvt_jax.data import pipeline
 from cmvt_jax.models import cmvt
+from cmvt_jax.models import frame_encoder
 
 # Config sections whose keys can set parameter shapes; named in a mismatch message.
 _MODEL_SECTIONS = ("model.", "input.")
@@ -198,7 +199,21 @@ def check_compatible(
     f"The checkpoints in {workdir} were written by a model of another shape; "
     f"{len(params)} parameters differ, e.g.\n{examples}\n"
     + (f"These config keys differ:\n{keys}\n" if keys else "")
+    + _block_layout_hint(saved_shapes, shapes)
     + "Use the checkpoint's values, or a new --workdir for the new model."
+  )
+
+
+def _block_layout_hint(saved_shapes: dict, shapes: dict) -> str:
+  """The key to set when only the ViT's block layout (scanned or unrolled) tells them apart
+  (a checkpoint written before the key existed has no value for it)."""
+  stacked = f"['{frame_encoder.SCANNED_BLOCKS}']"
+  saved, now = (any(stacked in name for name in tree) for tree in (saved_shapes, shapes))
+  if saved == now:
+    return ""
+  layout = "scanned" if saved else "unrolled"
+  return (
+    f"The checkpoint's ViT blocks are {layout}: set --config.model.video.vit.scan_layers={saved}.\n"
   )
 
 

@@ -210,7 +210,12 @@ class Transformer(nn.Module):
       grid_positions = sincos_position_grid(grid, tokens.shape[-1])
       tokens = tokens.at[:, 1:].add(grid_positions.astype(tokens.dtype))
     x = nn.Dropout(self.dropout_rate)(tokens, deterministic=deterministic)
-    block_cls = nn.remat(ViTBlock, static_argnums=(2,)) if self.remat else ViTBlock
+    # prevent_cse=False inside a scan: the loop already keeps XLA from merging the recompute.
+    block_cls = (
+      nn.remat(ViTBlock, static_argnums=(2,), prevent_cse=not self.scan_layers)
+      if self.remat
+      else ViTBlock
+    )
     block = lambda name: block_cls(
       self.num_heads,
       self.mlp_dim,

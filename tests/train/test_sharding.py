@@ -14,7 +14,9 @@ from cmvt_jax import sharding
 from configs import tpu_pod
 from tests import helpers
 
-STEPS = ("--config.total_steps=3", "--config.checkpoint_every_steps=0")
+# Training only: the end-of-run export and plots are tested elsewhere.
+TRAIN_ONLY = ("--config.export.at_end=False", "--config.plots.at_end=False")
+STEPS = ("--config.total_steps=3", "--config.checkpoint_every_steps=0", *TRAIN_ONLY)
 TIGHT = dict(rtol=2e-5, atol=2e-6)
 
 
@@ -54,11 +56,15 @@ def test_eight_device_checkpoint_resumes_on_two(
 ):
   workdir = tmp_path / "run"
   shutil.copytree(eight_device_run, workdir)
-  result = helpers.run_main(workdir, "--config.total_steps=5", devices=2, data_dir=micro_data_dir)
+  result = helpers.run_main(
+    workdir, "--config.total_steps=5", *TRAIN_ONLY, devices=2, data_dir=micro_data_dir
+  )
   assert "Resuming from the checkpoint at step 3" in result.stderr
   continued = tmp_path / "one_device_continued"
   shutil.copytree(one_device_run, continued)
-  helpers.run_main(continued, "--config.total_steps=5", devices=1, data_dir=micro_data_dir)
+  helpers.run_main(
+    continued, "--config.total_steps=5", *TRAIN_ONLY, devices=1, data_dir=micro_data_dir
+  )
   assert_same_training(workdir, continued, step=5)
 
 
