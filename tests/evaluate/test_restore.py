@@ -111,6 +111,17 @@ def test_compatibility_is_decided_by_shapes_not_by_keys():
     )
 
 
+def test_a_checkpoint_of_the_other_vit_block_layout_names_the_key_to_set():
+  unrolled = {f"['Transformer']['encoderblock_{i}']['kernel']": (8, 8) for i in range(2)}
+  scanned = {"['Transformer']['encoderblock']['kernel']": (2, 8, 8)}
+  config = _config({"model": {"width": 8}})
+  saved = {"model": {"width": 8}}  # written before model.video.vit.scan_layers existed
+  with pytest.raises(run_lib.ConfigMismatchError, match=r"scan_layers=False"):
+    run_lib.check_compatible(saved, unrolled, config, scanned, "w")
+  with pytest.raises(run_lib.ConfigMismatchError, match=r"blocks are scanned: set "):
+    run_lib.check_compatible(saved, scanned, config, unrolled, "w")
+
+
 def _config(values):
   return config_dict.ConfigDict(values)
 
