@@ -11,8 +11,9 @@ execute, from abstract inputs:
                 export runs each video on a process's first chip)
 For each: the per-chip memory of XLA's buffer assignment (arguments, outputs, temporaries;
 outputs that alias a donated argument counted once), the chip's HBM and the headroom, model
-FLOPs per chip and the collectives one step of the optimised HLO executes. The tables are printed and written
-with the HLO text to WORKDIR/compile/. Exit 1 (`DoesNotFitError`) when a program does not fit.
+FLOPs per chip and the collectives one step of the optimised HLO executes. The tables are
+printed and written with the HLO text to WORKDIR/compile/. Exit 1 (`DoesNotFitError`) when
+a program does not fit.
 
 Topologies are named as Cloud TPU names accelerator types: `v5e-256` (or `v5litepod-256`),
 `v6e-64`, `v4-128`, `v5p-512`; the number counts chips for v5e/v6e and TensorCores for v4/v5p

@@ -1,6 +1,7 @@
 """Trains the micro model for a few steps under several meshes and accumulations.
 
-  python -m tests.train.parallel_steps OUT.npz   (with 8 fake CPU devices: helpers.environment)
+  python -m tests.train.parallel_steps OUT.npz [VARIANT ...]
+  (with 8 fake CPU devices: helpers.environment; all variants when none are named)
 
 One process, the same random global batches for every variant, the update step of
 `train.make_train_step` itself (no data pipeline: the variants differ only in the layout of
@@ -78,17 +79,18 @@ def train_variant(axes, grad_accum_steps: int, batches) -> dict[str, np.ndarray]
   }
 
 
-def main(out: str) -> None:
+def main(out: str, names: list[str]) -> None:
   assert jax.device_count() == 8, "run with 8 devices (helpers.environment(8))"
   sharding.FSDP_MIN_SIZE = FSDP_SPLIT_FROM
   config = micro_config()
   batches = random_batches(pipeline.InputSpec.from_config(config.input), config.batch_size)
   results = {}
-  for name, (axes, accumulate) in VARIANTS.items():
+  for name in names or VARIANTS:
+    axes, accumulate = VARIANTS[name]
     for key, value in train_variant(axes, accumulate, batches).items():
       results[f"{name}:{key}"] = value
   np.savez(out, **results)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2:])
