@@ -455,6 +455,9 @@ def compile_programs(
       "accelerator type you will run on, e.g. v5e-256, v5p-512)."
     )
   topology = Topology.parse(config.compile.topology)
+  # An executable compiled for a described topology cannot be read back from jax's persistent
+  # cache without a TPU client (jax warns and compiles again): keep these out of it.
+  jax.config.update("jax_enable_compilation_cache", False)
   config = config.copy_and_resolve_references()
   if config.compile.num_slices is not None:
     config.mesh.num_slices = int(config.compile.num_slices)

@@ -42,6 +42,16 @@ WIDE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def no_persistent_cache():
+  """What the compile mode does: TPU executables compiled here cannot be read back from jax's
+  persistent cache without a TPU client (jax warns and compiles again)."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", enabled)
+
+
 def compile_micro(workdir, *overrides: str, check: bool = True):
   return helpers.run_main(workdir, *overrides, mode="compile", check=check, timeout=900)
 
