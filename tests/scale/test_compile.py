@@ -256,12 +256,16 @@ def test_the_train_step_compiles_for_two_slices(tmp_path):
     "--config.compile.num_slices=2",
     "--config.mesh.axes=(('data', -1), ('fsdp', 4))",
     "--config.batch_size=64",
+    "--config.model.video.vit.depth=2",
+    "--config.model.video.vit.scan_layers=True",  # as tpu_pod runs its ViT
     "--config.compile.programs=('train_step',)",
   )
   found = summary(workdir)
   assert (found["num_slices"], found["chips"], found["mesh"]) == (2, 32, {"data": 8, "fsdp": 4})
   train = found["programs"]["train_step"]
   assert train["fits"] and train["collectives"]["all-gather"] >= 1
+  hlo = (workdir / "compile" / "train_step.hlo.txt").read_text()
+  assert re.search(r" while\(.*frame_encoder/Transformer/while", hlo)  # the blocks: one loop
 
 
 @needs_libtpu
