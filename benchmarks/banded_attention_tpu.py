@@ -39,13 +39,8 @@ def compiled_gradient(length: int, device) -> jax.stages.Compiled:
 
 def largest_array(hlo_text: str) -> int:
   """Elements of the largest array any instruction of the HLO produces."""
-  largest = 0
-  for _, dims in compile_lib.ARRAY_SHAPE.findall(hlo_text):
-    count = 1
-    for d in filter(None, dims.split(",")):
-      count *= int(d)
-    largest = max(largest, count)
-  return largest
+  shapes = compile_lib.ARRAY_SHAPE.findall(hlo_text)
+  return max((compile_lib.array_elements(dims) for _, dims in shapes), default=0)
 
 
 def measure(length: int, device) -> dict:

@@ -336,13 +336,17 @@ _WHILE = re.compile(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)")
 _REDUCE_SCATTER_FUSION = "all-reduce-scatter"
 
 
+def array_elements(dims: str) -> int:
+  """Elements of an array from its HLO dimensions, `"8,128"` → 1024 (`""`, a scalar: 1)."""
+  return int(np.prod([int(d) for d in dims.split(",") if d]))
+
+
 def _bytes(shape_text: str) -> int:
   """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
   total = 0
   for dtype, dims in ARRAY_SHAPE.findall(shape_text):
     if dtype in _BITS:
-      count = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-      total += count * _BITS[dtype] // 8
+      total += array_elements(dims) * _BITS[dtype] // 8
   return total
 
 
@@ -416,7 +420,7 @@ def _callees(instruction: tuple[str, ...], computations: dict) -> list[tuple[str
     loop = _WHILE.search(rest)
     if loop:
       return [(loop[2], _trip_count(computations.get(loop[1], ())))]
-  called = [name for name in _CALLED.findall(rest) if name in computations]
+  called = _CALLED.findall(rest)
   for branches in _BRANCHES.findall(rest):
     called += [name.strip().lstrip("%") for name in branches.split(",")]
   return [(name, 1) for name in called if name in computations]
