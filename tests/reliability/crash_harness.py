@@ -71,6 +71,7 @@ FILE_OF_KIND = {
   "merge-clean": "merge of parts",
   "compile-hlo": "compile outputs",
   "compile-summary": "compile outputs",
+  "search-cache": "moment search cache",
 }
 # Metrics that measure time, not behaviour: the only ones two runs may differ in.
 TIMING_TAGS = (*helpers.TIMING_KEYS, "input/wait_fraction")
