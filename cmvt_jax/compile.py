@@ -7,8 +7,10 @@ execute, from abstract inputs:
                 remat, donation and gradient accumulation: `train.make_train_step` itself)
   embed_step    the clip-embedding step of evaluation and export, at the larger of their
                 global batch sizes
-  whole_video   one video of `compile.whole_video_frames` frames on one chip (whole-video
-                export runs each video on a process's first chip)
+  whole_video   the one-pass temporal encoder and audio tower over a video of
+                `compile.whole_video_frames` frames on one chip (whole-video export runs
+                each video on a process's first chip; its frames reach the temporal encoder
+                as features, encoded in chunks beforehand)
 For each: the per-chip memory of XLA's buffer assignment (arguments, outputs, temporaries;
 outputs that alias a donated argument counted once), the chip's HBM and the headroom, model
 FLOPs per chip and the collectives one step of the optimised HLO executes. The tables are
@@ -262,28 +264,37 @@ def embed_step(run: run_lib.Run) -> Program:
 
 
 def whole_video(run: run_lib.Run, frames: int) -> Program:
-  """One whole video of `frames` input frames (padded to its bucket) on one chip."""
+  """The long-sequence passes of one whole video of `frames` input frames on one chip: the
+  temporal encoder over its frame features and the audio tower over its log-mel, each padded
+  to its bucket (the frames go through the frame encoder in chunks beforehand)."""
   on_chip = jax.sharding.SingleDeviceSharding(run.mesh.devices.flat[0])
   params = jax.tree.map(
     lambda x: _abstract(x.shape, x.dtype, on_chip), run.abstract_state.params["model"]
   )
   spec = run.spec
-  padded = embedding.padded_frames(frames)
+  padded = embedding.bucket_tokens(frames + 1) - 1
   audio_frames = spec.mel.num_frames(round(frames / spec.fps * spec.mel.sample_rate))
-  video = _abstract((1, padded, spec.frame_size, spec.frame_size, 3), np.float32, on_chip)
-  mask = _abstract((1, padded), np.bool_, on_chip)
-  audio = _abstract((1, audio_frames, spec.mel.n_mels), np.float32, on_chip)
-  forward = flops_lib.count(run.model, video_shape=video.shape[1:], audio_shape=audio.shape[1:])
+  one_frame = _abstract((1, spec.frame_size, spec.frame_size, 3), np.float32, on_chip)
+  feature_dim = jax.eval_shape(embedding.frame_step(run.model), params, one_frame).shape[1]
+  audio_padded = embedding.audio_bucket(run.model, audio_frames)
+  features = _abstract((1, padded, feature_dim), np.float32, on_chip)
+  frame_mask = _abstract((1, padded), np.bool_, on_chip)
+  audio = _abstract((1, audio_padded, spec.mel.n_mels), np.float32, on_chip)
+  audio_mask = _abstract((1, audio_padded), np.bool_, on_chip)
+  video_shape = (frames, spec.frame_size, spec.frame_size, 3)
+  forward = flops_lib.count(run.model, video_shape=video_shape, audio_shape=audio.shape[1:])
   return _program(
     "whole_video",
-    f"one video of {frames} frames, padded to {padded}, and {audio_frames} audio frames",
+    f"one video of {frames} frames (features padded to {padded}) and {audio_frames} audio "
+    f"frames (padded to {audio_padded})",
     1,
     forward.forward,
     embedding.whole_video_step(run.model),
     params,
-    video,
-    mask,
+    features,
+    frame_mask,
     audio,
+    audio_mask,
   )
 
 

@@ -10,23 +10,30 @@ video folder's name; whole-video exports append `_whole_video`. Each part holds 
 rows: `id` (str; `SOURCE@START` per clip, `SOURCE` per whole video), `source` (str, the
 video's path relative to the video folder), `start` (float32 seconds), `video` and `audio`
 (float32 `[N, E]`, L2-normalised), `label` (int32, when known: the prepared dataset's
-classes, named in the manifest) and, for whole videos, `num_frames` (int32 input frames).
-`load_embeddings` merges the parts in id order.
+classes, named in the manifest) and, for whole videos, `num_frames` (int32 input frames) and
+the per-moment arrays (`whole_video`: a moment every `export.moment_seconds`, its window
+embedded exactly as a training clip): `moment_video`, `moment_audio` `[M, E]`, `moment_time`
+`[M]` (seconds from the video's start) and `moment_row` `[M]` (the moment's video among the
+part's rows). `load_embeddings` merges the parts in id order (moments renumbered to the
+merged rows, in (row, time) order).
 
 Multi-host. Every process embeds and writes only its own share: clips p, p + P, ... of the
 split (the eval pipeline's shard), or every P-th video file or source video. Clips are
 embedded by `embedding.ClipEmbedder` with local rows (each process keeps the rows on its own
-devices; nothing is gathered), whole videos by `embedding.WholeVideoEmbedder` (one at a time
-on each process's first local device, no collective).
+devices; nothing is gathered), whole videos by `whole_video.VideoEmbedder` (one at a time
+on each process's first local device, no collective). A video that cannot be used (unreadable,
+too short, or over `export.memory_limit_gib`) is skipped, logged and counted by reason in the
+manifest (`skipped`); the rest of the folder exports.
 
 Interruption. Process 0 first removes the folder's manifest and parts; each part is written
 under a temporary name and renamed when complete; process 0 writes the manifest (step, config
-hash, counts, embedding dim) only after every process has finished its part. A folder
+hash, model hash, counts, embedding dim, moment grid) only after every process has finished its part. A folder
 without a manifest is an incomplete export, and `load_embeddings` refuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -48,13 +55,28 @@ from cmvt_jax import embedding
 from cmvt_jax import files
 from cmvt_jax import run as run_lib
 from cmvt_jax import sharding
+from cmvt_jax import whole_video
 from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import video_io
 
+def _subclasses(cls) -> list[type]:
+  found = []
+  for sub in cls.__subclasses__():
+    found += [sub, *_subclasses(sub)]
+  return found
+
+
 MANIFEST = "manifest.json"
 # Per-row metadata of every export (the host-side keys of the eval batches).
 _CLIP_KEYS = ("id", "source", "start")
+# Why a video is left out of an export (the manifest counts each).
+SKIP_REASONS = tuple(
+  sorted(
+    {error.reason for error in _subclasses(video_io.VideoReadError)}
+    | {"shorter than one clip", whole_video.TooLongError.reason}
+  )
+)
 
 
 def trained_params(
@@ -80,6 +102,16 @@ def export_name(export_config) -> str:
   if not name or "/" in name or name.startswith("."):
     raise ValueError(f"export.name must be a plain folder name; got {name!r}.")
   return name
+
+
+def model_digest(config: config_dict.ConfigDict) -> str:
+  """SHA-256 of what decides an embedding: the model, its input and the stored data's
+  settings (a collection can be searched with queries embedded by the same model)."""
+  sections = {key: config[key].to_dict() for key in ("model", "input")}
+  sections["storage"] = {
+    key: config.dataset[key] for key in ("clip_seconds", "fps", "short_side", "sample_rate")
+  }
+  return hashlib.sha256(json.dumps(sections, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def part_name(process_index: int, process_count: int) -> str:
@@ -127,10 +159,13 @@ def export_embeddings(
     rows, skipped = _embed_files(run, trained, export, share, skip_unreadable=True)
     label_names = None
   else:
-    rows, skipped = _embed_split(run, trained, export), 0
+    rows, skipped = _embed_split(run, trained, export)
     label_names = list(run.dataset.label_names)
   _write_part(folder, rows)
-  counts = sharding.gather([len(rows["id"]), skipped])
+  counts = sharding.gather(
+    [len(rows["id"]), len(rows.get("moment_time", ()))]
+    + [skipped.count(reason) for reason in SKIP_REASONS]
+  )
   if jax.process_index() == 0:
     _write_manifest(folder, config, trained, counts, label_names)
   multihost_utils.sync_global_devices("cmvt_jax export: manifest written")
@@ -181,6 +216,36 @@ def embed_videos(
   return rows
 
 
+def embed_segment(
+  workdir: epath.PathLike,
+  path: epath.PathLike,
+  *,
+  modality: str,
+  start: float | None = None,
+  end: float | None = None,
+  config: config_dict.ConfigDict | None = None,
+) -> np.ndarray:
+  """One modality of [start, end) of a media file (None: its start / end) with a workdir's
+  model, embedded in one pass as a clip of that length: `[E]` float32, L2-normalised.
+
+  Args:
+    workdir: a training workdir; its latest checkpoint (or `config.export.step`) is used.
+    path: a video file, or (modality 'audio') any file with an audio stream.
+    modality: 'audio' or 'video'.
+    start, end: seconds from the file's start.
+    config: the run's config; by default the one recorded in `WORKDIR/config.json`.
+
+  Raises:
+    video_io.VideoReadError: the file cannot be used.
+    ValueError: the range is empty or outside the file.
+  """
+  config = config or workdir_config(workdir)
+  run = run_lib.Run.create(config, workdir)
+  trained = run.restore_params(step=config.export.step)
+  embedder = _video_embedder(run, trained, config.export)
+  return embedder.embed_range(path, run.dataset.storage, modality=modality, start=start, end=end)
+
+
 def workdir_config(workdir: epath.PathLike) -> config_dict.ConfigDict:
   """The resolved config that training recorded in `WORKDIR/config.json`."""
   path = epath.Path(workdir) / "config.json"
@@ -218,9 +283,22 @@ def load_embeddings(workdir_or_embeddings_dir: epath.PathLike, name: str) -> dic
         "export again."
       )
     parts.append(part)
+  offsets = np.cumsum([0] + [len(part["id"]) for part in parts])
+  for part, offset in zip(parts, offsets):
+    if "moment_row" in part:
+      part["moment_row"] = part["moment_row"] + np.int32(offset)
   rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
   order = np.argsort(rows["id"], kind="stable")
-  return {key: value[order] for key, value in rows.items()}
+  merged = {key: value[order] for key, value in rows.items() if not key.startswith("moment_")}
+  if "moment_row" in rows:
+    # Moments follow their videos into id order: rows renumbered, then sorted by (row, time).
+    new_row = np.empty_like(order)
+    new_row[order] = np.arange(len(order))
+    moment_row = new_row[rows["moment_row"]].astype(np.int32)
+    moment_order = np.lexsort((rows["moment_time"], moment_row))
+    merged.update({key: rows[key][moment_order] for key in rows if key.startswith("moment_")})
+    merged["moment_row"] = moment_row[moment_order]
+  return merged
 
 
 def read_manifest(
@@ -267,23 +345,11 @@ def _video_files(video_dir: epath.Path) -> list[tuple[epath.Path, str]]:
   return sorted(found, key=lambda file: file[1])
 
 
-def _check_frames(num_frames: int, source: str, spec: pipeline.InputSpec, max_frames: int) -> None:
-  if num_frames > max_frames:
-    raise ValueError(
-      f"{source}: {num_frames} input frames ({num_frames / spec.fps:.1f} s at {spec.fps} "
-      f"fps) exceed export.max_frames={max_frames}. Raise --config.export.max_frames "
-      "(time and memory grow linearly with frames) or export per clip "
-      "(--config.export.whole_video=False)."
-    )
-  if num_frames < 1:
-    raise ValueError(f"{source} is shorter than one input frame ({1 / spec.fps} s).")
-
-
 def _split_videos(
-  run: run_lib.Run, preprocessor: pipeline.Preprocessor, split: str, max_frames: int
-) -> tuple[int, Iterator[dict[str, Any]]]:
-  """(count, elements) of this process's source videos of a prepared split, each rebuilt
-  from its clips on one timeline and preprocessed whole.
+  run: run_lib.Run, embedder: whole_video.VideoEmbedder, split: str
+) -> tuple[int, Iterator[tuple[dict[str, Any], whole_video.Embedded | video_io.VideoReadError]]]:
+  """(count, (metadata, embeddings or the error that skips it) of each of this process's
+  source videos of a prepared split), each rebuilt from its clips on one timeline.
 
   Every process reads the whole split once to find which clips belong to which video.
   """
@@ -293,24 +359,27 @@ def _split_videos(
     example = source[index]
     clips.setdefault(pipeline.text(example["source"]), []).append((float(example["start"]), index))
   videos = sharding.process_share(sorted(clips))
+  storage = run.dataset.storage
 
-  def elements():
+  def embedded():
     for video in videos:
-      examples = [source[index] for _, index in sorted(clips[video])]
-      frames, audio = _stitch(examples, run.dataset.storage, video, split)
-      num_frames = math.floor(len(frames) / run.dataset.storage.fps * run.spec.fps)
-      _check_frames(num_frames, video, run.spec, max_frames)
-      view = preprocessor(frames, audio, num_frames=num_frames)
-      yield {
-        "video": view["video"],
-        "audio": view["audio"],
+      first = source[min(clips[video])[1]]
+      metadata = {
         "id": video,
         "source": video,
-        "start": np.float32(examples[0]["start"]),
-        "label": np.int32(examples[0]["label"]),
+        "start": np.float32(first["start"]),
+        "label": np.int32(first["label"]),
       }
+      try:
+        duration = len(clips[video]) * storage.stride_seconds
+        embedder.check_fits(video, duration)
+        examples = [source[index] for _, index in sorted(clips[video])]
+        frames, audio = _stitch(examples, storage, video, split)
+        yield metadata, embedder.embed_stored(frames, audio, video)
+      except video_io.VideoReadError as error:
+        yield metadata, error
 
-  return len(videos), elements()
+  return len(videos), embedded()
 
 
 def _stitch(
@@ -350,34 +419,26 @@ def _file_elements(
   preprocessor: pipeline.Preprocessor,
   storage: dataset_writer.StorageSpec,
   *,
-  whole_video: bool,
-  max_frames: int,
   skip_unreadable: bool,
   skipped: list[str],
   bar,
 ) -> Iterator[dict[str, Any]]:
-  """Eval elements of each file in turn (whole, or per clip); unreadable files are skipped
-  (and their sources appended to `skipped`) or raise."""
+  """Eval elements of each file's clips in turn; unreadable files are skipped (and their
+  reasons appended to `skipped`) or raise."""
   for path, source in video_files:
     try:
-      elements = pipeline.file_elements(
-        path, preprocessor, storage, source=source, whole_video=whole_video
-      )
+      elements = pipeline.file_elements(path, preprocessor, storage, source=source)
     except video_io.VideoReadError as error:
       if not skip_unreadable:
         raise
       logging.warning("Skipping %s: %s: %s", source, error.reason, error.detail)
+      skipped.append(error.reason)
       elements = []
     else:
       if not elements:
         logging.warning("Skipping %s: shorter than one clip (%s s).", source, storage.clip_seconds)
-    if not elements:
-      skipped.append(source)
-    for element in elements:
-      if whole_video:
-        _check_frames(len(element["video"]), source, preprocessor.spec, max_frames)
-        element = {**element, "id": source}
-      yield element
+        skipped.append("shorter than one clip")
+    yield from elements
     bar.update()
 
 
@@ -386,16 +447,16 @@ def _file_elements(
 
 def _embed_split(
   run: run_lib.Run, trained: run_lib.TrainedParams, export: config_dict.ConfigDict
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], list[str]]:
   """This process's rows of the prepared split `export.split` (per clip, or whole videos,
-  as the config's `export` section says)."""
+  as the config's `export` section says), and the reasons of the videos it skipped."""
   split = export.split
   primary = jax.process_index() == 0
   if export.whole_video:
-    preprocessor = run.preprocessor(trained.stats)
-    count, elements = _split_videos(run, preprocessor, split, export.max_frames)
+    embedder = _video_embedder(run, trained, export)
+    count, embedded = _split_videos(run, embedder, split)
     with tqdm.tqdm(total=count, desc=f"Embedding {split} videos", disable=not primary) as bar:
-      return _embed_whole(run, trained, _ticking(elements, bar), labelled=True)
+      return _whole_rows(_ticking(embedded, bar), run.config.model.embed_dim, labelled=True)
   batch_size = _host_batch_size(run, export.batch_size)
   total = pipeline.num_eval_batches(len(run.dataset.source(split)), batch_size, jax.process_count())
   with (
@@ -405,13 +466,14 @@ def _embed_split(
     ) as bar,
   ):
     embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
-    return embedder.embed(
+    rows = embedder.embed(
       trained.params,
       _ticking(batches, bar),
       batch_size=batch_size,
       gather=False,
       metadata=_CLIP_KEYS + ("label",),
     )
+  return rows, []
 
 
 def _embed_files(
@@ -421,39 +483,52 @@ def _embed_files(
   video_files: Sequence[tuple[epath.Path, str]],
   *,
   skip_unreadable: bool,
-) -> tuple[dict[str, np.ndarray], int]:
+) -> tuple[dict[str, np.ndarray], list[str]]:
   """Rows of this process's video files (path, source), per clip or whole as the config's
-  `export` section says; returns (rows, number of files skipped)."""
-  skipped = []
+  `export` section says; returns (rows, the reason of each file skipped)."""
   with tqdm.tqdm(
     total=len(video_files),
     desc="Embedding video files",
     unit="file",
     disable=jax.process_index() != 0,
   ) as bar:
+    if export.whole_video:
+      embedder = _video_embedder(run, trained, export)
+      embedded = (
+        ({"id": source, "source": source, "start": np.float32(0)}, outcome)
+        for source, outcome in whole_video.iter_embedded(
+          embedder, video_files, run.dataset.storage
+        )
+      )
+      if not skip_unreadable:
+        embedded = _raising(embedded)
+      return _whole_rows(_ticking(embedded, bar), run.config.model.embed_dim, labelled=False)
+    skipped = []
     elements = _file_elements(
       video_files,
       run.preprocessor(trained.stats),
       run.dataset.storage,
-      whole_video=export.whole_video,
-      max_frames=export.max_frames,
       skip_unreadable=skip_unreadable,
       skipped=skipped,
       bar=bar,
     )
-    if export.whole_video:
-      rows = _embed_whole(run, trained, elements, labelled=False)
-    else:
-      batch_size = _host_batch_size(run, export.batch_size)
-      embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
-      rows = embedder.embed(
-        trained.params,
-        _batched(elements, batch_size, run.spec),
-        batch_size=batch_size,
-        gather=False,
-        metadata=_CLIP_KEYS,
-      )
-  return rows, len(skipped)
+    batch_size = _host_batch_size(run, export.batch_size)
+    embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
+    rows = embedder.embed(
+      trained.params,
+      _batched(elements, batch_size, run.spec),
+      batch_size=batch_size,
+      gather=False,
+      metadata=_CLIP_KEYS,
+    )
+  return rows, skipped
+
+
+def _raising(embedded: Iterable[tuple[dict, Any]]) -> Iterator[tuple[dict, Any]]:
+  for metadata, outcome in embedded:
+    if isinstance(outcome, video_io.VideoReadError):
+      raise outcome
+    yield metadata, outcome
 
 
 def _host_batch_size(run: run_lib.Run, size: int) -> int:
@@ -469,31 +544,66 @@ def _host_batch_size(run: run_lib.Run, size: int) -> int:
   return size // processes
 
 
-def _embed_whole(
-  run: run_lib.Run,
-  trained: run_lib.TrainedParams,
-  elements: Iterable[dict[str, Any]],
+def _video_embedder(
+  run: run_lib.Run, trained: run_lib.TrainedParams, export: config_dict.ConfigDict
+) -> whole_video.VideoEmbedder:
+  """The whole-video embedder of the export settings (on this process's first device)."""
+  device = embedding.WholeVideoEmbedder(
+    run.model,
+    run.mesh,
+    trained.params,
+    chunk_frames=export.frame_chunk,
+    window_batch=max(1, export.batch_size // jax.process_count()),
+  )
+  if export.memory_limit_gib is not None:
+    limit = int(export.memory_limit_gib * (1 << 30))
+  else:
+    limit = whole_video.memory_available(device.device)
+  return whole_video.VideoEmbedder(
+    device,
+    run.preprocessor(trained.stats),
+    moment_seconds=export.moment_seconds,
+    memory_limit_bytes=limit,
+  )
+
+
+def _whole_rows(
+  embedded: Iterable[tuple[dict[str, Any], whole_video.Embedded | video_io.VideoReadError]],
+  dim: int,
   *,
   labelled: bool,
-) -> dict[str, np.ndarray]:
-  """Rows of whole videos (`embedding.WholeVideoEmbedder`), with `num_frames`."""
+) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Rows (with `num_frames` and the `moment_*` keys) of the videos embedded, and the
+  reasons of those skipped (each logged with its source)."""
   keys = _CLIP_KEYS + (("label",) if labelled else ())
-  embedder = embedding.WholeVideoEmbedder(run.model, run.mesh, trained.params)
-  dim = run.config.model.embed_dim
   rows = {key: [] for key in (*keys, "video", "audio", "num_frames")}
-  for element in elements:
-    rows["num_frames"].append(len(element["video"]))
-    embedded = embedder.embed(element["video"], element["audio"])
+  moments = {key: [] for key in ("moment_video", "moment_audio", "moment_time", "moment_row")}
+  skipped = []
+  for metadata, outcome in embedded:
+    if isinstance(outcome, video_io.VideoReadError):
+      logging.warning("Skipping %s: %s: %s", metadata["source"], outcome.reason, outcome.detail)
+      skipped.append(outcome.reason)
+      continue
+    moments["moment_row"].append(np.full(len(outcome.moment_time), len(rows["id"]), np.int32))
     for key in keys:
-      rows[key].append(element[key])
-    rows["video"].append(embedded["video"][0])
-    rows["audio"].append(embedded["audio"][0])
+      rows[key].append(metadata[key])
+    rows["num_frames"].append(outcome.num_frames)
+    rows["video"].append(outcome.video)
+    rows["audio"].append(outcome.audio)
+    for key in ("moment_video", "moment_audio", "moment_time"):
+      moments[key].append(getattr(outcome, key))
   types = {"id": str, "source": str, "start": np.float32, "label": np.int32, "num_frames": np.int32}
   result = {key: np.array(rows[key], dtype=types[key]) for key in types if key in rows}
-  result.update(
-    {key: np.array(rows[key], np.float32).reshape(-1, dim) for key in ("video", "audio")}
-  )
-  return result
+  for key in ("video", "audio"):
+    result[key] = np.array(rows[key], np.float32).reshape(-1, dim)
+  for key, empty in (
+    ("moment_video", np.zeros((0, dim), np.float32)),
+    ("moment_audio", np.zeros((0, dim), np.float32)),
+    ("moment_time", np.zeros(0, np.float32)),
+    ("moment_row", np.zeros(0, np.int32)),
+  ):
+    result[key] = np.concatenate([empty, *moments[key]])
+  return result, skipped
 
 
 def _batched(
@@ -561,7 +671,17 @@ def _write_manifest(
     "parts": {
       part_name(index, len(counts)): int(count) for index, count in enumerate(counts[:, 0])
     },
-    "skipped_files": int(counts[:, 1].sum()),
+    "skipped_files": int(counts[:, 2:].sum()),
+    "skipped": {
+      reason: int(count) for reason, count in zip(SKIP_REASONS, counts[:, 2:].sum(0)) if count
+    },
     "label_names": label_names,
+    "model_sha256": model_digest(config),
   }
+  if export.whole_video and export.moment_seconds:
+    manifest["moments"] = {
+      "count": int(counts[:, 1].sum()),
+      "moment_seconds": float(export.moment_seconds),
+      "window_seconds": float(config.input.num_frames / config.input.fps),
+    }
   files.write_json(folder / MANIFEST, manifest, kind="export-manifest")

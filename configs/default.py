@@ -184,10 +184,15 @@ def get_config() -> config_dict.ConfigDict:
   config.export.at_end = True
   config.export.step = config_dict.placeholder(int)  # checkpoint step; unset = the latest
   config.export.batch_size = 64  # global, clips per batch
-  # Embed each source video in one pass over all its frames instead of per clip; refused
-  # for a video of more than max_frames input frames (memory grows linearly with frames).
+  # Embed each source video whole (the temporal encoder and the audio tower in one pass over
+  # it, any length) and per moment, instead of per clip.
   config.export.whole_video = False
-  config.export.max_frames = 512
+  config.export.frame_chunk = 256  # frames per frame-encoder call while a video streams
+  # A moment every this many seconds (its clip window embedded as in training); 0: none.
+  config.export.moment_seconds = 1.0
+  # What one whole video may need (device programs + host arrays); a longer video is skipped
+  # and counted. Unset: the device's memory (on a CPU, the memory available when it starts).
+  config.export.memory_limit_gib = config_dict.placeholder(float)
   # Embed every video file under this folder (no `prepare` needed) instead of a split.
   config.export.video_dir = config_dict.placeholder(str)
   # The folder under WORKDIR/embeddings/; unset = the split (or the video folder's name),

@@ -19,6 +19,7 @@ LAYERS = [
   ["sharding", "checkpoints", "metrics", "flops", "config_overrides"],
   ["run"],
   ["embedding"],
+  ["whole_video"],  # streams one long video through embedding's programs
   ["evaluate", "export", "prepare", "compile"],
   ["search"],  # searches what export wrote, with export's model
   ["plots"],

@@ -212,8 +212,7 @@ class Preprocessor:
     """
     frames, waveform = self.window(frames, audio, rng, num_frames)
     video = (self._spatial(frames, rng) - self._video_mean) * self._video_scale
-    log_mel = normalization.log_mel_transform(self.spec.mel)(waveform)
-    log_mel = (log_mel - self._audio_mean) * self._audio_scale
+    log_mel = self.log_mel(waveform)
     if rng is not None:
       log_mel = spectrogram.spec_augment(
         log_mel,
@@ -224,6 +223,19 @@ class Preprocessor:
         max_freq_width=self.spec.max_freq_mask,
       )
     return {"video": video.astype(np.float32), "audio": log_mel.astype(np.float32)}
+
+  def eval_frames(self, frames: np.ndarray) -> np.ndarray:
+    """Input frames `[N, H, W, 3]` uint8 → their eval view (centre crop, normalised), float32
+    `[N, frame_size, frame_size, 3]`: frame by frame, so a video can go through in chunks."""
+    return ((self._spatial(frames, None) - self._video_mean) * self._video_scale).astype(
+      np.float32
+    )
+
+  def log_mel(self, waveform: np.ndarray) -> np.ndarray:
+    """Waveforms `[..., S]` float32 at `spec.mel.sample_rate` → normalised log-mel
+    `[..., S // hop_length, n_mels]` float32."""
+    log_mel = normalization.log_mel_transform(self.spec.mel)(waveform)
+    return ((log_mel - self._audio_mean) * self._audio_scale).astype(np.float32)
 
   def _spatial(self, frames: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """Random resized crop + flip (train) or centre square crop (eval), to frame_size."""

@@ -195,122 +195,246 @@ def decode_video(
   Raises:
     VideoReadError: one of its subclasses, naming the file and what is wrong with it.
   """
+  with VideoStream(
+    path,
+    fps=fps,
+    short_side=short_side,
+    sample_rate=sample_rate,
+    require_audio=require_audio,
+    max_frame_pixels=max_frame_pixels,
+  ) as stream:
+    chunks = list(stream.frames(chunk_frames=1024))
+  end = stream.end
+  return DecodedVideo(
+    frames=np.concatenate(chunks)[: end.num_frames],
+    fps=fps,
+    audio=end.audio,
+    sample_rate=sample_rate,
+    duration=end.duration,
+    truncated=end.truncated,
+    truncation_detail=end.truncation_detail,
+  )
+
+
+def decode_audio(path: epath.PathLike, *, sample_rate: int) -> np.ndarray:
+  """The first audio stream of any media file (a video's soundtrack, wav, mp3, flac, ...):
+  `[S]` float32 mono in [-1, 1] at `sample_rate`, time zero at its first sample.
+
+  Raises:
+    VideoReadError: the file cannot be read or has no decodable audio.
+  """
   path = epath.Path(path)
-  if fps <= 0 or short_side <= 0 or sample_rate <= 0:
-    raise ValueError(
-      f"fps, short_side and sample_rate must be positive, got {fps}, {short_side}, {sample_rate}."
-    )
   try:
     if not path.exists():
       raise UnreadableVideoError(path, "file does not exist")
-    if path.stat().length == 0:
-      raise EmptyVideoError(path, "file has zero bytes")
     with path.open("rb") as file:
       try:
         container = av.open(file)
-      # PyAV also reads the container's metadata tags, as UTF-8.
       except (av.FFmpegError, UnicodeDecodeError) as error:
         raise UnreadableVideoError(path, f"FFmpeg cannot open it ({error})") from error
       with container:
-        return _decode_container(
-          path,
-          container,
-          fps=fps,
-          short_side=short_side,
-          sample_rate=sample_rate,
-          require_audio=require_audio,
-          max_frame_pixels=max_frame_pixels,
-        )
-  except OSError as error:  # permissions, a vanished file, a network read that failed
+        if not container.streams.audio:
+          raise NoAudioStreamError(path, "the file has no audio stream")
+        audio = _AudioCollector(sample_rate)
+        try:
+          for packet in container.demux(container.streams.audio[0]):
+            for frame in packet.decode():
+              audio.add(frame)
+        except av.FFmpegError:
+          pass  # keep what decoded, as `decode_video` does with a truncated file
+        waveform = audio.waveform(audio.start_time or 0.0)
+  except OSError as error:
     raise UnreadableVideoError(path, f"cannot read the file ({error})") from error
+  if waveform is None:
+    raise NoAudioStreamError(path, "the audio stream has no decodable sample")
+  return waveform
 
 
-def _decode_container(
-  path, container, *, fps, short_side, sample_rate, require_audio, max_frame_pixels
-) -> DecodedVideo:
-  """`decode_video` on an open container."""
-  if not container.streams.video:
-    raise NoVideoStreamError(path, "the file has no video stream")
-  video_stream = container.streams.video[0]
-  audio_stream = container.streams.audio[0] if container.streams.audio else None
-  if audio_stream is None and require_audio:
-    raise NoAudioStreamError(
-      path,
-      "the file has no audio stream (keep such files with silence by allowing "
-      "audio-less videos, e.g. prepare --keep_audioless)",
-    )
-  width = video_stream.codec_context.width
-  height = video_stream.codec_context.height
-  if width * height > max_frame_pixels:
-    raise FrameTooLargeError(
-      path, f"{width}x{height} frames exceed the limit of {max_frame_pixels} pixels"
-    )
+@dataclasses.dataclass(frozen=True)
+class StreamEnd:
+  """What a `VideoStream` knows once every frame has been read.
 
-  frames = _FrameSampler(fps, short_side)
-  audio = _AudioCollector(sample_rate) if audio_stream is not None else None
-  streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
-  decode_error = ""
-  try:
-    for packet in container.demux(streams):
-      for frame in packet.decode():
-        if isinstance(frame, av.VideoFrame):
-          frames.add(frame, video_stream)
-        else:
-          audio.add(frame)
-  except av.FFmpegError as error:
-    decode_error = f"decoding stopped with an error ({error})"
-  if frames.count == 0:
-    if decode_error:
-      raise UnreadableVideoError(path, f"no video frame could be decoded: {decode_error}")
-    raise EmptyVideoError(path, "the video stream has no decodable frame")
+  Attributes:
+    num_frames: usable frames (the first `num_frames` of those the stream yielded; it may
+      have yielded a few more, past the end of a shorter audio stream).
+    audio: `[round(duration * sample_rate)]` float32 mono, or None (no audio stream).
+    duration: num_frames / fps seconds.
+    truncated, truncation_detail: as `DecodedVideo`'s.
+  """
 
-  frame_interval = frames.typical_interval(video_stream)
-  video_end = frames.end_time(frame_interval)
-  declared_video_end = _declared_end(container, video_stream, frames.first_time)
-  usable_end = video_end
-  stream_report = [f"video decoded to {video_end:.2f} s"]
-  if declared_video_end is not None:
-    stream_report[-1] += f" of {declared_video_end:.2f} s declared"
+  num_frames: int
+  audio: np.ndarray | None
+  duration: float
+  truncated: bool
+  truncation_detail: str = ""
 
-  waveform = audio.waveform(frames.first_time) if audio is not None else None
-  if audio is not None and waveform is None and require_audio:
-    detail = f" ({decode_error})" if decode_error else ""
-    raise NoAudioStreamError(path, f"the audio stream has no decodable sample{detail}")
-  if waveform is not None:
-    declared_audio_end = _declared_end(container, audio_stream, frames.first_time)
-    audio_end = len(waveform) / sample_rate
-    if declared_audio_end is not None and audio_end > declared_audio_end:
-      # Codecs pad their last frame (AAC: up to 1024 samples); the header says where the
-      # real signal ends.
-      audio_end = declared_audio_end
-    stream_report.append(f"audio decoded to {audio_end:.2f} s")
-    if declared_audio_end is not None:
-      stream_report[-1] += f" of {declared_audio_end:.2f} s declared"
-      if audio_end < declared_audio_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval:
-        decode_error = decode_error or "the audio stream ends before its declared end"
-    usable_end = min(usable_end, audio_end)
-  if (
-    declared_video_end is not None
-    and video_end < declared_video_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval
+
+class VideoStream:
+  """A file decoded as it is read, its frames handed out in chunks (host memory: one chunk).
+
+    with VideoStream(path, fps=8, short_side=32, sample_rate=16000) as stream:
+      stream.declared_seconds          # the headers' duration (None if they do not say)
+      for chunk in stream.frames(chunk_frames=256):   # [n <= 256, H, W, 3] uint8
+        ...
+      stream.end                       # StreamEnd: usable frame count, audio, duration
+
+  Frames, audio and the usable length are exactly those of `decode_video` (which is this,
+  collected). Opening raises the `VideoReadError`s a file's headers reveal (no video stream,
+  no audio stream when required, frames too large); `frames` raises those decoding reveals.
+  """
+
+  def __init__(
+    self,
+    path: epath.PathLike,
+    *,
+    fps: float,
+    short_side: int,
+    sample_rate: int,
+    require_audio: bool = True,
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
   ):
-    decode_error = decode_error or "the video stream ends before its declared end"
+    if fps <= 0 or short_side <= 0 or sample_rate <= 0:
+      raise ValueError(
+        f"fps, short_side and sample_rate must be positive, got {fps}, {short_side}, "
+        f"{sample_rate}."
+      )
+    self.path = epath.Path(path)
+    self._fps, self._short_side, self._sample_rate = fps, short_side, sample_rate
+    self._require_audio = require_audio
+    self._max_frame_pixels = max_frame_pixels
+    self._file = self._container = None
+    self.declared_seconds: float | None = None
+    self.end: StreamEnd | None = None
 
-  num_frames = math.floor(usable_end * fps + _TIME_EPSILON)
-  if num_frames == 0:
-    raise EmptyVideoError(path, f"the usable part is shorter than one frame at {fps} fps")
-  duration = num_frames / fps
-  if waveform is not None:
-    num_samples = round(duration * sample_rate)
-    waveform = np.pad(waveform[:num_samples], (0, max(0, num_samples - len(waveform))))
-  return DecodedVideo(
-    frames=frames.frames(num_frames),
-    fps=fps,
-    audio=waveform,
-    sample_rate=sample_rate,
-    duration=duration,
-    truncated=bool(decode_error),
-    truncation_detail=f"{decode_error}; {', '.join(stream_report)}" if decode_error else "",
-  )
+  def __enter__(self) -> VideoStream:
+    try:
+      if not self.path.exists():
+        raise UnreadableVideoError(self.path, "file does not exist")
+      if self.path.stat().length == 0:
+        raise EmptyVideoError(self.path, "file has zero bytes")
+      self._file = self.path.open("rb")
+      try:
+        self._container = av.open(self._file)
+      # PyAV also reads the container's metadata tags, as UTF-8.
+      except (av.FFmpegError, UnicodeDecodeError) as error:
+        raise UnreadableVideoError(self.path, f"FFmpeg cannot open it ({error})") from error
+      self._check_streams()
+    except OSError as error:  # permissions, a vanished file, a network read that failed
+      self.__exit__(None, None, None)
+      raise UnreadableVideoError(self.path, f"cannot read the file ({error})") from error
+    except VideoReadError:
+      self.__exit__(None, None, None)
+      raise
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._container is not None:
+      self._container.close()
+    if self._file is not None:
+      self._file.close()
+    self._file = self._container = None
+
+  def _check_streams(self) -> None:
+    container, path = self._container, self.path
+    if not container.streams.video:
+      raise NoVideoStreamError(path, "the file has no video stream")
+    self._video_stream = container.streams.video[0]
+    self._audio_stream = container.streams.audio[0] if container.streams.audio else None
+    if self._audio_stream is None and self._require_audio:
+      raise NoAudioStreamError(
+        path,
+        "the file has no audio stream (keep such files with silence by allowing "
+        "audio-less videos, e.g. prepare --keep_audioless)",
+      )
+    width = self._video_stream.codec_context.width
+    height = self._video_stream.codec_context.height
+    if width * height > self._max_frame_pixels:
+      raise FrameTooLargeError(
+        path, f"{width}x{height} frames exceed the limit of {self._max_frame_pixels} pixels"
+      )
+    self.declared_seconds = _declared_end(container, self._video_stream, 0.0)
+
+  def frames(self, chunk_frames: int) -> Iterator[np.ndarray]:
+    """Output frames in order, `[n, H, W, 3]` uint8 with 1 <= n <= chunk_frames; `end` is
+    set when the iteration finishes."""
+    if self._container is None:
+      raise RuntimeError("VideoStream.frames needs an open stream: use `with VideoStream(...)`.")
+    try:
+      yield from self._decode(chunk_frames)
+    except OSError as error:
+      raise UnreadableVideoError(self.path, f"cannot read the file ({error})") from error
+
+  def _decode(self, chunk_frames: int) -> Iterator[np.ndarray]:
+    path, fps, sample_rate = self.path, self._fps, self._sample_rate
+    video_stream, audio_stream = self._video_stream, self._audio_stream
+    frames = _FrameSampler(fps, self._short_side)
+    audio = _AudioCollector(sample_rate) if audio_stream is not None else None
+    streams = [video_stream] + ([audio_stream] if audio_stream is not None else [])
+    decode_error = ""
+    try:
+      for packet in self._container.demux(streams):
+        for frame in packet.decode():
+          if isinstance(frame, av.VideoFrame):
+            frames.add(frame, video_stream)
+            if frames.pending >= chunk_frames:
+              yield frames.take(chunk_frames)
+          else:
+            audio.add(frame)
+    except av.FFmpegError as error:
+      decode_error = f"decoding stopped with an error ({error})"
+    if frames.count == 0:
+      if decode_error:
+        raise UnreadableVideoError(path, f"no video frame could be decoded: {decode_error}")
+      raise EmptyVideoError(path, "the video stream has no decodable frame")
+
+    frame_interval = frames.typical_interval(video_stream)
+    video_end = frames.end_time(frame_interval)
+    declared_video_end = _declared_end(self._container, video_stream, frames.first_time)
+    usable_end = video_end
+    stream_report = [f"video decoded to {video_end:.2f} s"]
+    if declared_video_end is not None:
+      stream_report[-1] += f" of {declared_video_end:.2f} s declared"
+
+    waveform = audio.waveform(frames.first_time) if audio is not None else None
+    if audio is not None and waveform is None and self._require_audio:
+      detail = f" ({decode_error})" if decode_error else ""
+      raise NoAudioStreamError(path, f"the audio stream has no decodable sample{detail}")
+    if waveform is not None:
+      declared_audio_end = _declared_end(self._container, audio_stream, frames.first_time)
+      audio_end = len(waveform) / sample_rate
+      if declared_audio_end is not None and audio_end > declared_audio_end:
+        # Codecs pad their last frame (AAC: up to 1024 samples); the header says where the
+        # real signal ends.
+        audio_end = declared_audio_end
+      stream_report.append(f"audio decoded to {audio_end:.2f} s")
+      if declared_audio_end is not None:
+        stream_report[-1] += f" of {declared_audio_end:.2f} s declared"
+        if audio_end < declared_audio_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval:
+          decode_error = decode_error or "the audio stream ends before its declared end"
+      usable_end = min(usable_end, audio_end)
+    if (
+      declared_video_end is not None
+      and video_end < declared_video_end - _TRUNCATION_TOLERANCE_S - 2 * frame_interval
+    ):
+      decode_error = decode_error or "the video stream ends before its declared end"
+
+    num_frames = math.floor(usable_end * fps + _TIME_EPSILON)
+    if num_frames == 0:
+      raise EmptyVideoError(path, f"the usable part is shorter than one frame at {fps} fps")
+    frames.finish(num_frames)
+    while frames.pending:
+      yield frames.take(chunk_frames)
+    duration = num_frames / fps
+    if waveform is not None:
+      num_samples = round(duration * sample_rate)
+      waveform = np.pad(waveform[:num_samples], (0, max(0, num_samples - len(waveform))))
+    self.end = StreamEnd(
+      num_frames=num_frames,
+      audio=waveform,
+      duration=duration,
+      truncated=bool(decode_error),
+      truncation_detail=f"{decode_error}; {', '.join(stream_report)}" if decode_error else "",
+    )
 
 
 def _declared_end(container, stream, time_zero: float) -> float | None:
@@ -334,7 +458,8 @@ class _FrameSampler:
   def __init__(self, fps: float, short_side: int):
     self._fps = fps
     self._short_side = short_side
-    self._selected: list[np.ndarray] = []
+    self._pending: list[np.ndarray] = []  # selected frames not yet taken
+    self._emitted = 0  # frames selected so far
     self._previous = None  # (time, av.VideoFrame) of the last frame seen
     self._previous_rgb = None
     # One reformatter for the whole file: it keeps its scaler between frames (creating one per
@@ -366,13 +491,14 @@ class _FrameSampler:
 
   def _emit_until(self, time: float) -> None:
     """Selects the previous frame for every output time before `time`."""
-    while self._previous is not None and len(self._selected) / self._fps < time - _TIME_EPSILON:
+    while self._previous is not None and self._emitted / self._fps < time - _TIME_EPSILON:
       if self._previous_rgb is None:
         height, width = resized_shape(self._previous.height, self._previous.width, self._short_side)
         self._previous_rgb = self._reformatter.reformat(
           self._previous, width=width, height=height, format="rgb24", interpolation="AREA"
         ).to_ndarray()
-      self._selected.append(self._previous_rgb)
+      self._pending.append(self._previous_rgb)
+      self._emitted += 1
 
   def typical_interval(self, stream) -> float:
     """Median spacing of the frames seen (the nominal rate for a single frame)."""
@@ -385,10 +511,18 @@ class _FrameSampler:
     """When the last frame leaves the screen."""
     return self._times[-1] + frame_interval
 
-  def frames(self, num_frames: int) -> np.ndarray:
-    """`[num_frames, H, W, 3]` uint8: the frames on screen at 0, 1 / fps, 2 / fps, ..."""
+  @property
+  def pending(self) -> int:
+    return len(self._pending)
+
+  def take(self, count: int) -> np.ndarray:
+    """The first `count` (or fewer) selected frames not taken yet, `[n, H, W, 3]` uint8."""
+    taken, self._pending = self._pending[:count], self._pending[count:]
+    return np.stack(taken)
+
+  def finish(self, num_frames: int) -> None:
+    """Selects the last frame for the output times left before frame `num_frames`."""
     self._emit_until(num_frames / self._fps)
-    return np.stack(self._selected[:num_frames])
 
 
 class _AudioCollector:
@@ -398,11 +532,11 @@ class _AudioCollector:
     self._sample_rate = sample_rate
     self._resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     self._chunks: list[np.ndarray] = []
-    self._start_time = None
+    self.start_time = None
 
   def add(self, frame: av.AudioFrame) -> None:
-    if self._start_time is None and frame.time is not None:
-      self._start_time = float(frame.time)
+    if self.start_time is None and frame.time is not None:
+      self.start_time = float(frame.time)
     for resampled in self._resampler.resample(frame):
       self._chunks.append(resampled.to_ndarray().reshape(-1))
 
@@ -413,7 +547,7 @@ class _AudioCollector:
     if not self._chunks:
       return None
     waveform = np.concatenate(self._chunks).astype(np.float32)
-    offset = round(((self._start_time or 0.0) - time_zero) * self._sample_rate)
+    offset = round(((self.start_time or 0.0) - time_zero) * self._sample_rate)
     if offset > 0:
       waveform = np.concatenate([np.zeros(offset, np.float32), waveform])
     elif offset < 0:

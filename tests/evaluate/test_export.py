@@ -9,6 +9,7 @@ import pytest
 
 from cmvt_jax import export
 from cmvt_jax import files
+from cmvt_jax import whole_video
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import synthetic
 from configs import micro
@@ -151,7 +152,9 @@ def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_d
   path = tmp_path / "minute.mp4"
   synthetic.write_mp4(path, frames, fps, audio.astype(np.float32), sample_rate)
 
-  config = micro_config(micro_data_dir, **{"export.whole_video": True})
+  # 240 frames in chunks of 64 (the last one padded), the temporal encoder over all of them
+  # padded to its bucket, the audio tower over all 60 s padded to its own.
+  config = micro_config(micro_data_dir, **{"export.whole_video": True, "export.frame_chunk": 64})
   rows = export.embed_videos([path], workdir, config=config)
   frames_at_input_rate = seconds * 4  # the micro input samples 4 frames per second
   np.testing.assert_array_equal(rows["num_frames"], [frames_at_input_rate])
@@ -166,9 +169,39 @@ def test_whole_video_mode_embeds_a_minute_in_one_pass(tmp_path, workdir, micro_d
   np.testing.assert_allclose(rows["video"], video, atol=1e-5)
   np.testing.assert_allclose(rows["audio"], audio, atol=1e-5)
 
-  config = micro_config(micro_data_dir, **{"export.whole_video": True, "export.max_frames": 100})
-  with pytest.raises(ValueError, match=r"240 input frames .* export.max_frames=100"):
+  config = micro_config(
+    micro_data_dir, **{"export.whole_video": True, "export.memory_limit_gib": 0.01}
+  )
+  with pytest.raises(whole_video.TooLongError, match=r"60 s .* more than the 0.01 GiB"):
     export.embed_videos([path], workdir, config=config)
+
+
+def test_moments_are_the_clip_windows_and_cover_each_video(
+  clip_export, workdir, run, micro_data_dir
+):
+  # The micro model sees 1-s windows (4 frames at 4 fps), centred in its 2-s clips: the eval
+  # view of the clip at 0 s is the window at 0.5 s. Moments every 0.5 s.
+  config = micro_config(
+    micro_data_dir, **{"export.whole_video": True, "export.moment_seconds": 0.5}
+  )
+  config.export.name = "moments"
+  export.export_embeddings(config, str(workdir), run=run)
+  rows = export.load_embeddings(workdir, "moments")
+  manifest = json.loads((workdir / "embeddings" / "moments" / "manifest.json").read_text())
+  assert manifest["moments"] == {"count": 8 * 8, "moment_seconds": 0.5, "window_seconds": 1.0}
+  for row, source in enumerate(rows["source"]):
+    of_row = rows["moment_row"] == row
+    # 4-s files: a moment every 0.5 s from 0 while one lies inside the video.
+    np.testing.assert_allclose(rows["moment_time"][of_row], np.arange(8) * 0.5)
+    for clip_start, moment_time in ((0.0, 0.5), (2.0, 2.5)):
+      clip = list(clip_export["id"]).index(f"{source}@{clip_start:.3f}")
+      moment = np.flatnonzero(of_row & (rows["moment_time"] == moment_time))[0]
+      for key in ("video", "audio"):
+        np.testing.assert_allclose(
+          rows[f"moment_{key}"][moment], clip_export[key][clip], atol=1e-5, err_msg=source
+        )
+  for key in ("moment_video", "moment_audio"):
+    np.testing.assert_allclose(np.linalg.norm(rows[key], axis=1), 1, atol=1e-5)
 
 
 @pytest.mark.parametrize("setting", ["split", "step", "whole_video", "video_dir"])
