@@ -363,7 +363,9 @@ class WholeVideoEmbedder:
     count = len(features)
     rows = -(-count // self.window_batch) * self.window_batch
     pad = lambda x: np.concatenate([x, np.zeros((rows - count, *x.shape[1:]), x.dtype)])
-    features, frame_mask, log_mel, audio_mask = map(pad, (features, frame_mask, log_mel, audio_mask))
+    features, frame_mask, log_mel, audio_mask = map(
+      pad, (features, frame_mask, log_mel, audio_mask)
+    )
     frame_mask[count:, 0] = audio_mask[count:, 0] = True  # padding rows: one valid step each
     parts = []
     for first in range(0, rows, self.window_batch):
@@ -374,7 +376,9 @@ class WholeVideoEmbedder:
           **self._run("audio", log_mel[batch], audio_mask[batch]),
         }
       )
-    return {key: np.concatenate([part[key] for part in parts])[:count] for key in ("video", "audio")}
+    return {
+      key: np.concatenate([part[key] for part in parts])[:count] for key in ("video", "audio")
+    }
 
   def embed_video_features(self, features: np.ndarray) -> np.ndarray:
     """Frame features `[T, D_f]` → the video embedding `[E]` (one pass, bucketed)."""

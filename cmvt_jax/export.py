@@ -27,8 +27,9 @@ manifest (`skipped`); the rest of the folder exports.
 
 Interruption. Process 0 first removes the folder's manifest and parts; each part is written
 under a temporary name and renamed when complete; process 0 writes the manifest (step, config
-hash, model hash, counts, embedding dim, moment grid) only after every process has finished its part. A folder
-without a manifest is an incomplete export, and `load_embeddings` refuses it.
+hash, model hash, counts, embedding dim, moment grid) only after every process has finished
+its part. A folder without a manifest is an incomplete export, and `load_embeddings` refuses
+it.
 """
 
 from __future__ import annotations
@@ -60,22 +61,12 @@ from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import video_io
 
-def _subclasses(cls) -> list[type]:
-  found = []
-  for sub in cls.__subclasses__():
-    found += [sub, *_subclasses(sub)]
-  return found
-
-
 MANIFEST = "manifest.json"
 # Per-row metadata of every export (the host-side keys of the eval batches).
 _CLIP_KEYS = ("id", "source", "start")
 # Why a video is left out of an export (the manifest counts each).
 SKIP_REASONS = tuple(
-  sorted(
-    {error.reason for error in _subclasses(video_io.VideoReadError)}
-    | {"shorter than one clip", whole_video.TooLongError.reason}
-  )
+  sorted({error.reason for error in (*video_io.READ_ERRORS, whole_video.TooLongError)})
 )
 
 
@@ -223,16 +214,19 @@ def embed_segment(
   modality: str,
   start: float | None = None,
   end: float | None = None,
+  step: int | None = None,
   config: config_dict.ConfigDict | None = None,
 ) -> np.ndarray:
   """One modality of [start, end) of a media file (None: its start / end) with a workdir's
   model, embedded in one pass as a clip of that length: `[E]` float32, L2-normalised.
 
   Args:
-    workdir: a training workdir; its latest checkpoint (or `config.export.step`) is used.
+    workdir: a training workdir.
     path: a video file, or (modality 'audio') any file with an audio stream.
     modality: 'audio' or 'video'.
     start, end: seconds from the file's start.
+    step: the checkpoint (None: `config.export.step`, or the latest); a search embeds its
+      query with the checkpoint that embedded the collection.
     config: the run's config; by default the one recorded in `WORKDIR/config.json`.
 
   Raises:
@@ -241,8 +235,8 @@ def embed_segment(
   """
   config = config or workdir_config(workdir)
   run = run_lib.Run.create(config, workdir)
-  trained = run.restore_params(step=config.export.step)
-  embedder = _video_embedder(run, trained, config.export)
+  trained = run.restore_params(step=config.export.step if step is None else step)
+  embedder = video_embedder(run, trained, config.export)
   return embedder.embed_range(path, run.dataset.storage, modality=modality, start=start, end=end)
 
 
@@ -437,7 +431,7 @@ def _file_elements(
     else:
       if not elements:
         logging.warning("Skipping %s: shorter than one clip (%s s).", source, storage.clip_seconds)
-        skipped.append("shorter than one clip")
+        skipped.append(video_io.TooShortError.reason)
     yield from elements
     bar.update()
 
@@ -453,7 +447,7 @@ def _embed_split(
   split = export.split
   primary = jax.process_index() == 0
   if export.whole_video:
-    embedder = _video_embedder(run, trained, export)
+    embedder = video_embedder(run, trained, export)
     count, embedded = _split_videos(run, embedder, split)
     with tqdm.tqdm(total=count, desc=f"Embedding {split} videos", disable=not primary) as bar:
       return _whole_rows(_ticking(embedded, bar), run.config.model.embed_dim, labelled=True)
@@ -493,12 +487,10 @@ def _embed_files(
     disable=jax.process_index() != 0,
   ) as bar:
     if export.whole_video:
-      embedder = _video_embedder(run, trained, export)
+      embedder = video_embedder(run, trained, export)
       embedded = (
         ({"id": source, "source": source, "start": np.float32(0)}, outcome)
-        for source, outcome in whole_video.iter_embedded(
-          embedder, video_files, run.dataset.storage
-        )
+        for source, outcome in whole_video.iter_embedded(embedder, video_files, run.dataset.storage)
       )
       if not skip_unreadable:
         embedded = _raising(embedded)
@@ -544,7 +536,7 @@ def _host_batch_size(run: run_lib.Run, size: int) -> int:
   return size // processes
 
 
-def _video_embedder(
+def video_embedder(
   run: run_lib.Run, trained: run_lib.TrainedParams, export: config_dict.ConfigDict
 ) -> whole_video.VideoEmbedder:
   """The whole-video embedder of the export settings (on this process's first device)."""

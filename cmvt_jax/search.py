@@ -556,7 +556,13 @@ def run_search(
   try:
     modality = query_modality or file_modality(query.path)
     embedding = export.embed_segment(
-      workdir, query.path, start=query.start, end=query.end, modality=modality, config=config
+      workdir,
+      query.path,
+      start=query.start,
+      end=query.end,
+      modality=modality,
+      step=collection.manifest["step"],
+      config=config,
     )
   except video_io.VideoReadError as error:
     raise SearchError(f"Cannot read the query file: {error}") from None

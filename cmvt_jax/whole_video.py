@@ -211,16 +211,7 @@ class VideoEmbedder:
     """
     spec = self.spec
     if modality == "audio":
-      decoded = video_io.decode_audio(path, sample_rate=storage.sample_rate)
-      stored = dataset_writer.stored_audio(decoded, len(decoded))
-      waveform = normalization.waveform_at_rate(stored, storage.sample_rate, spec.mel.sample_rate)
-      duration = len(waveform) / spec.mel.sample_rate
-      first, last = _range(path, start, end, duration)
-      rate = spec.mel.sample_rate
-      segment = waveform[round(first * rate) : round(last * rate)]
-      if len(segment) < spec.mel.hop_length:
-        raise ValueError(f"{path}: [{first}, {last}) s holds less than one log-mel frame.")
-      return self.embedder.embed_log_mel(self.preprocessor.log_mel(segment))
+      return self.embed_audio_range(self.read_audio(path, storage), start, end, path)
     if modality != "video":
       raise ValueError(f"modality must be 'audio' or 'video'; got {modality!r}.")
     with video_io.VideoStream(
@@ -239,6 +230,24 @@ class VideoEmbedder:
     first_frame = min(round(first * spec.fps), num_frames - 1)
     last_frame = max(min(round(last * spec.fps), num_frames), first_frame + 1)
     return self.embedder.embed_video_features(features[first_frame:last_frame])
+
+  def read_audio(self, path: epath.PathLike, storage: dataset_writer.StorageSpec) -> np.ndarray:
+    """A media file's audio as the model hears it: stored (int16 at the storage rate, as
+    `prepare` stores it), then at the log-mel's rate, float32 `[S]`."""
+    decoded = video_io.decode_audio(path, sample_rate=storage.sample_rate)
+    stored = dataset_writer.stored_audio(decoded, len(decoded))
+    return normalization.waveform_at_rate(stored, storage.sample_rate, self.spec.mel.sample_rate)
+
+  def embed_audio_range(
+    self, waveform: np.ndarray, start: float | None, end: float | None, path="the audio"
+  ) -> np.ndarray:
+    """[start, end) of a `read_audio` waveform → its audio embedding `[E]` (one pass)."""
+    rate = self.spec.mel.sample_rate
+    first, last = _range(path, start, end, len(waveform) / rate)
+    segment = waveform[round(first * rate) : round(last * rate)]
+    if len(segment) < self.spec.mel.hop_length:
+      raise ValueError(f"{path}: [{first}, {last}) s holds less than one log-mel frame.")
+    return self.embedder.embed_log_mel(self.preprocessor.log_mel(segment))
 
   def _input_frames_in(self, first: int, end: int, taken: int) -> np.ndarray:
     """Indices (stored) in [first, end) of input frames taken, taken + 1, ..."""

@@ -1,7 +1,8 @@
 """The package's imports run one way (README's Layout), read from the source with ast.
 
     files → models, losses and data → sharding, checkpoints, metrics, flops → run →
-    embedding → evaluate, export, prepare, compile → search → plots → train → main
+    embedding → whole_video → evaluate, export, prepare, compile → search → plots → train →
+    main
 
 A module may import modules of a lower layer, and modules of its own sub-package
 (`models/` among themselves, `data/` among themselves); `models/` and `losses` know nothing

@@ -84,6 +84,17 @@ class TooShortError(VideoReadError):
   reason = "shorter than one clip"
 
 
+# Every kind of file this module refuses (summaries count skips by their `reason`).
+READ_ERRORS = (
+  UnreadableVideoError,
+  EmptyVideoError,
+  NoVideoStreamError,
+  NoAudioStreamError,
+  FrameTooLargeError,
+  TooShortError,
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodedVideo:
   """A decoded file on a common timeline (see module docstring).
@@ -295,8 +306,7 @@ class VideoStream:
   ):
     if fps <= 0 or short_side <= 0 or sample_rate <= 0:
       raise ValueError(
-        f"fps, short_side and sample_rate must be positive, got {fps}, {short_side}, "
-        f"{sample_rate}."
+        f"fps, short_side and sample_rate must be positive, got {fps}, {short_side}, {sample_rate}."
       )
     self.path = epath.Path(path)
     self._fps, self._short_side, self._sample_rate = fps, short_side, sample_rate

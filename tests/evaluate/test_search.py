@@ -168,7 +168,9 @@ def fake_model(monkeypatch, collection):
   calls = []
   config = config_dict.ConfigDict({"input": {"num_frames": 8, "fps": 4.0}})
 
-  def embed_segment(workdir, path, *, start=None, end=None, modality="audio", config=None):
+  def embed_segment(
+    workdir, path, *, start=None, end=None, modality="audio", step=None, config=None
+  ):
     calls.append(dict(path=path, start=start, end=end, modality=modality))
     if end is not None and end > 60:
       raise ValueError(f"{path} is 60.0 s long; the range [{start}, {end}) is outside it.")

@@ -1,0 +1,133 @@
+"""Long videos: bucketed programs, the memory guard inside a folder export, and moment search
+end to end on a generated long video (the micro workdir's model)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from cmvt_jax import embedding
+from cmvt_jax import export
+from cmvt_jax import search
+from cmvt_jax import whole_video
+from cmvt_jax.data import synthetic
+from configs import micro
+from tests.evaluate.conftest import LATEST_STEP
+from tests.evaluate.conftest import micro_config
+
+
+def write_long_video(path, segments: int, seed: int) -> None:
+  """A generated file of `segments` two-second segments (the micro dataset's kind of video)."""
+  spec = dataclasses.replace(
+    synthetic.SyntheticSpec.from_config(micro.get_config().dataset.synthetic),
+    segments_per_file=segments,
+    seed=seed,
+  )
+  rng = np.random.default_rng(seed)
+  kind = synthetic.CLASSES[seed % len(synthetic.CLASSES)]
+  events = synthetic.sample_events(spec, rng)
+  frames = synthetic.render_video(spec, kind, events, rng)
+  audio = synthetic.render_audio(spec, kind, events, rng)
+  synthetic.write_mp4(path, frames, spec.fps, audio, spec.sample_rate)
+
+
+@pytest.fixture(scope="module")
+def video_embedder(run):
+  """The export's whole-video embedder for a memory limit (GiB; None: the machine's)."""
+  trained = run.restore_params(step=LATEST_STEP)
+
+  def make(limit):
+    config = micro_config(run.config.dataset.data_dir, **{"export.memory_limit_gib": limit})
+    return export.video_embedder(run, trained, config.export)
+
+  return make
+
+
+def test_videos_of_many_lengths_share_a_handful_of_programs(run):
+  trained = run.restore_params(step=LATEST_STEP)
+  device = embedding.WholeVideoEmbedder(
+    run.model, run.mesh, trained.params, chunk_frames=16, window_batch=8
+  )
+  embedder = whole_video.VideoEmbedder(
+    device, run.preprocessor(trained.stats), moment_seconds=1.0, memory_limit_bytes=1 << 40
+  )
+  storage = run.dataset.storage
+  rng = np.random.default_rng(0)
+  # Seven lengths from 1.5 s to 40 s: 6 to 124 input frames (+ CLS) fill the 128-token bucket
+  # and 160 frames the 256 one; their audio (48 to 992 log-mel frames, 8 per CNN step) fills
+  # 1016 frames (127 steps + CLS), 1280 frames fill 2040. So two whole-video programs, plus
+  # one for frame chunks and two (video, audio) for batches of moment windows.
+  for seconds in (1.5, 3, 7.25, 11, 19.5, 31, 40):
+    stored = round(seconds * storage.fps)
+    frames = rng.integers(0, 255, (stored, 16, 16, 3), dtype=np.uint8)
+    audio = rng.integers(-3000, 3000, round(seconds * storage.sample_rate)).astype(np.int16)
+    embedded = embedder.embed_stored(frames, audio, f"{seconds} s")
+    assert embedded.num_frames == int(seconds * 4)
+  assert device.programs == 1 + 2 + 2
+
+
+def test_a_video_over_the_memory_limit_is_skipped_and_counted(
+  tmp_path, workdir, run, micro_data_dir, video_embedder
+):
+  folder = tmp_path / "videos"
+  for index in range(2):
+    write_long_video(folder / f"short_{index}.mp4", segments=2, seed=index)
+  write_long_video(folder / "long.mp4", segments=30, seed=5)  # one minute
+  embedder = video_embedder(None)
+  limit = (embedder.memory_needed(4.0) + embedder.memory_needed(60.0)) / 2 / (1 << 30)
+  config = micro_config(
+    micro_data_dir,
+    **{
+      "export.whole_video": True,
+      "export.video_dir": str(folder),
+      "export.memory_limit_gib": limit,
+    },
+  )
+  export.export_embeddings(config, str(workdir), run=run)
+  rows = export.load_embeddings(workdir, "videos_whole_video")
+  assert list(rows["source"]) == ["short_0.mp4", "short_1.mp4"]
+  manifest = json.loads((workdir / "embeddings/videos_whole_video/manifest.json").read_text())
+  assert manifest["skipped_files"] == 1
+  assert manifest["skipped"] == {whole_video.TooLongError.reason: 1}
+
+
+def test_search_finds_a_planted_segment_of_a_long_video(
+  tmp_path, workdir, run, micro_data_dir, capsys
+):
+  folder = tmp_path / "archive"
+  for index in range(3):
+    write_long_video(folder / f"film_{index}.mp4", segments=15, seed=10 + index)  # 30 s each
+  config = micro_config(
+    micro_data_dir, **{"export.whole_video": True, "export.video_dir": str(folder)}
+  )
+  export.export_embeddings(config, str(workdir), run=run)
+  rows = export.load_embeddings(workdir, "archive_whole_video")
+  for row in range(3):  # moments every second, in order, covering each 30-s video
+    np.testing.assert_allclose(rows["moment_time"][rows["moment_row"] == row], np.arange(30))
+
+  # The sound of film_1 at [17, 18) s, one window long on the moment grid, against the
+  # collection's sounds: its own moment, exactly.
+  query = f"{folder / 'film_1.mp4'}@17-18"
+  flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(
+    workdir=str(workdir),
+    collection="archive_whole_video",
+    query=query,
+    query_modality="audio",
+    same_modality=True,
+    top_k=3,
+    json=True,
+  ):
+    search.main(["search"])
+  results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [result["rank"] for result in results] == [1, 2, 3]
+  assert (results[0]["source"], results[0]["start"], results[0]["end"]) == ("film_1.mp4", 17, 18)
+  assert results[0]["score"] == pytest.approx(1.0, abs=1e-5)
+  assert results[0]["score"] >= results[1]["score"] >= results[2]["score"]
+
+  # Cross-modal (the default): the same query searches the moments' video.
+  answer = search.run_search(str(workdir), "archive_whole_video", query, query_modality="audio")
+  assert answer.target == "video" and len(answer.results) == 10
