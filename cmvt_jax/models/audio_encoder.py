@@ -12,7 +12,11 @@ Two backbones, both reading the spectrogram as a one-channel image `[B, F, M, 1]
   frame `ViT` with fixed 2D sine-cosine positions (no table, so any clip length works); the
   CLS output is the clip feature and there is no separate temporal encoder.
 
-Audio clips are fixed-length windows, so there is no padding mask here.
+Training clips are fixed-length windows and run without a mask. Whole-video export pads a
+spectrogram to a length bucket and passes a time mask `[B, F]`: the CNN then gives each row
+the map of its valid frames alone (`ResNet.masked_feature_map`), and the temporal encoder
+masks the padded steps, so a padded row embeds as its unpadded spectrogram does. The patch
+transformer has no mask.
 """
 
 from __future__ import annotations
@@ -35,8 +39,19 @@ class AudioEncoder(nn.Module):
   backbone: nn.Module
   temporal: nn.Module | None = None
 
-  def __call__(self, log_mel: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    """log_mel `[B, F, M]` → `[B, D]`."""
+  def output_length(self, frames: int) -> int:
+    """Time steps the CNN leaves of `frames` spectrogram frames: ⌈frames / time_stride⌉."""
+    self._check_cnn("output_length")
+    return frame_encoder.strided_lengths(frames, self.backbone.time_stride)
+
+  def __call__(
+    self, log_mel: jax.Array, mask: jax.Array | None = None, *, deterministic: bool = True
+  ) -> jax.Array:
+    """log_mel `[B, F, M]`, mask bool `[B, F]` (True = a real frame; a prefix) or None → `[B, D]`.
+
+    With a mask, frames past each row's valid length may hold anything: the row embeds as its
+    valid frames alone would (up to float rounding).
+    """
     if log_mel.ndim != 3:
       raise ValueError(f"log_mel must be [B, frames, n_mels]; got shape {log_mel.shape}.")
     image = log_mel[..., None]
@@ -45,11 +60,23 @@ class AudioEncoder(nn.Module):
         raise ValueError(
           "the CNN audio backbone needs a temporal encoder (num_layers=0 for a mean over time)."
         )
-      feature_map = self.backbone.feature_map(image)  # [B, F', M', C]
+      if mask is None:
+        feature_map, steps_mask = self.backbone.feature_map(image), None  # [B, F', M', C]
+      else:
+        feature_map, steps_mask = self.backbone.masked_feature_map(image, mask)
       sequence = feature_map.reshape(feature_map.shape[:2] + (-1,))  # [B, F', M'·C]
-      return self.temporal(sequence, deterministic=deterministic)
+      return self.temporal(sequence, steps_mask, deterministic=deterministic)
     if self.temporal is not None:
       raise ValueError(
         "the patch-transformer audio backbone has no temporal encoder; pass temporal=None."
       )
+    if mask is not None:
+      self._check_cnn("an audio mask")
     return self.backbone(image, deterministic=deterministic)
+
+  def _check_cnn(self, what: str) -> None:
+    if not isinstance(self.backbone, frame_encoder.ResNet):
+      raise ValueError(
+        f"{what} needs the CNN audio backbone (model.audio.backbone='cnn'); the patch "
+        "transformer has no padding mask."
+      )

@@ -20,6 +20,7 @@ Building, initialising and applying (what the trainer does):
   out['video'], out['audio']                       # [B, E] for the contrastive loss
   model.apply({'params': params}, video, method=cmvt.CMVT.classify, train=True, rngs=...)
   model.apply({'params': params}, video, frame_mask=mask, method=cmvt.CMVT.embed_video)
+  model.apply({'params': params}, log_mel, audio_mask=mask, method=cmvt.CMVT.embed_audio)
 """
 
 from __future__ import annotations
@@ -150,13 +151,17 @@ class CMVT(nn.Module):
         param_dtype=self.param_dtype,
       )
 
-  def __call__(self, video, audio, *, frame_mask=None, train: bool = False) -> dict:
+  def __call__(
+    self, video, audio, *, frame_mask=None, audio_mask=None, train: bool = False
+  ) -> dict:
     """Both modalities.
 
     Args:
       video: `[B, T, H, W, C]` float frames.
       audio: `[B, F, M]` log-mel (time first).
       frame_mask: optional bool `[B, T]`, False for padding frames.
+      audio_mask: optional bool `[B, F]`, False for padding log-mel frames (a suffix of each
+        row; needs the CNN audio backbone).
       train: enables dropout (then `rngs={'dropout': key}` is needed).
 
     Returns:
@@ -166,7 +171,7 @@ class CMVT(nn.Module):
       'logits': `[B, num_classes]` float32, only when `num_classes > 0`.
     """
     video_out = self.embed_video(video, frame_mask=frame_mask, train=train)
-    audio_out = self.embed_audio(audio, train=train)
+    audio_out = self.embed_audio(audio, audio_mask=audio_mask, train=train)
     out = {
       "video": video_out["embedding"],
       "audio": audio_out["embedding"],
@@ -183,9 +188,10 @@ class CMVT(nn.Module):
     features = self.video_encoder(video, frame_mask, deterministic=not train)
     return {"embedding": self.video_projection(features), "features": features.astype(jnp.float32)}
 
-  def embed_audio(self, audio, *, train: bool = False) -> dict:
-    """audio `[B, F, M]` → {'embedding': `[B, E]`, 'features': `[B, D_a]`}, float32."""
-    features = self.audio_encoder(audio, deterministic=not train)
+  def embed_audio(self, audio, *, audio_mask=None, train: bool = False) -> dict:
+    """audio `[B, F, M]` (any F), audio_mask bool `[B, F]` (False = padding) or None →
+    {'embedding': `[B, E]`, 'features': `[B, D_a]`}, float32."""
+    features = self.audio_encoder(audio, audio_mask, deterministic=not train)
     return {"embedding": self.audio_projection(features), "features": features.astype(jnp.float32)}
 
   def classify(self, video, *, frame_mask=None, train: bool = False) -> jax.Array:

@@ -28,7 +28,10 @@ ResNet. Basic residual blocks (two 3×3 convs) with GroupNorm rather than BatchN
 statistics to carry through the train state, and no way for the normalisation to leak
 information between the clips of a contrastive batch (the reason MoCo shuffles BN). Strides
 are per stage and per axis, so the audio tower reuses the same stack on a spectrogram with
-time kept and frequency pooled (`ResNet.feature_map`).
+time kept and frequency pooled (`ResNet.feature_map`). `ResNet.masked_feature_map` runs it on
+a batch padded along time (axis 1) and gives every row the map of its valid part alone:
+GroupNorm statistics over valid rows, zeros past them, and SAME padding of each row's own
+length in the time-strided convs.
 """
 
 from __future__ import annotations
@@ -442,6 +445,70 @@ def _resize_checkpoint_table(table: np.ndarray, grid: tuple[int, int], path) -> 
 # ----------------------------------------------------------------------------- ResNet
 
 
+def strided_lengths(lengths, stride: int):
+  """Valid lengths (an int or `[N]`) after a SAME conv of `stride`: ⌈L / stride⌉. Strides
+  compose: ⌈⌈L/a⌉/b⌉ = ⌈L/(a·b)⌉."""
+  return -(-lengths // stride)
+
+
+def prefix_mask(lengths: jax.Array, size: int) -> jax.Array:
+  """`[N]` valid lengths → bool `[N, size]`, True on each row's first `lengths[n]` entries."""
+  return jnp.arange(size) < lengths[:, None]
+
+
+def _zero_padding(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
+  """x `[N, H, W, C]` with rows H ≥ lengths[n] set to zero (as SAME's zero padding would be)."""
+  if lengths is None:
+    return x
+  return jnp.where(prefix_mask(lengths, x.shape[1])[:, :, None, None], x, 0)
+
+
+def _norm_mask(x: jax.Array, lengths: jax.Array | None) -> jax.Array | None:
+  """GroupNorm's `mask` (x's shape) selecting rows below `lengths`; None for all rows."""
+  if lengths is None:
+    return None
+  return jnp.broadcast_to(prefix_mask(lengths, x.shape[1])[:, :, None, None], x.shape)
+
+
+def _same_conv_per_row(lengths: jax.Array):
+  """A `lax.conv_general_dilated` for `nn.Conv(padding='SAME')` whose padding along axis 1 is
+  SAME for each row's true length `lengths` `[N]` rather than for the padded buffer.
+
+  SAME over length L with kernel k and stride s pads total = max((⌈L/s⌉ − 1)·s + k − L, 0),
+  lo = total // 2 in front, so output i reads inputs s·i − lo … s·i − lo + k − 1. lo depends on
+  L (for k=3, s=2 it is 1 for odd L, 0 for even), so a buffer padded to another length would
+  sample the wrong phase. Here every row is padded by p = (k − 1)//2 in front, shifted by its
+  own p − lo ∈ [0, p] (lo ≤ (k−1)//2 always) and convolved VALID: the same windows, at the
+  strided cost. With s = 1 (lo = p) or k = 1 (lo = 0) lo does not depend on L and the plain
+  conv is already exact. Axis 2 keeps the buffer's SAME padding (its size is never padded).
+  Inputs past each row's length must be zero, as SAME's padding is. No dilation (the ResNet
+  has none).
+  """
+
+  def conv(inputs, kernel, window_strides, padding, **kwargs):
+    if padding != "SAME":
+      raise ValueError(f"per-row padding is SAME padding; got padding={padding!r}.")
+    k, s = kernel.shape[0], window_strides[0]
+    if s == 1 or k == 1:
+      return jax.lax.conv_general_dilated(inputs, kernel, window_strides, padding, **kwargs)
+    p = (k - 1) // 2
+    out_rows = -(-inputs.shape[1] // s)
+    window_rows = (out_rows - 1) * s + k
+    total = jnp.maximum((strided_lengths(lengths, s) - 1) * s + k - lengths, 0)
+    shift = p - total // 2
+    padded = jnp.pad(inputs, ((0, 0), (p, max(window_rows - inputs.shape[1], 0)), (0, 0), (0, 0)))
+    rows = shift[:, None] + jnp.arange(window_rows)
+    shifted = jnp.take_along_axis(padded, rows[:, :, None, None], axis=1)
+    width_pads = jax.lax.padtype_to_pads(
+      inputs.shape[2:3], kernel.shape[1:2], window_strides[1:], "SAME"
+    )
+    return jax.lax.conv_general_dilated(
+      shifted, kernel, window_strides, [(0, 0), *width_pads], **kwargs
+    )
+
+  return conv
+
+
 class ResidualBlock(nn.Module):
   """Basic residual block: 3×3 conv → GN → ReLU → 3×3 conv → GN, plus shortcut, → ReLU.
 
@@ -456,7 +523,14 @@ class ResidualBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, lengths=None):
+    """x `[N, H, W, C]`; lengths `[N]` int (rows past them zero) or None (every row valid).
+
+    With lengths, each row's valid part comes out as that part alone would (per-row SAME
+    padding, GroupNorm statistics over valid rows) and the rows past ⌈lengths/sh⌉ are zero.
+    """
+    conv_fn = None if lengths is None else _same_conv_per_row(lengths)
+    out_lengths = None if lengths is None else strided_lengths(lengths, self.strides[0])
     conv = lambda kernel, strides, name: nn.Conv(
       self.width,
       kernel,
@@ -465,20 +539,21 @@ class ResidualBlock(nn.Module):
       use_bias=False,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      conv_general_dilated=conv_fn,
       name=name,
     )
-    norm = lambda name, scale_init=nn.initializers.ones: nn.GroupNorm(
+    norm = lambda name, y, scale_init=nn.initializers.ones: nn.GroupNorm(
       num_groups=self.norm_groups,
       scale_init=scale_init,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name=name,
-    )
-    y = nn.relu(norm("norm_1")(conv((3, 3), self.strides, "conv_1")(x)))
-    y = norm("norm_2", nn.initializers.zeros)(conv((3, 3), (1, 1), "conv_2")(y))
+    )(y, mask=_norm_mask(y, out_lengths))
+    y = _zero_padding(nn.relu(norm("norm_1", conv((3, 3), self.strides, "conv_1")(x))), out_lengths)
+    y = norm("norm_2", conv((3, 3), (1, 1), "conv_2")(y), nn.initializers.zeros)
     if x.shape[-1] != self.width or self.strides != (1, 1):
-      x = norm("shortcut_norm")(conv((1, 1), self.strides, "shortcut_conv")(x))
-    return nn.relu(x + y)
+      x = norm("shortcut_norm", conv((1, 1), self.strides, "shortcut_conv")(x))
+    return _zero_padding(nn.relu(x + y), out_lengths)
 
 
 class ResNet(nn.Module):
@@ -506,7 +581,16 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def setup(self):
+  @property
+  def time_stride(self) -> int:
+    """How many input rows (axis 1: time, for the audio tower) make one row of the map: an
+    input of H rows gives ⌈H / time_stride⌉."""
+    return math.prod(int(s[0]) for s in (self.stem_strides, *self.stage_strides))
+
+  @nn.compact
+  def _map(self, images, lengths):
+    """images `[N, H, W, C]`, lengths `[N]` or None → (map `[N, H', W', C']`, lengths' or None)."""
+    check_images(images)
     stages = (len(self.stage_widths), len(self.blocks_per_stage), len(self.stage_strides))
     if len(set(stages)) != 1:
       raise ValueError(
@@ -519,7 +603,7 @@ class ResNet(nn.Module):
           f"ResNet widths must divide by norm_groups={self.norm_groups}; got "
           f"stem {self.stem_width}, stages {tuple(self.stage_widths)}."
         )
-    self.stem = nn.Conv(
+    x = nn.Conv(
       self.stem_width,
       tuple(self.stem_kernel),
       strides=tuple(self.stem_strides),
@@ -527,33 +611,58 @@ class ResNet(nn.Module):
       use_bias=False,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-    )
-    self.stem_norm = nn.GroupNorm(
-      num_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype
-    )
+      conv_general_dilated=None if lengths is None else _same_conv_per_row(lengths),
+      name="stem",
+    )(_zero_padding(images, lengths))
+    if lengths is not None:
+      lengths = strided_lengths(lengths, self.stem_strides[0])
+    x = nn.GroupNorm(
+      num_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_norm"
+    )(x, mask=_norm_mask(x, lengths))
+    x = _zero_padding(nn.relu(x), lengths)
     block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
-    self.blocks = [
-      block_cls(
-        width,
-        tuple(strides) if i == 0 else (1, 1),
-        self.norm_groups,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=f"stage_{stage}_block_{i}",
-      )
-      for stage, (width, count, strides) in enumerate(
-        zip(self.stage_widths, self.blocks_per_stage, self.stage_strides)
-      )
-      for i in range(count)
-    ]
+    for stage, (width, count, strides) in enumerate(
+      zip(self.stage_widths, self.blocks_per_stage, self.stage_strides)
+    ):
+      for i in range(count):
+        block_strides = tuple(strides) if i == 0 else (1, 1)
+        x = block_cls(
+          width,
+          block_strides,
+          self.norm_groups,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=f"stage_{stage}_block_{i}",
+        )(x, lengths)
+        if lengths is not None:
+          lengths = strided_lengths(lengths, block_strides[0])
+    return x, lengths
 
   def feature_map(self, images):
     """images `[N, H, W, C]` → the last stage's map `[N, H', W', stage_widths[-1]]`."""
-    check_images(images)
-    x = nn.relu(self.stem_norm(self.stem(images)))
-    for block in self.blocks:
-      x = block(x)
-    return x
+    return self._map(images, None)[0]
+
+  def masked_feature_map(self, images, time_mask):
+    """The map of each row's valid part along axis 1 (time), padded back to one shape.
+
+    Args:
+      images: `[N, H, W, C]`; rows past each row's valid length may hold anything.
+      time_mask: bool `[N, H]`, True on the valid rows, which must be a prefix (only the
+        count of True entries is read).
+
+    Returns:
+      map `[N, H', W', C']` (H' = ⌈H / time_stride⌉) whose first ⌈L / time_stride⌉ rows equal
+      `feature_map(images[n : n + 1, :L])` for the row's length L, and zeros after them;
+      the map's mask, bool `[N, H']`. Time-strided convs first copy their input row-shifted
+      (`_same_conv_per_row`); the convs themselves cost what they cost in `feature_map`.
+    """
+    if time_mask.shape != images.shape[:2] or time_mask.dtype != jnp.bool_:
+      raise ValueError(
+        f"time_mask must be bool [N, H] = {images.shape[:2]}; got "
+        f"{time_mask.dtype} {time_mask.shape}."
+      )
+    x, lengths = self._map(images, time_mask.sum(axis=1))
+    return x, prefix_mask(lengths, x.shape[1])
 
   def __call__(self, images, *, deterministic: bool = True):
     """images `[N, H, W, C]` → features `[N, stage_widths[-1]]`.

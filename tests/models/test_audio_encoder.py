@@ -1,12 +1,18 @@
-"""The audio tower: CNN + temporal encoder over time, and the AST-like patch transformer."""
+"""The audio tower: CNN + temporal encoder over time, and the AST-like patch transformer; padded
+spectrograms with a time mask against their unpadded frames."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cmvt_jax.models import audio_encoder
+from cmvt_jax.models import cmvt
 from cmvt_jax.models import frame_encoder
 from cmvt_jax.models import temporal_encoder
+from configs import default
+from tests.models.test_frame_encoder import padded_batch
+from tests.models.test_frame_encoder import random_params
 
 
 def cnn_tower(num_layers=1):
@@ -61,3 +67,50 @@ def test_audio_tower_rejects_bad_input_and_wiring():
   )
   with pytest.raises(ValueError, match="no temporal encoder"):
     vit_with_temporal.init(jax.random.key(0), jnp.zeros((1, 16, 16)))
+
+
+@pytest.fixture(scope="module")
+def default_tower():
+  """The audio tower as configs/default.py builds it, with random parameters, and its apply."""
+  config = default.get_config()
+  tower = cmvt.from_config(config).audio_encoder
+  mels = config.input.n_mels
+  return tower, random_params(tower, jnp.zeros((1, 64, mels))), mels, jax.jit(tower.apply)
+
+
+def test_padded_spectrograms_embed_as_their_unpadded_frames(default_tower):
+  tower, params, mels, apply = default_tower
+  # A 64-frame training clip and odd and even lengths that are not multiples of the time
+  # stride 8, padded to 75 frames of garbage.
+  lengths = (64, 41, 30)
+  padded, rows, mask = padded_batch(lengths, 75, mels)
+  out = apply(params, padded, mask)
+  for n, row in enumerate(rows):
+    np.testing.assert_allclose(out[n], apply(params, row)[0], atol=1e-5, rtol=1e-5)
+  assert tower.backbone.time_stride == 8
+  assert [tower.output_length(frames) for frames in (64, 75, 41, 17, 1)] == [8, 10, 6, 3, 1]
+
+
+def test_an_all_valid_mask_gives_the_unmasked_numbers(default_tower):
+  _, params, mels, apply = default_tower
+  log_mel = np.random.default_rng(1).standard_normal((1, 64, mels), np.float32)
+  np.testing.assert_allclose(
+    apply(params, log_mel, np.ones((1, 64), bool)), apply(params, log_mel), atol=1e-5, rtol=1e-5
+  )
+
+
+def test_audio_masks_need_the_cnn_backbone_and_a_bool_mask():
+  patches = audio_encoder.AudioEncoder(
+    backbone=frame_encoder.ViT(
+      patch_size=4, width=8, depth=1, num_heads=2, mlp_dim=8, posemb="sincos2d"
+    )
+  )
+  log_mel, mask = jnp.zeros((1, 16, 16)), jnp.ones((1, 16), bool)
+  with pytest.raises(ValueError, match=r"model\.audio\.backbone='cnn'"):
+    patches.init(jax.random.key(0), log_mel, mask)
+  with pytest.raises(ValueError, match=r"model\.audio\.backbone='cnn'"):
+    patches.output_length(16)
+  tower = cnn_tower()
+  params = random_params(tower, log_mel)
+  with pytest.raises(ValueError, match=r"time_mask must be bool"):
+    tower.apply(params, log_mel, mask.astype(jnp.float32))

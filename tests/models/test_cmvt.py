@@ -10,6 +10,8 @@ from cmvt_jax import losses
 from cmvt_jax.models import cmvt
 from configs import default
 from configs import vtn_base
+from tests.models.test_frame_encoder import padded_batch
+from tests.models.test_frame_encoder import random_params
 from tests.models.test_frame_encoder import release_checkpoint
 
 
@@ -69,6 +71,27 @@ def test_tiny_default_shapes(tiny):
   # Whole videos, many times the clip length, embed with the same parameters.
   whole = embed_video({"params": params}, jnp.concatenate([video] * 8, axis=1))
   assert whole["embedding"].shape == (2, embed)
+
+
+def test_padding_masks_give_the_embeddings_of_the_unpadded_inputs():
+  config = default.get_config()
+  model = cmvt.from_config(config)
+  video_shape, audio_shape = input_shapes(config, batch=2)
+  params = random_params(model, jnp.zeros(video_shape), jnp.zeros(audio_shape))
+  # Row 0 a whole clip, row 1 shorter (an odd number of log-mel frames); both padded with
+  # garbage, video to 11 frames, audio to 83 log-mel frames.
+  frames, audio_frames = (8, 5), (64, 37)
+  rng = np.random.default_rng(2)
+  video = rng.standard_normal((2, 11) + video_shape[2:], np.float32)
+  frame_mask = np.arange(11) < np.asarray(frames)[:, None]
+  padded_video = np.where(frame_mask[:, :, None, None, None], video, 1e3 * video[:, ::-1])
+  padded_audio, audio_rows, audio_mask = padded_batch(audio_frames, 83, config.input.n_mels)
+  apply = jax.jit(model.apply)
+  out = apply(params, padded_video, padded_audio, frame_mask=frame_mask, audio_mask=audio_mask)
+  for n in range(2):
+    alone = apply(params, video[n : n + 1, : frames[n]], audio_rows[n])
+    for key in ("video", "audio", "video_features", "audio_features"):
+      np.testing.assert_allclose(out[key][n], alone[key][0], atol=1e-5, rtol=1e-5, err_msg=key)
 
 
 def test_classify_needs_a_head(tiny):

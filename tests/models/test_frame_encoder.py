@@ -1,7 +1,9 @@
-"""Frame encoders: ViT sizes, the ViT/AugReg `.npz` loader against a numpy ViT, the ResNet."""
+"""Frame encoders: ViT sizes, the ViT/AugReg `.npz` loader against a numpy ViT, the ResNet and
+its time-masked map against each row's unpadded map."""
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -364,3 +366,122 @@ def test_sincos_grid_matches_its_formula():
   )
   np.testing.assert_allclose(table[5], expected, atol=1e-6)
   assert math.isclose(float(table[0, 2]), 1.0)  # cos(0)
+
+
+# ----------------------------------------------------------------------------- masked ResNet
+
+
+def random_params(module, *inputs, seed=0) -> dict:
+  """Random `{'params': ...}` for `module.init(key, *inputs)`'s tree, drawn on the host (no
+  init to compile). Kernels N(0, 1/fan_in), GroupNorm/LayerNorm scales around 1 and biases
+  around 0, so unlike a fresh init (whose blocks end in a zero-scale norm) every conv and
+  norm reaches the output."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+
+  def draw(path, leaf):
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    if path[-1] == "scale":
+      return 1 + 0.3 * noise
+    if leaf.ndim == 1:
+      return 0.3 * noise
+    return noise / np.sqrt(math.prod(leaf.shape[:-1]))
+
+  flat = traverse_util.flatten_dict(shapes)
+  return {"params": traverse_util.unflatten_dict({k: draw(k, v) for k, v in flat.items()})}
+
+
+def padded_batch(lengths, padded_length, mels, seed=0):
+  """Spectrogram-like inputs `[N, padded_length, mels]`: each row's first lengths[n] frames
+  real, the rest large garbage; the real frames alone (`[1, L, mels]` each); the time mask."""
+  rng = np.random.default_rng(seed)
+  shape = (len(lengths), padded_length, mels)
+  real = rng.standard_normal(shape, np.float32)
+  mask = np.arange(padded_length) < np.asarray(lengths)[:, None]
+  padded = np.where(mask[..., None], real, 1e3 * rng.standard_normal(shape, np.float32))
+  return padded, [real[n : n + 1, :length] for n, length in enumerate(lengths)], mask
+
+
+AUDIO_CNN = dict(  # configs/default.py's audio CNN: time stride 1 · 2 · 2 · 2
+  stem_width=8,
+  stem_strides=(1, 2),
+  stage_widths=(16, 32, 64),
+  blocks_per_stage=(1, 1, 1),
+  stage_strides=((2, 2),) * 3,
+)
+ODD_CNN = dict(  # kernel 5 at time stride 3 (three SAME phases), kernel 4 (even), two blocks
+  stem_width=8,
+  stem_kernel=(5, 3),
+  stem_strides=(3, 2),
+  stage_widths=(8, 16),
+  blocks_per_stage=(2, 1),
+  stage_strides=((1, 1), (2, 1)),
+  norm_groups=4,
+)
+
+
+@pytest.mark.parametrize(
+  "options, lengths, padded_length",
+  [(AUDIO_CNN, (41, 30, 17), 75), (ODD_CNN, (29, 22, 13), 46)],
+  ids=["default_audio_cnn", "odd_kernels_and_strides"],
+)
+def test_masked_resnet_gives_each_row_the_map_of_its_valid_rows(options, lengths, padded_length):
+  resnet = frame_encoder.ResNet(**options)
+  padded, rows, mask = padded_batch(lengths, padded_length, mels=16)
+  padded, rows = padded[..., None], [row[..., None] for row in rows]  # one-channel images
+  params = random_params(resnet, rows[0])
+  masked = jax.jit(lambda p, x, m: resnet.apply(p, x, m, method=resnet.masked_feature_map))
+  unmasked = jax.jit(lambda p, x: resnet.apply(p, x, method=resnet.feature_map))
+  feature_map, map_mask = masked(params, padded, mask)
+  assert map_mask.shape == feature_map.shape[:2]
+  assert feature_map.shape[1] == -(-padded_length // resnet.time_stride)
+  for n, (length, row) in enumerate(zip(lengths, rows)):
+    expected = unmasked(params, row)[0]
+    steps = -(-length // resnet.time_stride)
+    assert expected.shape[0] == steps == int(map_mask[n].sum())
+    assert bool(jnp.all(map_mask[n, :steps]))
+    np.testing.assert_allclose(feature_map[n, :steps], expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(feature_map[n, steps:], 0)
+
+
+def plain_resnet_map(resnet, params, images):
+  """The ResNet written with flax's own Conv and GroupNorm, as `feature_map` was before masks."""
+  conv = lambda p, x, strides: nn.Conv(
+    p["kernel"].shape[-1], p["kernel"].shape[:2], strides, padding="SAME", use_bias=False
+  ).apply({"params": p}, x)
+  norm = lambda p, x: nn.GroupNorm(resnet.norm_groups).apply({"params": p}, x)
+  x = nn.relu(norm(params["stem_norm"], conv(params["stem"], images, resnet.stem_strides)))
+  for stage, (count_, strides) in enumerate(zip(resnet.blocks_per_stage, resnet.stage_strides)):
+    for i in range(count_):
+      p, strides = params[f"stage_{stage}_block_{i}"], strides if i == 0 else (1, 1)
+      y = nn.relu(norm(p["norm_1"], conv(p["conv_1"], x, strides)))
+      y = norm(p["norm_2"], conv(p["conv_2"], y, (1, 1)))
+      if "shortcut_conv" in p:
+        x = norm(p["shortcut_norm"], conv(p["shortcut_conv"], x, strides))
+      x = nn.relu(x + y)
+  return x
+
+
+def test_unmasked_resnet_is_flax_conv_and_group_norm_bit_for_bit():
+  resnet = frame_encoder.ResNet(**ODD_CNN)
+  images = np.random.default_rng(0).standard_normal((2, 29, 16, 1), np.float32)
+  params = random_params(resnet, images)
+  plain = jax.jit(lambda p, x: plain_resnet_map(resnet, p, x))(params["params"], images)
+  np.testing.assert_array_equal(
+    jax.jit(lambda p, x: resnet.apply(p, x, method=resnet.feature_map))(params, images), plain
+  )
+  # An all-valid mask takes the masked path to the same numbers (up to rounding).
+  masked, mask = jax.jit(lambda p, x, m: resnet.apply(p, x, m, method=resnet.masked_feature_map))(
+    params, images, np.ones(images.shape[:2], bool)
+  )
+  assert bool(jnp.all(mask))
+  np.testing.assert_allclose(masked, plain, atol=1e-5)
+
+
+def test_masked_resnet_rejects_a_mask_of_another_shape_or_dtype():
+  resnet = frame_encoder.ResNet(**ODD_CNN)
+  images = jnp.ones((2, 12, 8, 1))
+  params = random_params(resnet, images)
+  for mask in (jnp.ones((2, 11), bool), jnp.ones((2, 12), jnp.int32)):
+    with pytest.raises(ValueError, match=r"time_mask must be bool \[N, H\]"):
+      resnet.apply(params, images, mask, method=resnet.masked_feature_map)
