@@ -68,12 +68,21 @@ class VideoEncoder(nn.Module):
         f"frame_mask must be bool [B, T] = {(batch, frames)}; got "
         f"{frame_mask.dtype} {frame_mask.shape}."
       )
-    features = self.frame_encoder(
+    features = self.encode_frames(
       video.reshape((batch * frames,) + video.shape[2:]), deterministic=deterministic
     )
-    return self.temporal(
+    return self.encode_features(
       features.reshape(batch, frames, -1), frame_mask, deterministic=deterministic
     )
+
+  def encode_frames(self, frames, *, deterministic: bool = True):
+    """frames `[N, H, W, C]` → per-frame features `[N, D_f]` (frame by frame, so a long video
+    can go through in chunks and give the same features)."""
+    return self.frame_encoder(frames, deterministic=deterministic)
+
+  def encode_features(self, features, frame_mask=None, *, deterministic: bool = True):
+    """per-frame features `[B, T, D_f]`, frame_mask `[B, T]` → clip feature `[B, D_v]`."""
+    return self.temporal(features, frame_mask, deterministic=deterministic)
 
 
 class ProjectionHead(nn.Module):
@@ -186,6 +195,16 @@ class CMVT(nn.Module):
     """video `[B, T, H, W, C]` (any T: 16-frame clips or whole videos) →
     {'embedding': `[B, E]`, 'features': `[B, D_v]`}, float32."""
     features = self.video_encoder(video, frame_mask, deterministic=not train)
+    return {"embedding": self.video_projection(features), "features": features.astype(jnp.float32)}
+
+  def encode_frames(self, frames) -> jax.Array:
+    """frames `[N, H, W, C]` → the frame encoder's features `[N, D_f]` (inference)."""
+    return self.video_encoder.encode_frames(frames)
+
+  def embed_frame_features(self, features, *, frame_mask=None) -> dict:
+    """`encode_frames`' features `[B, T, D_f]` (mask `[B, T]`) → {'embedding': `[B, E]`,
+    'features': `[B, D_v]`}, float32: `embed_video` from frames already encoded (inference)."""
+    features = self.video_encoder.encode_features(features, frame_mask)
     return {"embedding": self.video_projection(features), "features": features.astype(jnp.float32)}
 
   def embed_audio(self, audio, *, audio_mask=None, train: bool = False) -> dict:
