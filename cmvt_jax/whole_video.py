@@ -152,10 +152,12 @@ class VideoEmbedder:
       stored_chunk = max(1, math.ceil(self.embedder.chunk_frames * self._ratio))
       checked = math.floor((stream.declared_seconds or 0) * self.spec.fps)
       features = self._features(stream.frames(stored_chunk), path, checked)
-      end = stream.end
+    end, stream.end = stream.end, None
     samples = round(end.num_frames / storage.fps * storage.sample_rate)
     audio = dataset_writer.stored_audio(end.audio, samples)
-    return self._embed(features, end.num_frames, audio, path)
+    num_frames = end.num_frames
+    del end  # its float32 audio (230 MB an hour) is not needed once stored
+    return self._embed(features, num_frames, audio, path)
 
   def embed_stored(self, frames: np.ndarray, audio: np.ndarray, source: str) -> Embedded:
     """A video already decoded and stored: uint8 frames `[N, H, W, 3]` at the storage fps,
@@ -269,7 +271,7 @@ class VideoEmbedder:
       stored_audio, self.preprocessor.storage_sample_rate, sample_rate
     )
     samples = round(num_frames / spec.fps * sample_rate)
-    waveform = np.pad(waveform[:samples], (0, max(0, samples - len(waveform))))
+    waveform = video_io.fit_length(waveform, samples)
     whole = self.embedder.embed_whole(features, self.preprocessor.log_mel(waveform))
     moments = self._moments(features, waveform)
     return Embedded(num_frames=num_frames, video=whole["video"], audio=whole["audio"], **moments)

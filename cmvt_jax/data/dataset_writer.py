@@ -192,7 +192,10 @@ def stored_audio(waveform: np.ndarray | None, num_samples: int) -> np.ndarray:
   """A float waveform `[num_samples]` (None: no audio, silence) as stored: int16."""
   if waveform is None:
     return np.zeros(num_samples, np.int16)
-  return np.round(np.clip(waveform, -1.0, 32767 / 32768) * 32768).astype(np.int16)
+  # In place after the first copy: a whole film's audio is hundreds of MB.
+  scaled = np.clip(waveform, -1.0, 32767 / 32768)
+  scaled *= 32768
+  return np.round(scaled, out=scaled).astype(np.int16)
 
 
 def _decode_file(

@@ -148,7 +148,8 @@ def compute_stats(
 def waveform_at_rate(audio: np.ndarray, audio_sample_rate: int, sample_rate: int) -> np.ndarray:
   """`[S]` int16 (as stored; value / 32768) or float audio -> float32 at `sample_rate`."""
   if audio.dtype == np.int16:
-    waveform = audio.astype(np.float32) / 32768.0
+    waveform = audio.astype(np.float32)
+    waveform /= 32768.0  # in place: a whole film's audio is hundreds of MB
   else:
     waveform = np.asarray(audio, np.float32)
   if sample_rate != audio_sample_rate:

@@ -56,6 +56,10 @@ class MelSettings:
     return num_samples // self.hop_length
 
 
+# Log-mel frames transformed at once (a block's spectrum: ~16 MB at n_fft=1024).
+_FRAMES_PER_BLOCK = 4096
+
+
 class LogMel:
   """Waveforms `[..., S]` float -> log-mel `[..., S // hop_length, n_mels]` float32.
 
@@ -93,7 +97,16 @@ class LogMel:
     num_frames = self.settings.num_frames(waveform.shape[-1])
     padded = np.pad(waveform, [(0, 0)] * (waveform.ndim - 1) + [(n_fft // 2, n_fft // 2)])
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)
-    frames = frames[..., : num_frames * hop : hop, :]  # [..., num_frames, n_fft]
+    frames = frames[..., : num_frames * hop : hop, :]  # [..., num_frames, n_fft], a view
+    log_mel = np.empty(frames.shape[:-1] + (self.settings.n_mels,), np.float32)
+    # Frames are transformed a block at a time: an hour's spectrum at once would be GiBs.
+    for first in range(0, num_frames, _FRAMES_PER_BLOCK):
+      block = slice(first, first + _FRAMES_PER_BLOCK)
+      log_mel[..., block, :] = self._log_mel(frames[..., block, :])
+    return log_mel
+
+  def _log_mel(self, frames: np.ndarray) -> np.ndarray:
+    """`[..., F, n_fft]` windows → `[..., F, n_mels]` float32."""
     spectrum = scipy.fft.rfft(frames * self._window, axis=-1)
     power = np.square(spectrum.real) + np.square(spectrum.imag)
     mel = power.reshape(-1, power.shape[-1]) @ self._mel_basis_transposed

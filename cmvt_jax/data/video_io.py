@@ -227,6 +227,13 @@ def decode_video(
   )
 
 
+def fit_length(samples: np.ndarray, length: int) -> np.ndarray:
+  """`samples` `[S]` cut (a view: an hour of audio is not copied) or zero-padded to `length`."""
+  if len(samples) >= length:
+    return samples[:length]
+  return np.pad(samples, (0, length - len(samples)))
+
+
 def decode_audio(path: epath.PathLike, *, sample_rate: int) -> np.ndarray:
   """The first audio stream of any media file (a video's soundtrack, wav, mp3, flac, ...):
   `[S]` float32 mono in [-1, 1] at `sample_rate`, time zero at its first sample.
@@ -437,7 +444,7 @@ class VideoStream:
     duration = num_frames / fps
     if waveform is not None:
       num_samples = round(duration * sample_rate)
-      waveform = np.pad(waveform[:num_samples], (0, max(0, num_samples - len(waveform))))
+      waveform = fit_length(waveform, num_samples)
     self.end = StreamEnd(
       num_frames=num_frames,
       audio=waveform,
@@ -556,7 +563,8 @@ class _AudioCollector:
       self._chunks.append(resampled.to_ndarray().reshape(-1))
     if not self._chunks:
       return None
-    waveform = np.concatenate(self._chunks).astype(np.float32)
+    waveform = np.concatenate(self._chunks).astype(np.float32, copy=False)
+    self._chunks = []  # the pieces are in `waveform` now
     offset = round(((self.start_time or 0.0) - time_zero) * self._sample_rate)
     if offset > 0:
       waveform = np.concatenate([np.zeros(offset, np.float32), waveform])
