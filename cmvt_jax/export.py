@@ -62,6 +62,21 @@ from cmvt_jax.data import pipeline
 from cmvt_jax.data import video_io
 
 MANIFEST = "manifest.json"
+# The `input` keys an eval view depends on (the rest tune the pipeline or augment training).
+_INPUT_KEYS_EMBEDDED = (
+  "num_frames",
+  "fps",
+  "frame_size",
+  "sample_rate",
+  "n_fft",
+  "hop_length",
+  "n_mels",
+  "fmin",
+  "fmax",
+)
+# Export keys added after runs were recorded (`workdir_config` gives an older run's config
+# these defaults; tests check they are configs/default.py's).
+_EXPORT_KEYS_ADDED = {"frame_chunk": 256, "moment_seconds": 1.0, "memory_limit_gib": None}
 # Per-row metadata of every export (the host-side keys of the eval batches).
 _CLIP_KEYS = ("id", "source", "start")
 # Why a video is left out of an export (the manifest counts each).
@@ -96,11 +111,15 @@ def export_name(export_config) -> str:
 
 
 def model_digest(config: config_dict.ConfigDict) -> str:
-  """SHA-256 of what decides an embedding: the model, its input and the stored data's
-  settings (a collection can be searched with queries embedded by the same model)."""
-  sections = {key: config[key].to_dict() for key in ("model", "input")}
-  sections["storage"] = {
-    key: config.dataset[key] for key in ("clip_seconds", "fps", "short_side", "sample_rate")
+  """SHA-256 of what decides an embedding: the model, what its input is (not how the pipeline
+  runs or augments) and the stored data's settings (a collection can be searched with
+  queries embedded by the same model)."""
+  sections = {
+    "model": config.model.to_dict(),
+    "input": {key: config.input[key] for key in _INPUT_KEYS_EMBEDDED},
+    "storage": {
+      key: config.dataset[key] for key in ("clip_seconds", "fps", "short_side", "sample_rate")
+    },
   }
   return hashlib.sha256(json.dumps(sections, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -248,7 +267,11 @@ def workdir_config(workdir: epath.PathLike) -> config_dict.ConfigDict:
       f"{path} does not exist: {workdir} holds no training run. Train "
       "first, or pass the run's config."
     )
-  return config_dict.ConfigDict(json.loads(path.read_text())["config"])
+  config = config_dict.ConfigDict(json.loads(path.read_text())["config"])
+  for key, value in _EXPORT_KEYS_ADDED.items():  # a run recorded before they existed
+    if key not in config.export:
+      config.export[key] = value
+  return config
 
 
 def load_embeddings(workdir_or_embeddings_dir: epath.PathLike, name: str) -> dict[str, np.ndarray]:

@@ -131,3 +131,24 @@ def test_search_finds_a_planted_segment_of_a_long_video(
   # Cross-modal (the default): the same query searches the moments' video.
   answer = search.run_search(str(workdir), "archive_whole_video", query, query_modality="audio")
   assert answer.target == "video" and len(answer.results) == 10
+
+
+def test_a_run_recorded_before_the_moment_keys_embeds_and_searches(tmp_path, workdir):
+  recorded = json.loads((workdir / "config.json").read_text())
+  for key in export._EXPORT_KEYS_ADDED:
+    del recorded["config"]["export"][key]
+  recorded["config"]["export"]["max_frames"] = 512  # the key those runs had
+  old = tmp_path / "old_run"
+  old.mkdir()
+  (old / "config.json").write_text(json.dumps(recorded))
+  config = export.workdir_config(old)
+  defaults = micro.get_config().export
+  for key, value in export._EXPORT_KEYS_ADDED.items():
+    assert config.export[key] == value == defaults[key], key
+  # The same model whatever the pipeline's speed settings: a collection stays searchable.
+  faster = micro.get_config()
+  faster.input.num_workers, faster.input.read_threads = 8, 4
+  assert export.model_digest(faster) == export.model_digest(micro.get_config())
+  wider = micro.get_config()
+  wider.input.frame_size = 32
+  assert export.model_digest(wider) != export.model_digest(micro.get_config())
