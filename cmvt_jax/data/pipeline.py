@@ -227,9 +227,7 @@ class Preprocessor:
   def eval_frames(self, frames: np.ndarray) -> np.ndarray:
     """Input frames `[N, H, W, 3]` uint8 → their eval view (centre crop, normalised), float32
     `[N, frame_size, frame_size, 3]`: frame by frame, so a video can go through in chunks."""
-    return ((self._spatial(frames, None) - self._video_mean) * self._video_scale).astype(
-      np.float32
-    )
+    return ((self._spatial(frames, None) - self._video_mean) * self._video_scale).astype(np.float32)
 
   def log_mel(self, waveform: np.ndarray) -> np.ndarray:
     """Waveforms `[..., S]` float32 at `spec.mel.sample_rate` → normalised log-mel

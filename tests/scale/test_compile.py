@@ -271,8 +271,8 @@ def test_the_train_step_compiles_for_two_slices(tmp_path):
 @needs_libtpu
 @pytest.mark.slow
 def test_a_program_that_does_not_fit_exits_1_with_one_line(tmp_path):
-  # 2M frames of 32² pixels in float32 are 23 GiB of input alone: no v5e chip holds them
-  # (the TPU compiler refuses such a program itself).
+  # 2M frames are 139 hours at 4 fps: the audio tower's one pass over their 16M log-mel
+  # frames needs more than a v5e chip holds (the TPU compiler refuses the program itself).
   result = compile_micro(
     tmp_path / "run",
     "--config.compile.topology=v5e-1",
