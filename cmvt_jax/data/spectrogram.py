@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 
+# librosa's submodules load lazily (lazy_loader parses a stub with `ast`): `librosa.filters`
+# is imported here, at import, so that the first LogMel built in a grain reader thread does not
+# parse it there: CPython 3.11's parser can fail with "AST constructor recursion depth
+# mismatch" when threads parse at once (python/cpython#106905).
 import librosa
+import librosa.filters
 import numpy as np
 import scipy.fft
 from scipy import sparse
