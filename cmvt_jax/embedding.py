@@ -204,7 +204,8 @@ def split_batches(
   """This process's padded eval batches of a prepared split (or of its first `limit` clips).
 
   Every process gets the same number of batches (`pipeline.eval_dataset`). grain's worker
-  processes stop when the block ends, not whenever the iterator is collected.
+  processes stop, and the batches' shared memory is released, when the block ends, not
+  whenever the iterator is collected.
   """
   source = run.dataset.source(split)
   if limit is not None and limit < len(source):
@@ -220,7 +221,7 @@ def split_batches(
   try:
     yield batches
   finally:
-    batches.close()
+    pipeline.close(batches)
 
 
 class _Prefix:

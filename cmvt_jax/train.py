@@ -345,7 +345,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> run_lib.
     state = _TrainLoop(run, start, manager, writer, stop).train()
   finally:
     if start is not None:
-      start.data_iterator.close()  # stops grain's worker processes
+      pipeline.close(start.data_iterator)  # stops grain's worker processes
     try:
       checkpoints.wait(manager)
     finally:
@@ -444,10 +444,10 @@ def _start_or_resume(
         restored.step,
         config.batch_size,
       )
-      data_iterator.close()
+      pipeline.close(data_iterator)
       data_iterator = train_iterator(stats, start_step=restored.step)
   except BaseException:
-    data_iterator.close()
+    pipeline.close(data_iterator)
     raise
   logging.info("Resuming from the checkpoint at step %d in %s.", restored.step, run.workdir)
   return _Start(restored.state, data_iterator, stats, restored.step)

@@ -22,6 +22,7 @@ and `start_step` rebuilds any position without replaying the stream.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 from collections.abc import Sequence
@@ -222,7 +223,13 @@ class Preprocessor:
         num_freq_masks=self.spec.num_freq_masks,
         max_freq_width=self.spec.max_freq_mask,
       )
-    return {"video": video.astype(np.float32), "audio": log_mel.astype(np.float32)}
+    # C order: the crop's fancy indexing and the flip leave strided views, and grain's worker
+    # processes hand only C-contiguous arrays over in shared memory (others are pickled
+    # through a pipe, which also keeps a worker from exiting when its iterator is closed).
+    return {
+      "video": np.ascontiguousarray(video, np.float32),
+      "audio": np.ascontiguousarray(log_mel, np.float32),
+    }
 
   def eval_frames(self, frames: np.ndarray) -> np.ndarray:
     """Input frames `[N, H, W, 3]` uint8 → their eval view (centre crop, normalised), float32
@@ -293,6 +300,19 @@ def _with_workers(dataset: grain.IterDataset, spec: InputSpec) -> grain.IterData
       num_workers=spec.num_workers, per_worker_buffer_size=spec.worker_buffer_size
     )
   )
+
+
+def close(iterator: grain.DatasetIterator) -> None:
+  """Stops an iterator's worker processes and releases the shared memory of its last batch.
+
+  grain's thread prefetch keeps the `StopIteration` it met at the end of the data, and that
+  traceback's frame holds the last element it produced (arrays in shared memory) in a
+  reference cycle. Until the cycle collector runs, that memory stays mapped, and at exit
+  Python's resource tracker reports it as "leaked shared_memory objects". Collecting now
+  releases it while the iterator's owner still runs.
+  """
+  iterator.close()
+  gc.collect()
 
 
 def _check_shard(batch_size: int, process_index: int, process_count: int) -> None:
