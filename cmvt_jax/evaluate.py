@@ -19,6 +19,9 @@ by the batch's `mask`. All hosts then compute the same numbers; process 0 writes
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Iterator
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,7 @@ import optax
 from absl import logging
 from ml_collections import config_dict
 
+from cmvt_jax import console
 from cmvt_jax import embedding
 from cmvt_jax import metrics
 from cmvt_jax import run as run_lib
@@ -165,19 +169,29 @@ def embed_split(
   split: str,
   *,
   limit: int | None = None,
+  stage: console.Stage | None = None,
 ) -> dict[str, np.ndarray]:
   """Embeddings of every clip of `split` (or its first `limit`), gathered on every host.
 
   Returns numpy `video`, `audio` `[N, E]`, `label` `[N]` and `source_key` `[N, 2]` (see
   `source_keys`), in the order of the split shared out over hosts (host-major within each
-  batch); padding rows removed.
+  batch); padding rows removed. `stage` counts this process's clips as they are read.
   """
   batch_size = run.config.eval.batch_size // jax.process_count()
   with embedding.split_batches(run, stats, split, batch_size=batch_size, limit=limit) as batches:
-    keyed = ({**batch, "source_key": source_keys(batch["source"])} for batch in batches)
+    keyed = (
+      {**batch, "source_key": source_keys(batch["source"])} for batch in _counted(batches, stage)
+    )
     return embedder.embed(
       model_params, keyed, batch_size=batch_size, gather=True, metadata=("label", "source_key")
     )
+
+
+def _counted(batches: Iterator[dict], stage: console.Stage | None) -> Iterator[dict]:
+  for batch in batches:
+    yield batch
+    if stage is not None:
+      stage.advance(int(np.sum(batch["mask"])))
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -194,10 +208,17 @@ class Evaluator:
     """{split: {"eval/a2v_r1": ..., ...}} for each of `splits` (default `eval.splits`)."""
     config = self.run.config.eval
     num_classes = len(self.run.dataset.label_names)
+    splits = list(config.splits if splits is None else splits)
     train = probe = None
     results = {}
-    for split in config.splits if splits is None else splits:
-      embedded = embed_split(self.run, self._embedder, model_params, self.stats, split)
+    stage = console.Stage(
+      "evaluate",
+      self._clips(splits, probe=num_classes > 1),
+      "clips",
+      enabled=jax.process_index() == 0,
+    )
+    for split in splits:
+      embedded = embed_split(self.run, self._embedder, model_params, self.stats, split, stage=stage)
       values = {"eval/num_clips": int(len(embedded["label"]))}
       levels = {"eval/": embedded}  # key prefix -> embeddings scored under it
       if config.multi_clip:
@@ -206,7 +227,7 @@ class Evaluator:
       if num_classes > 1 and train is None:
         limit = config.probe_train_examples or None
         train = embed_split(
-          self.run, self._embedder, model_params, self.stats, "train", limit=limit
+          self.run, self._embedder, model_params, self.stats, "train", limit=limit, stage=stage
         )
         probe = fit_linear_probe(train["video"], train["label"], num_classes)
       for prefix, level in levels.items():
@@ -227,8 +248,19 @@ class Evaluator:
             k=config.knn_k,
           )
       results[split] = values
+    stage.finish(note=", ".join(splits))
+    for split, values in results.items():
       logging.info("eval on %s:\n%s", split, format_table(values))
     return results
+
+  def _clips(self, splits: Sequence[str], *, probe: bool) -> int:
+    """This process's clips an evaluation of `splits` reads (the probe's train clips too)."""
+    share = lambda count: len(range(jax.process_index(), count, jax.process_count()))
+    count = sum(share(len(self.run.dataset.source(split))) for split in splits)
+    if probe:
+      limit = self.run.config.eval.probe_train_examples or None
+      count += share(min(len(self.run.dataset.source("train")), limit or math.inf))
+    return count
 
 
 def format_table(values: dict[str, float]) -> str:

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -46,12 +47,12 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
+from cmvt_jax import console
 from cmvt_jax import embedding
 from cmvt_jax import files
 from cmvt_jax import run as run_lib
@@ -438,7 +439,7 @@ def _file_elements(
   *,
   skip_unreadable: bool,
   skipped: list[str],
-  bar,
+  stage: console.Stage,
 ) -> Iterator[dict[str, Any]]:
   """Eval elements of each file's clips in turn; unreadable files are skipped (and their
   reasons appended to `skipped`) or raise."""
@@ -456,7 +457,7 @@ def _file_elements(
         logging.warning("Skipping %s: shorter than one clip (%s s).", source, storage.clip_seconds)
         skipped.append(video_io.TooShortError.reason)
     yield from elements
-    bar.update()
+    stage.advance()
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -472,20 +473,20 @@ def _embed_split(
   if export.whole_video:
     embedder = video_embedder(run, trained, export)
     count, embedded = _split_videos(run, embedder, split)
-    with tqdm.tqdm(total=count, desc=f"Embedding {split} videos", disable=not primary) as bar:
-      return _whole_rows(_ticking(embedded, bar), run.config.model.embed_dim, labelled=True)
+    with console.Stage("export", count, f"{split} videos", enabled=primary) as stage:
+      return _whole_rows(_ticking(embedded, stage), run.config.model.embed_dim, labelled=True)
   batch_size = _host_batch_size(run, export.batch_size)
-  total = pipeline.num_eval_batches(len(run.dataset.source(split)), batch_size, jax.process_count())
+  clips = len(run.dataset.source(split))
   with (
     embedding.split_batches(run, trained.stats, split, batch_size=batch_size) as batches,
-    tqdm.tqdm(
-      total=total, desc=f"Embedding {split} clips", unit="batch", disable=not primary
-    ) as bar,
+    console.Stage("export", clips, f"{split} clips", enabled=primary) as stage,
   ):
     embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
     rows = embedder.embed(
       trained.params,
-      _ticking(batches, bar),
+      _ticking(
+        batches, stage, weight=lambda batch: int(np.sum(batch["mask"])) * jax.process_count()
+      ),
       batch_size=batch_size,
       gather=False,
       metadata=_CLIP_KEYS + ("label",),
@@ -503,12 +504,9 @@ def _embed_files(
 ) -> tuple[dict[str, np.ndarray], list[str]]:
   """Rows of this process's video files (path, source), per clip or whole as the config's
   `export` section says; returns (rows, the reason of each file skipped)."""
-  with tqdm.tqdm(
-    total=len(video_files),
-    desc="Embedding video files",
-    unit="file",
-    disable=jax.process_index() != 0,
-  ) as bar:
+  with console.Stage(
+    "export", len(video_files), "video files", enabled=jax.process_index() == 0
+  ) as stage:
     if export.whole_video:
       embedder = video_embedder(run, trained, export)
       embedded = (
@@ -517,7 +515,7 @@ def _embed_files(
       )
       if not skip_unreadable:
         embedded = _raising(embedded)
-      return _whole_rows(_ticking(embedded, bar), run.config.model.embed_dim, labelled=False)
+      return _whole_rows(_ticking(embedded, stage), run.config.model.embed_dim, labelled=False)
     skipped = []
     elements = _file_elements(
       video_files,
@@ -525,7 +523,7 @@ def _embed_files(
       run.dataset.storage,
       skip_unreadable=skip_unreadable,
       skipped=skipped,
-      bar=bar,
+      stage=stage,
     )
     batch_size = _host_batch_size(run, export.batch_size)
     embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
@@ -641,10 +639,13 @@ def _stack(elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {key: np.stack([np.asarray(element[key]) for element in elements]) for key in keys}
 
 
-def _ticking(iterable: Iterable, bar: tqdm.tqdm) -> Iterator:
+def _ticking(
+  iterable: Iterable, stage: console.Stage, weight: Callable[[Any], int] = lambda item: 1
+) -> Iterator:
+  """`iterable`'s items; each advances `stage` by its `weight` once it has been used."""
   for item in iterable:
     yield item
-    bar.update()
+    stage.advance(weight(item))
 
 
 # ----------------------------------------------------------------------------- files

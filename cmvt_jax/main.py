@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from cmvt_jax import checkpoints
 from cmvt_jax import compile as compile_lib
 from cmvt_jax import config_overrides
+from cmvt_jax import console
 from cmvt_jax import evaluate
 from cmvt_jax import export
 from cmvt_jax import files
@@ -119,8 +120,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if flags.FLAGS.verbosity < 1:  # --verbosity=1 shows the libraries' INFO logs too
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    logging.get_absl_handler().addFilter(_FullDiskEchoes())
+    handler = logging.get_absl_handler()
+    handler.addFilter(_OwnInfoOnly())
+    handler.addFilter(_FullDiskEchoes())
+    handler.setFormatter(console.LogFormatter(logging.PythonFormatter()))
     _quiet_full_disk_echoes()
   config = _CONFIG.value
   sharding.choose_platforms()
@@ -134,7 +137,11 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-    _MODES[_MODE.value](config, _WORKDIR.value)
+    outcome = _MODES[_MODE.value](config, _WORKDIR.value)
+    finished = _MODE.value == "train" and int(outcome.step) == config.total_steps
+    if finished and jax.process_index() == 0:
+      config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+      print(train.summary(config, _WORKDIR.value, config_file), flush=True)
   except _USER_ERRORS as error:
     if flags.FLAGS.verbosity >= 1:
       raise

@@ -32,6 +32,7 @@ from tensorboardX import record_writer
 from tensorboardX.proto import event_pb2
 from tensorboardX.proto import summary_pb2
 
+from cmvt_jax import console
 from cmvt_jax import files
 
 
@@ -214,12 +215,14 @@ def _plain(value):
 
 
 class Progress:
-  """Steps per second and an ETA over training time only (evaluations are paused out)."""
+  """Training's clock: steps per second and an ETA over training time only (evaluations
+  are paused out), counted from the end of the first step (which compiles the program)."""
 
   def __init__(self, first_step: int, total_steps: int):
     self.first_step, self.total_steps = first_step, total_steps
     self._training_seconds = 0.0
     self._started = None
+    self._rate_origin = None  # (step, training seconds) at the end of the first step
     self.resume()
 
   def pause(self) -> None:
@@ -235,21 +238,15 @@ class Progress:
     running = 0.0 if self._started is None else time.perf_counter() - self._started
     return self._training_seconds + running
 
-  def line(self, step: int) -> str:
-    done = step - self.first_step
+  def note(self, step: int) -> str:
+    """Steps per second and the ETA of the steps left, over training time alone (empty
+    until two steps are done). Call after every step."""
     seconds = self.training_seconds()
-    if done <= 0 or seconds <= 0:
-      return f"step {step}/{self.total_steps}"
-    rate = done / seconds
-    eta = (self.total_steps - step) / rate
-    return (
-      f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%), "
-      f"{rate:.2f} steps/s, ETA {_duration(eta)} (training time, evals excluded)"
-    )
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+    if self._rate_origin is None:
+      self._rate_origin = (step, seconds)
+    origin_step, origin_seconds = self._rate_origin
+    if step <= origin_step or seconds <= origin_seconds:
+      return ""
+    rate = (step - origin_step) / (seconds - origin_seconds)
+    eta = console.duration((self.total_steps - step) / rate)
+    return f"{rate:.2f} steps/s, ETA {eta} (evals excluded)"

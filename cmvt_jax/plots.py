@@ -36,6 +36,7 @@ from flax import traverse_util
 from matplotlib import figure
 from ml_collections import config_dict
 
+from cmvt_jax import console
 from cmvt_jax import embedding
 from cmvt_jax import evaluate
 from cmvt_jax import export as export_lib
@@ -85,37 +86,41 @@ def make_plots(
   run = run or run_lib.Run.create(config, workdir)
   trained = trained or run.restore_params()
   split = config.eval.splits[0]
-  figures = {"training_curves": lambda: training_curves(metrics.read(workdir))}
-  # Embedding runs on every process; drawing only where the figure is written.
-  embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
-  clips = evaluate.embed_split(
-    run, embedder, trained.params, trained.stats, split, limit=config.plots.num_clips
-  )
-  figures["similarity_matrix"] = lambda: similarity_matrix(clips, split)
-  points, label_names, title = _pca_points(run, embedder, trained, config.export, workdir)
-  figures["embeddings_pca"] = lambda: embeddings_pca(points, label_names, title)
-  maps = attention_maps(run, trained, split)
-  if maps is not None:
-    figures["attention"] = lambda: attention_figure(**maps)
-  else:
-    logging.info("No attention figure: the video tower has no temporal attention layer.")
-  if jax.process_index() != 0:
-    return []
-  folder = epath.Path(workdir) / "plots"
-  folder.mkdir(parents=True, exist_ok=True)
-  written = []
-  for name, draw in figures.items():
-    path = folder / f"{name}.png"
-    with files.replacing(path, kind="plot") as temporary, temporary.open("wb") as f:
-      draw().savefig(f, format="png", dpi=DPI)
-    written.append(path)
-  manifest = {
-    "step": trained.step,
-    "config_sha256": run_lib.config_digest(config),
-    "figures": [path.name for path in written],
-  }
-  files.write_json(folder / MANIFEST, manifest, kind="plots-manifest")
-  logging.info("Wrote %d figures to %s.", len(written), folder)
+  primary = jax.process_index() == 0
+  with console.Stage("plots", len(FIGURE_SIZES), "figures", enabled=primary) as stage:
+    figures = {"training_curves": lambda: training_curves(metrics.read(workdir))}
+    # Embedding runs on every process; drawing only where the figure is written.
+    embedder = embedding.ClipEmbedder(run.model, run.mesh, run.spec)
+    clips = evaluate.embed_split(
+      run, embedder, trained.params, trained.stats, split, limit=config.plots.num_clips
+    )
+    figures["similarity_matrix"] = lambda: similarity_matrix(clips, split)
+    points, label_names, title = _pca_points(run, embedder, trained, config.export, workdir)
+    figures["embeddings_pca"] = lambda: embeddings_pca(points, label_names, title)
+    maps = attention_maps(run, trained, split)
+    if maps is not None:
+      figures["attention"] = lambda: attention_figure(**maps)
+    else:
+      logging.info("No attention figure: the video tower has no temporal attention layer.")
+    stage.total = len(figures)
+    if not primary:
+      return []
+    folder = epath.Path(workdir) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in figures.items():
+      path = folder / f"{name}.png"
+      with files.replacing(path, kind="plot") as temporary, temporary.open("wb") as f:
+        draw().savefig(f, format="png", dpi=DPI)
+      written.append(path)
+      stage.advance()
+    manifest = {
+      "step": trained.step,
+      "config_sha256": run_lib.config_digest(config),
+      "figures": [path.name for path in written],
+    }
+    files.write_json(folder / MANIFEST, manifest, kind="plots-manifest")
+    stage.finish(note=f"in {folder}")
   return written
 
 

@@ -199,7 +199,14 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """`tree`'s arrays whole on every device of `mesh` (a collective when they are sharded)."""
-  return jax.jit(lambda x: x, out_shardings=replicated(mesh))(tree)
+  return _replicator(mesh)(tree)
+
+
+@functools.cache
+def _replicator(mesh: Mesh):
+  # One jitted function per mesh: a new jit (of a new lambda) per call compiled again for
+  # every batch of an evaluation.
+  return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
 
 
 def local_rows(arrays: dict[str, jax.Array]) -> dict[str, np.ndarray]:

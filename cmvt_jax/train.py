@@ -28,6 +28,7 @@ from ml_collections import config_dict
 from orbax import checkpoint as ocp
 
 from cmvt_jax import checkpoints
+from cmvt_jax import console
 from cmvt_jax import evaluate
 from cmvt_jax import export
 from cmvt_jax import files
@@ -473,18 +474,23 @@ class _TrainLoop:
     self.evaluator = evaluate.Evaluator(run, start.stats)
     self.stop = stop
     self.progress = metrics.Progress(start.step, self.total)
+    self.stage = console.Stage(
+      "train", self.total, "steps", enabled=jax.process_index() == 0, eta=False
+    )
     self.flops_per_step = run.flops().train_step * self.config.batch_size
     self.peak = flops.peak_flops_per_device() * jax.device_count()
     self.pending = None  # (step, device metrics, seconds the step's batch took to arrive)
     self.saved_step = start.step or None
     self.last_report = time.perf_counter()
     self.data_seconds = 0.0
+    self.stage_note = ""  # the train line's last loss and rate
 
   def train(self) -> run_lib.TrainState:
     """Runs the loop; returns the final state (or the state it stopped at for SIGTERM)."""
     config = self.config
     if 0 < self.step < self.total and _every(config.eval_every_steps, self.step):
       self._evaluate(only_missing=True)  # a crash may have cut the evaluation after the save
+    self.stage.update(self.step, note="compiling the step" if self.step < self.total else "")
     while self.step < self.total:
       self._step()
       step = self.step
@@ -499,6 +505,7 @@ class _TrainLoop:
         if stopping and self.saved_step != step:
           self._save()
       if stopping:
+        self.stage.finish(note="stopped")
         checkpoints.wait(self.manager)
         logging.warning(
           "Stopped at step %d for SIGTERM; the checkpoint is saved. Run the same "
@@ -509,11 +516,10 @@ class _TrainLoop:
     self._report_pending()
     checkpoints.wait(self.manager)
     if self.step > self.first_step:
-      logging.info(
-        "Training done at step %d; input wait %.1f%% of training time.",
-        self.step,
-        100 * self.data_seconds / max(self.progress.training_seconds(), 1e-9),
-      )
+      wait = self.data_seconds / max(self.progress.training_seconds(), 1e-9)
+      self.stage.finish(note=f"{self.stage_note}, input wait {wait:.1%} of training time")
+    else:
+      self.stage.finish(note=f"done before (the checkpoint at step {self.step})")
     self._evaluate(only_missing=True)
     return self.state
 
@@ -539,7 +545,12 @@ class _TrainLoop:
     self.data_seconds += wait
     if not values.pop("finite"):
       _on_nonfinite(config, step, values, self.saved_step)
-    if not (_every(config.log_every_steps, step) or step == self.total):
+    logged = _every(config.log_every_steps, step) or step == self.total
+    self.stage_note = ", ".join(
+      filter(None, [f"loss {values['loss']:.4f}", self.progress.note(step)])
+    )
+    self.stage.update(step, note=self.stage_note, milestone=logged)
+    if not logged:
       return
     now = time.perf_counter()
     steps = max(1, min(config.log_every_steps or 1, step - self.first_step))
@@ -553,7 +564,6 @@ class _TrainLoop:
     self.writer.write(step, values)
     wait_fraction = self.data_seconds / max(self.progress.training_seconds(), 1e-9)
     self.writer.write_scalars(step, {"input/wait_fraction": wait_fraction})
-    logging.info("%s; loss %.4f", self.progress.line(step), values["loss"])
 
   def _save(self) -> None:
     self._report_pending()
@@ -607,3 +617,36 @@ def _on_nonfinite(
     f"from {resume} with a lower optim.learning_rate, or set "
     "--config.skip_nonfinite_batches=True to skip such batches and count them."
   )
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def summary(config: config_dict.ConfigDict, workdir: str, config_file: str) -> str:
+  """What a finished run printed last: its final evaluation, where its outputs are, and the
+  commands a person is likely to run next (with this run's config file and workdir)."""
+  records = metrics.read(workdir)
+  step = max((record["step"] for record in records), default=0)
+  lines = [f"Done: {step} steps in {workdir}."]
+  for record in records:
+    if record["step"] == step and "split" in record:
+      values = {key: value for key, value in record.items() if key.startswith("eval/")}
+      lines += ["", f"{record['split']} split, step {step}:", evaluate.format_table(values)]
+  folder = epath.Path(workdir)
+  outputs = [
+    ("checkpoints", folder / "checkpoints"),
+    ("metrics", folder / "metrics.jsonl"),
+    ("embeddings", folder / "embeddings" / export.export_name(config.export)),
+    ("plots", folder / "plots"),
+  ]
+  lines += ["", "Where things are:"]
+  lines += [f"  {name:<12} {path}" for name, path in outputs if path.exists()]
+  base = f"python -m cmvt_jax.main --config {config_file} --workdir {workdir}"
+  lines += [
+    "",
+    "Next:",
+    f"  {base} --mode eval                   # evaluate again",
+    f"  {base} --mode export --config.export.video_dir=YOUR_VIDEOS   # embed your own videos",
+    f"  pip install tensorboard && tensorboard --logdir {workdir}   # the curves",
+  ]
+  return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The package's imports run one way (README's Layout), read from the source with ast.
 
-    files → models, losses and data → sharding, checkpoints, metrics, flops → run →
+    files, console → models, losses and data → sharding, checkpoints, metrics, flops → run →
     embedding → whole_video → evaluate, export, prepare, compile → search → plots → train →
     main
 
@@ -15,7 +15,7 @@ from tests import helpers
 
 PACKAGE = helpers.REPO / "cmvt_jax"
 LAYERS = [
-  ["files"],
+  ["files", "console"],
   ["models", "losses", "data"],
   ["sharding", "checkpoints", "metrics", "flops", "config_overrides"],
   ["run"],

@@ -28,8 +28,10 @@ Each example (features):
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
+import io
 import multiprocessing
 import os
 import tempfile
@@ -41,9 +43,10 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
+from absl import logging
 from etils import epath
 
+from cmvt_jax import console
 from cmvt_jax import files
 from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
@@ -327,11 +330,15 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     outcomes: Sequence[FileOutcome],
     label_names: Sequence[str],
     metadata: Mapping[str, Any],
+    stage: console.Stage,
     **kwargs,
   ):
     self._outcomes = outcomes
     self._label_names = list(label_names)
     self._dataset_metadata = dict(metadata)
+    self._stage = stage
+    self._total_clips = sum(outcome.num_clips for outcome in outcomes)
+    self._written = 0
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -369,6 +376,10 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         has_audio = bool(spilled["has_audio"])
         for frames, audio, start in zip(spilled["frames"], spilled["audio"], spilled["starts"]):
           example_id = f"{outcome.file.source}@{start:.3f}"
+          self._written += 1
+          self._stage.update(
+            self._stage.total, note=f"writing clip {self._written}/{self._total_clips}"
+          )
           yield (
             example_id,
             {
@@ -420,30 +431,28 @@ def decode_all(
   spill_dir: str,
   *,
   num_workers: int,
-  progress: bool,
+  stage: console.Stage,
 ) -> list[FileOutcome]:
-  """Phase 1 (see module docstring): decodes and spills every file, in `video_files` order."""
+  """Phase 1 (see module docstring): decodes and spills every file, in `video_files` order.
+
+  `stage` counts the files (its total is `len(video_files)`) and the clips cut so far.
+  """
   tasks = [
     (file, storage, mel if file.split == "train" else None, spill_dir) for file in video_files
   ]
-  bar = tqdm.tqdm(total=len(tasks), desc="Decoding videos", unit="file", disable=not progress)
-  outcomes = []
-  with bar:
-    if num_workers <= 1:
-      results = map(_decode_file, tasks)
-      outcomes = [_tick(bar, outcome) for outcome in results]
-    else:
-      # spawn, not fork: the caller (the trainer) may already run JAX's threads.
-      with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-        outcomes = [_tick(bar, outcome) for outcome in pool.imap(_decode_file, tasks)]
-  return outcomes
+  clips = 0
 
+  def counted(outcome: FileOutcome) -> FileOutcome:
+    nonlocal clips
+    clips += outcome.num_clips
+    stage.advance(note=f"{clips} clips")
+    return outcome
 
-def _tick(bar: tqdm.tqdm, outcome: FileOutcome) -> FileOutcome:
-  bar.update()
-  if outcome.skip_reason:
-    bar.set_postfix_str(f"last skipped: {outcome.file.source} ({outcome.skip_reason})")
-  return outcome
+  if num_workers <= 1:
+    return [counted(outcome) for outcome in map(_decode_file, tasks)]
+  # spawn, not fork: the caller (the trainer) may already run JAX's threads.
+  with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+    return [counted(outcome) for outcome in pool.imap(_decode_file, tasks)]
 
 
 def summarize(outcomes: Sequence[FileOutcome], ignored: int) -> PrepareSummary:
@@ -489,7 +498,7 @@ def prepare(
       recomputes them from the data if it is configured otherwise).
     hash_split: see `scan_video_dir`.
     num_workers: decoding processes (0: one per CPU core; 1: in this process).
-    progress: show progress bars.
+    progress: show the stage's progress line (`console.Stage`).
     log: where the summary and notices go.
 
   Returns:
@@ -511,9 +520,12 @@ def prepare(
       f"SPLIT/CLASS/file{VIDEO_EXTENSIONS[0]})."
     )
   num_workers = num_workers or os.cpu_count() or 1
-  with tempfile.TemporaryDirectory(prefix="cmvt_prepare_") as spill_dir:
+  with (
+    tempfile.TemporaryDirectory(prefix="cmvt_prepare_") as spill_dir,
+    console.Stage("prepare", len(video_files), "videos", enabled=progress) as stage,
+  ):
     outcomes = decode_all(
-      video_files, storage, mel, spill_dir, num_workers=num_workers, progress=progress
+      video_files, storage, mel, spill_dir, num_workers=num_workers, stage=stage
     )
     summary = summarize(outcomes, ignored)
     if not summary.clips:
@@ -525,8 +537,9 @@ def prepare(
       label_names,
       dataset_metadata(summary, outcomes, storage, mel),
       scratch_dir=spill_dir,
-      progress=progress,
+      stage=stage,
     )
+    stage.finish(note=f"{sum(summary.clips.values())} clips in {target}")
   log(f"Prepared dataset {name} at {target}\n{summary.format()}")
   return target
 
@@ -559,19 +572,28 @@ def write_dataset(
   metadata: Mapping[str, Any],
   *,
   scratch_dir: str,
-  progress: bool,
+  stage: console.Stage,
 ) -> None:
   """Phase 2 (see module docstring): TFDS writes the spilled clips of `outcomes`.
 
   `data_dir` must be a local (POSIX) folder: ArrayRecord files are written with `open()`.
+  `stage` shows the clips written. TFDS's own progress bars and its "Downloading and
+  preparing dataset" lines (printed to standard output) show only with `--verbosity=1`.
   """
   builder = _builder_class(name)(
-    data_dir=os.fspath(data_dir), outcomes=outcomes, label_names=label_names, metadata=metadata
+    data_dir=os.fspath(data_dir),
+    outcomes=outcomes,
+    label_names=label_names,
+    metadata=metadata,
+    stage=stage,
   )
-  if not progress:
-    tfds.disable_progress_bar()
+  verbose = logging.get_verbosity() >= 1
+  tfds.display_progress_bar(verbose)
   # TFDS writes into a temporary folder and renames it into place when every shard is done.
-  with files.LibraryWrite("dataset", dataset_dir(data_dir, name)):
+  with (
+    files.LibraryWrite("dataset", dataset_dir(data_dir, name)),
+    contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()),
+  ):
     builder.download_and_prepare(
       download_dir=os.path.join(scratch_dir, "downloads"),
       file_format="array_record",

@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cmvt_jax import console
 from cmvt_jax import files
 from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import normalization
@@ -93,7 +94,7 @@ def prepare_part(
     num_workers: how many workers share the files.
     storage, mel, hash_split: as for `dataset_writer.prepare` (the same on every worker).
     processes: decoding processes on this machine (0: one per CPU core).
-    progress: show progress bars.
+    progress: show the stage's progress line (`console.Stage`).
     log: where notices go.
 
   Returns:
@@ -122,14 +123,17 @@ def prepare_part(
   if part.exists():  # an earlier, interrupted attempt
     files.remove(part, kind="part-clear")
   part.mkdir(parents=True)
-  with tempfile.TemporaryDirectory(prefix="cmvt_prepare_part_") as scratch:
+  with (
+    tempfile.TemporaryDirectory(prefix="cmvt_prepare_part_") as scratch,
+    console.Stage("prepare", len(indices), "videos", enabled=progress) as stage,
+  ):
     outcomes = dataset_writer.decode_all(
       [video_files[i] for i in indices],
       storage,
       mel,
       scratch,
       num_workers=processes or os.cpu_count() or 1,
-      progress=progress,
+      stage=stage,
     )
     if any(outcome.num_clips for outcome in outcomes):
       local_data = os.path.join(scratch, "data")
@@ -140,7 +144,7 @@ def prepare_part(
         label_names,
         {dataset_writer.STORAGE_KEY: dataclasses.asdict(storage)},
         scratch_dir=scratch,
-        progress=progress,
+        stage=stage,
       )
       _copy_folder(dataset_writer.dataset_dir(local_data, name), part)
   record = {

@@ -32,6 +32,7 @@ import grain
 import numpy as np
 from absl import flags
 from etils import epath
+from grain import multiprocessing as grain_multiprocessing
 
 from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import normalization
@@ -303,16 +304,22 @@ def _with_workers(dataset: grain.IterDataset, spec: InputSpec) -> grain.IterData
 
 
 def close(iterator: grain.DatasetIterator) -> None:
-  """Stops an iterator's worker processes and releases the shared memory of its last batch.
+  """Stops an iterator's worker processes and releases the shared memory of its batches.
 
-  grain's thread prefetch keeps the `StopIteration` it met at the end of the data, and that
-  traceback's frame holds the last element it produced (arrays in shared memory) in a
-  reference cycle. Until the cycle collector runs, that memory stays mapped, and at exit
-  Python's resource tracker reports it as "leaked shared_memory objects". Collecting now
-  releases it while the iterator's owner still runs.
+  Two things of grain's would otherwise outlive the iterator, and at exit Python's resource
+  tracker reports what they hold as "leaked shared_memory objects": (1) its thread prefetch
+  keeps the `StopIteration` it met at the end of the data, whose traceback's frame holds
+  the last element it produced in a reference cycle, freed only by the cycle collector;
+  (2) a batch's shared memory is unlinked on a background thread when the batch is deleted,
+  which a program that ends soon after may not wait for.
   """
   iterator.close()
   gc.collect()
+  # grain's deletion pool has one thread taking tasks in order: a task queued now runs
+  # after every unlink queued before it.
+  deletions = getattr(grain_multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+  if deletions is not None:
+    deletions.apply(int)
 
 
 def _check_shard(batch_size: int, process_index: int, process_count: int) -> None:

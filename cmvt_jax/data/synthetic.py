@@ -45,8 +45,8 @@ default 512 / 32 / 64 files of 8 s give 2048 / 128 / 256 clips.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import multiprocessing
 import os
 from collections.abc import Sequence
@@ -54,11 +54,11 @@ from typing import Any
 
 import av
 import numpy as np
-import tqdm
 from absl import app
 from absl import flags
 from etils import epath
 
+from cmvt_jax import console
 from cmvt_jax import files
 
 SPLITS = ("train", "validation", "test")
@@ -322,7 +322,7 @@ def generate(
     output_dir: where to write; existing files of the same names are overwritten.
     spec: what to write.
     num_workers: processes encoding files in parallel (0: one per CPU core; 1: this process).
-    progress: show a progress bar.
+    progress: show the stage's progress line (`console.Stage`).
 
   Returns:
     The manifest: `spec` and, per file, `path`, `split`, `label` and `events`.
@@ -334,19 +334,18 @@ def generate(
     for index in range(spec.num_files(split))
   ]
   num_workers = num_workers or os.cpu_count() or 1
-  bar = functools.partial(
-    tqdm.tqdm,
-    total=len(tasks),
-    desc="Generating synthetic videos",
-    unit="file",
-    disable=not progress,
-  )
-  if num_workers == 1:
-    entries = [_make_file(task) for task in bar(tasks)]
-  else:
-    # spawn, not fork: the caller (the trainer) may already run JAX's threads.
-    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-      entries = list(bar(pool.imap(_make_file, tasks, chunksize=4)))
+  with contextlib.ExitStack() as stack:
+    stage = stack.enter_context(console.Stage("generate", len(tasks), "videos", enabled=progress))
+    if num_workers == 1:
+      made = map(_make_file, tasks)
+    else:
+      # spawn, not fork: the caller (the trainer) may already run JAX's threads.
+      pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(num_workers))
+      made = pool.imap(_make_file, tasks, chunksize=4)
+    entries = []
+    for entry in made:
+      entries.append(entry)
+      stage.advance()
   manifest = {
     "spec": dataclasses.asdict(spec),
     "classes": [kind.name for kind in CLASSES],
