@@ -549,7 +549,8 @@ class _TrainLoop:
     self.stage_note = ", ".join(
       filter(None, [f"loss {values['loss']:.4f}", self.progress.note(step)])
     )
-    self.stage.update(step, note=self.stage_note, milestone=logged)
+    # The last step's line is the stage's final one (`finish`), with the input wait.
+    self.stage.update(step, note=self.stage_note, milestone=logged and step != self.total)
     if not logged:
       return
     now = time.perf_counter()

@@ -282,6 +282,10 @@ def test_command_line_twice(tiny_video_dir, tmp_path):
   assert result.returncode == 0, result.stderr
   assert "clips written to train: 4" in result.stdout
   assert "Video files found: 6 = 6 used + 0 skipped" in result.stdout
+  # Our progress line, not TFDS's bars and "Downloading and preparing" notice.
+  assert any(line.startswith("prepare    6/6 videos  100%") for line in result.stderr.splitlines())
+  assert "Downloading and preparing" not in result.stdout + result.stderr
+  assert "examples/s" not in result.stderr
   assert dataset_writer.is_prepared(dataset_writer.dataset_dir(tmp_path, "cli"))
 
   before = helpers.file_digests(tmp_path)

@@ -123,3 +123,16 @@ def test_evaluating_a_step_again_replaces_its_eval_lines(tmp_path):
     {"step": 10, "split": "validation", "eval/a2v_r1": 0.4},
     {"step": 10, "split": "test", "eval/a2v_r1": 0.5},
   ]
+
+
+def test_training_rate_leaves_out_the_first_step_and_paused_time(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+  progress = metrics.Progress(first_step=0, total_steps=100)
+  now[0] = 30.0  # the first step compiles for 30 s
+  assert progress.note(1) == ""
+  now[0] = 40.0  # 20 more steps in 10 s
+  progress.pause()
+  now[0] = 100.0  # an evaluation: not training time
+  progress.resume()
+  assert progress.note(21) == "2.00 steps/s, ETA 0:40 (evals excluded)"

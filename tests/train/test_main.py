@@ -18,7 +18,7 @@ def test_one_step_end_to_end(tmp_path, micro_data_dir):
   workdir = tmp_path / "run"
   # Relative, as in the README's `--workdir runs/default` (orbax itself needs absolute paths).
   relative_workdir = os.path.relpath(workdir, helpers.REPO)
-  helpers.run_main(relative_workdir, "--config.total_steps=1", data_dir=micro_data_dir)
+  result = helpers.run_main(relative_workdir, "--config.total_steps=1", data_dir=micro_data_dir)
   [train_line] = helpers.train_lines(workdir)
   assert train_line["step"] == 1 and np.isfinite(train_line["loss"])
   for key in ("temperature", "grad_norm", "learning_rate", "clips_per_s", "step_time_s", "mfu"):
@@ -41,6 +41,18 @@ def test_one_step_end_to_end(tmp_path, micro_data_dir):
   assert recorded["config"]["total_steps"] == 1
   assert recorded["packages"]["jax"] == "0.10.2"
   assert list((workdir / "tensorboard").iterdir()), "no TensorBoard event file"
+
+  # The screen: one line per stage, nothing from the libraries, then the summary.
+  stages = [line for line in result.stderr.splitlines() if line.startswith(("train ", "eval"))]
+  assert stages[0].startswith("train      1/1 steps  100%") and "input wait" in stages[0]
+  assert stages[1].startswith("evaluate   48/48 clips  100%")  # test, and train for the probe
+  for noise in ("it/s]", "Downloading and preparing", "leaked", "Traceback"):
+    assert noise not in result.stderr, noise
+  summary = result.stdout
+  assert summary.startswith(f"Done: 1 steps in {relative_workdir}.")
+  assert "test split, step 1:" in summary and "a2v R@1" in summary
+  assert f"checkpoints  {relative_workdir}/checkpoints" in summary
+  assert "--mode eval" in summary and "tensorboard --logdir" in summary
 
 
 def test_loss_falls_over_30_steps(tmp_path, micro_data_dir):
