@@ -75,9 +75,14 @@ _INPUT_KEYS_EMBEDDED = (
   "fmin",
   "fmax",
 )
-# Export keys added after runs were recorded (`workdir_config` gives an older run's config
-# these defaults; tests check they are configs/default.py's).
-_EXPORT_KEYS_ADDED = {"frame_chunk": 256, "moment_seconds": 1.0, "memory_limit_gib": None}
+# Config keys added after runs were recorded, as `section.key` (`workdir_config` gives an
+# older run's config these defaults; tests check they are configs/default.py's).
+KEYS_ADDED = {
+  "export.frame_chunk": 256,
+  "export.moment_seconds": 1.0,
+  "export.memory_limit_gib": None,
+  "input.eval_num_workers": 0,
+}
 # Per-row metadata of every export (the host-side keys of the eval batches).
 _CLIP_KEYS = ("id", "source", "start")
 # Why a video is left out of an export (the manifest counts each).
@@ -269,9 +274,10 @@ def workdir_config(workdir: epath.PathLike) -> config_dict.ConfigDict:
       "first, or pass the run's config."
     )
   config = config_dict.ConfigDict(json.loads(path.read_text())["config"])
-  for key, value in _EXPORT_KEYS_ADDED.items():  # a run recorded before they existed
-    if key not in config.export:
-      config.export[key] = value
+  for path, value in KEYS_ADDED.items():  # a run recorded before they existed
+    section, key = path.split(".")
+    if key not in config[section]:
+      config[section][key] = value
   return config
 
 

@@ -88,9 +88,12 @@ def get_config() -> config_dict.ConfigDict:
   config.input.max_freq_mask = 8
   # A second, independently augmented view per modality (for an intra-modal loss term).
   config.input.two_views = False
-  # grain: worker processes (0 = preprocess in this process), batches each worker buffers,
-  # reader threads per process and their element buffer.
+  # grain: worker processes (0 = preprocess in this process) for training and for the
+  # passes of evaluation, export and plots, batches each worker buffers, reader threads per
+  # process and their element buffer. Each pass starts its own workers, which costs seconds
+  # (their imports); on small splits preprocessing in this process is faster.
   config.input.num_workers = 1
+  config.input.eval_num_workers = 0
   config.input.worker_buffer_size = 2
   config.input.read_threads = 1
   config.input.read_buffer_size = 4

@@ -45,6 +45,7 @@ def get_config():
   config.mesh.axes = (("data", -1), ("fsdp", 8))
   # A pod host decodes and augments 64 clips of 16 frames per step for its 4 chips.
   config.input.num_workers = 16
+  config.input.eval_num_workers = 16  # large eval splits of real video
   config.input.worker_buffer_size = 4
   config.input.read_threads = 16
   config.input.read_buffer_size = 64

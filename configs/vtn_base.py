@@ -108,6 +108,7 @@ def get_config():
   # train.py), which keeps all 256 clips as each other's negatives.
   config.optim.grad_accum_steps = 2
   config.input.num_workers = 8
+  config.input.eval_num_workers = 8  # large eval splits of real video
   config.input.worker_buffer_size = 4
   config.input.read_threads = 4
   return config

@@ -57,6 +57,7 @@ class InputSpec:
   max_freq_mask: int
   two_views: bool
   num_workers: int
+  eval_num_workers: int
   worker_buffer_size: int
   read_threads: int
   read_buffer_size: int
@@ -77,6 +78,7 @@ class InputSpec:
       max_freq_mask=int(input_config.max_freq_mask),
       two_views=bool(input_config.two_views),
       num_workers=int(input_config.num_workers),
+      eval_num_workers=int(input_config.eval_num_workers),
       worker_buffer_size=int(input_config.worker_buffer_size),
       read_threads=int(input_config.read_threads),
       read_buffer_size=int(input_config.read_buffer_size),
@@ -289,8 +291,8 @@ def _read_options(spec: InputSpec) -> grain.ReadOptions:
   )
 
 
-def _with_workers(dataset: grain.IterDataset, spec: InputSpec) -> grain.IterDataset:
-  if spec.num_workers == 0:
+def _with_workers(dataset: grain.IterDataset, spec: InputSpec, workers: int) -> grain.IterDataset:
+  if workers == 0:
     return dataset
   if not flags.FLAGS.is_parsed():
     # grain's worker processes read grain's absl flags; outside an absl program (a notebook,
@@ -298,7 +300,7 @@ def _with_workers(dataset: grain.IterDataset, spec: InputSpec) -> grain.IterData
     flags.FLAGS.mark_as_parsed()
   return dataset.mp_prefetch(
     grain.MultiprocessingOptions(
-      num_workers=spec.num_workers, per_worker_buffer_size=spec.worker_buffer_size
+      num_workers=workers, per_worker_buffer_size=spec.worker_buffer_size
     )
   )
 
@@ -361,7 +363,8 @@ def train_dataset(
   dataset = dataset.random_map(_TrainTransform(preprocessor), seed=seed)
   dataset = dataset[process_index::process_count].batch(batch_size, drop_remainder=True)
   dataset = dataset[start_step:]
-  return _with_workers(dataset.to_iter_dataset(_read_options(preprocessor.spec)), preprocessor.spec)
+  spec = preprocessor.spec
+  return _with_workers(dataset.to_iter_dataset(_read_options(spec)), spec, spec.num_workers)
 
 
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int) -> int:
@@ -445,7 +448,8 @@ def eval_dataset(
   rows = num_eval_batches(len(source), batch_size, process_count) * batch_size
   dataset = grain.MapDataset.source(_PaddedShard(source, process_index, process_count, rows))
   dataset = dataset.map(_EvalTransform(preprocessor)).batch(batch_size)
-  return _with_workers(dataset.to_iter_dataset(_read_options(preprocessor.spec)), preprocessor.spec)
+  spec = preprocessor.spec
+  return _with_workers(dataset.to_iter_dataset(_read_options(spec)), spec, spec.eval_num_workers)
 
 
 def file_elements(

@@ -51,6 +51,7 @@ SPEC = pipeline.InputSpec(
   max_freq_mask=8,
   two_views=False,
   num_workers=0,
+  eval_num_workers=0,
   worker_buffer_size=1,
   read_threads=0,
   read_buffer_size=2,
@@ -189,7 +190,7 @@ def test_an_eval_pass_with_workers_leaves_no_shared_memory_behind():
     "from tests.data import test_pipeline as t\n"
     "from cmvt_jax.data import pipeline\n"
     "import dataclasses\n"
-    "spec = dataclasses.replace(t.SPEC, num_workers=1)\n"
+    "spec = dataclasses.replace(t.SPEC, eval_num_workers=1)\n"
     "dataset = pipeline.eval_dataset(t.SOURCE, t._preprocessor(spec), batch_size=5)\n"
     "iterator = iter(dataset)\n"
     "rows = sum(int(batch['mask'].sum()) for batch in iterator)\n"

@@ -135,16 +135,18 @@ def test_search_finds_a_planted_segment_of_a_long_video(
 
 def test_a_run_recorded_before_the_moment_keys_embeds_and_searches(tmp_path, workdir):
   recorded = json.loads((workdir / "config.json").read_text())
-  for key in export._EXPORT_KEYS_ADDED:
-    del recorded["config"]["export"][key]
+  for path in export.KEYS_ADDED:
+    section, key = path.split(".")
+    del recorded["config"][section][key]
   recorded["config"]["export"]["max_frames"] = 512  # the key those runs had
   old = tmp_path / "old_run"
   old.mkdir()
   (old / "config.json").write_text(json.dumps(recorded))
   config = export.workdir_config(old)
-  defaults = micro.get_config().export
-  for key, value in export._EXPORT_KEYS_ADDED.items():
-    assert config.export[key] == value == defaults[key], key
+  defaults = micro.get_config()
+  for path, value in export.KEYS_ADDED.items():
+    section, key = path.split(".")
+    assert config[section][key] == value == defaults[section][key], path
   # The same model whatever the pipeline's speed settings: a collection stays searchable.
   faster = micro.get_config()
   faster.input.num_workers, faster.input.read_threads = 8, 4
