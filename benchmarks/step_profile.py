@@ -8,12 +8,16 @@ add up exactly to the step (XLA fuses across them inside the step), but they ran
 time goes. Also: the whole step's compile time, and the host side of the real loop (input
 wait, dispatch) is in the default run's own `input wait` line.
 
-  python -m benchmarks.step_profile [--steps 20] [--config.KEY=VALUE ...]
+  python -m benchmarks.step_profile [--steps 20] [--set KEY=VALUE ...]
+
+`--set input.frame_size=32 --set input.n_mels=64` measures the default of before the first
+run was made faster (issue 18).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import platform
 import time
@@ -123,14 +127,23 @@ def _project_video(module, features):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
   args = parser.parse_args()
   config = default.get_config()
+  for item in args.set:
+    key, value = item.split("=", 1)
+    *sections, leaf = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[leaf] = ast.literal_eval(value)
   run = run_lib.Run.create(config, "/tmp/unused_workdir")
   batch = train_step_benchmark.random_batch(run, config.batch_size)
   print(
     f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()} ({platform.processor() or '?'}), "
     f"{jax.device_count()} × {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-    f"default config, batch {config.batch_size}, {args.steps} timed calls each"
+    f"default config{' with ' + ', '.join(args.set) if args.set else ''}, "
+    f"batch {config.batch_size}, {args.steps} timed calls each"
   )
   print("\n| part (forward + backward) | ms per call | share of the step | compile s |")
   print("|---|---:|---:|---:|")
