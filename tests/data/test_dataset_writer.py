@@ -200,18 +200,18 @@ def test_hash_split_is_stable_and_uses_top_level_folders_as_labels(tmp_path):
       audio=media.tone(2.0, 16000),
     )
   fractions = {"train": 0.5, "test": 0.5}
-  files, labels, _ = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
-  again, _, _ = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
-  assert files == again and labels == ["a", "b"]
-  assert {file.split for file in files} == {"train", "test"}
-  assert all(file.label == file.source.split("/")[0] for file in files)
+  listing = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
+  again = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
+  assert listing == again and listing.label_names == ["a", "b"]
+  assert {file.split for file in listing.files} == {"train", "test"}
+  assert all(file.labels == (file.source.split("/")[0],) for file in listing.files)
   with pytest.raises(ValueError, match="summing to 1"):
     dataset_writer.scan_video_dir(tmp_path / "videos", {"train": 0.5})
 
 
 def test_missing_split_folders_are_a_clear_error(tmp_path):
   (tmp_path / "videos/cats").mkdir(parents=True)
-  with pytest.raises(FileNotFoundError, match="none of the split folders"):
+  with pytest.raises(FileNotFoundError, match="none of the split folders.*--unlabelled"):
     _prepare(tmp_path / "videos", tmp_path / "data")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     _prepare(tmp_path / "absent", tmp_path / "data")
