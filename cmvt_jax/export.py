@@ -654,7 +654,7 @@ def _batched(
 
 
 def _stack(elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-  keys = ("video", "audio", "label", "mask", "id", "source", "start")
+  keys = ("video", "audio", "label", "has_audio", "mask", "id", "source", "start")
   return {key: np.stack([np.asarray(element[key]) for element in elements]) for key in keys}
 
 

@@ -68,9 +68,10 @@ def cross_modal_nt_xent(
   _check_pair("z_video", z_video, "z_audio", z_audio)
   logits = l2_normalize(z_video) @ l2_normalize(z_audio).T / temperature  # [N, N]
   labels = jnp.arange(logits.shape[0])
-  logits, weights = _masked(logits, mask)
-  video_to_audio = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  audio_to_video = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+  video_rows, weights = _masked(logits, mask)
+  audio_rows, _ = _masked(logits.T, mask)
+  video_to_audio = optax.softmax_cross_entropy_with_integer_labels(video_rows, labels)
+  audio_to_video = optax.softmax_cross_entropy_with_integer_labels(audio_rows, labels)
   return (_mean(video_to_audio, weights) + _mean(audio_to_video, weights)) / 2
 
 
@@ -98,9 +99,9 @@ def nt_xent(
 
 
 def _masked(logits: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-  """Square `[M, M]` logits with the rows and columns of left-out examples taken out of the
-  softmax (their columns at -inf; their rows, which then count for nothing, at 0 so that
-  they stay finite), and the weight of each row (None: every row counts)."""
+  """Square `[M, M]` logits, row i scoring anchor i against every candidate, with left-out
+  examples taken out of the softmax (their columns at -inf; their own rows, which then count
+  for nothing, at 0 so that they stay finite), and the weight of each row (None: all count)."""
   if mask is None:
     return logits, None
   mask = mask.astype(bool)
