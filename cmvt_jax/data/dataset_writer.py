@@ -248,7 +248,7 @@ def scan_video_dir(
       entry = dataclasses.replace(
         entry,
         skip_reason="not inside a class folder",
-        skip_detail=f"expected SPLIT/CLASS/{os.path.basename(source)}",
+        skip_detail=f"expected SPLIT/CLASS/{source.rsplit('/', 1)[-1]}",
       )
     video_files.append(entry)
   label_names = sorted({label for *_, label in found if label}) if labelled else []

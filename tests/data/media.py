@@ -141,6 +141,20 @@ def colour_list(videos, list_path, files: dict[str, tuple[int, float]], seed: in
   pathlib.Path(list_path).write_text("".join(rows))
 
 
+def listed_file(path, kind: str) -> None:
+  """A file as an annotation list's row may find it: 'good' (one 2-s clip), 'audioless',
+  'short' (1 s), 'corrupt' (random bytes) or 'missing' (nothing written)."""
+  if kind == "good":
+    write_video(path, num_frames=25, fps=10, audio=tone(2.5, 16000))
+  elif kind == "audioless":
+    write_video(path, num_frames=25, fps=10)
+  elif kind == "short":
+    write_video(path, num_frames=10, fps=10, audio=tone(1.0, 16000))
+  elif kind == "corrupt":
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_bytes(np.random.default_rng(0).bytes(4000))
+
+
 def bad_data_folder(root):
   """Good and bad files; returns {relative path: clips expected (0 = skipped)}."""
   stereo = tone(4.2, 44100, channels=2)

@@ -36,19 +36,6 @@ SKIP_REASONS = {
 }
 
 
-def write_file(path, kind: str) -> None:
-  """A video file of the kind a VGGSound_ROWS entry names (nothing for 'missing')."""
-  if kind == "good":
-    media.write_video(path, num_frames=25, fps=10, audio=media.tone(2.5, 16000))
-  elif kind == "audioless":
-    media.write_video(path, num_frames=25, fps=10)
-  elif kind == "short":
-    media.write_video(path, num_frames=10, fps=10, audio=media.tone(1.0, 16000))
-  elif kind == "corrupt":
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(np.random.default_rng(0).bytes(4000))
-
-
 def write_csv(path, rows, *, header=None, comments=()) -> None:
   with open(path, "w", newline="", encoding="utf-8") as f:
     f.writelines(f"{line}\n" for line in comments)
@@ -63,7 +50,7 @@ def vggsound(tmp_path_factory):
   """(list path, video folder) of a VGGSound-style download with every kind of bad row."""
   root = tmp_path_factory.mktemp("vggsound")
   for youtube_id, start, _, _, kind in VGGSOUND_ROWS:
-    write_file(root / "videos" / f"{youtube_id}_{start:06d}.mp4", kind)
+    media.listed_file(root / "videos" / f"{youtube_id}_{start:06d}.mp4", kind)
   write_csv(root / "vggsound.csv", [row[:4] for row in VGGSOUND_ROWS])
   return root / "vggsound.csv", root / "videos"
 
@@ -146,7 +133,7 @@ def test_audioset_lists_with_comments_several_labels_splits_and_a_label_map(tmp_
   train = [("aaa", "30.000", "40.000", "/m/dog,/m/bark"), ("bbb", "0.000", "10.000", "/m/cat")]
   test = [("ccc", "5.000", "15.000", "/m/bark")]
   for youtube_id, start, *_ in train + test:
-    write_file(tmp_path / "videos" / f"{youtube_id}_{float(start):06.0f}.mp4", "good")
+    media.listed_file(tmp_path / "videos" / f"{youtube_id}_{float(start):06.0f}.mp4", "good")
   # AudioSet's spacing after commas, written by hand: csv.writer would quote differently.
   for name, rows in (("balanced_train_segments.csv", train), ("eval_segments.csv", test)):
     lines = comments + [f'{y}, {s}, {e}, "{labels}"' for y, s, e, labels in rows]
@@ -188,7 +175,9 @@ def test_audioset_lists_with_comments_several_labels_splits_and_a_label_map(tmp_
 def test_kinetics_header_and_a_template_over_the_split_as_listed(tmp_path):
   rows = [("abseiling", "k1", 10, 20, "train"), ("juggling", "k2", 0, 10, "val")]
   for _, youtube_id, start, end, split in rows:
-    write_file(tmp_path / "videos" / split / f"{youtube_id}_{start:06d}_{end:06d}.mp4", "good")
+    media.listed_file(
+      tmp_path / "videos" / split / f"{youtube_id}_{start:06d}_{end:06d}.mp4", "good"
+    )
   write_csv(
     tmp_path / "k400.csv", rows, header=("label", "youtube_id", "time_start", "time_end", "split")
   )
