@@ -203,6 +203,8 @@ def read_lists(
   Raises:
     ListError: the lists or the options are unusable (the message names file, line, value).
   """
+  if hash_split is not None:
+    dataset_writer.check_hash_split(hash_split)
   if list_format is not None and list_format not in FORMATS:
     raise ListError(f"--list_format {list_format!r} is not one of {', '.join(FORMATS)}.")
   base = FORMATS.get(list_format) or ListFormat(

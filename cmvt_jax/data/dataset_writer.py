@@ -210,11 +210,7 @@ def scan_video_dir(
     raise FileNotFoundError(f"Video folder {video_dir} does not exist or is not a folder.")
   split_folders = any((video_dir / split).is_dir() for split in SPLITS)
   if hash_split is not None:
-    unknown = set(hash_split) - set(SPLITS)
-    if unknown or abs(sum(hash_split.values()) - 1.0) > 1e-6 or min(hash_split.values()) < 0:
-      raise ValueError(
-        f"hash_split must map some of {SPLITS} to fractions summing to 1, got {dict(hash_split)}."
-      )
+    check_hash_split(hash_split)
   elif not split_folders and not unlabelled and any(p.is_dir() for p in video_dir.iterdir()):
     raise FileNotFoundError(
       f"{video_dir} has none of the split folders {', '.join(SPLITS)}. Put videos in "
@@ -263,6 +259,15 @@ def _walk_files(folder: epath.Path) -> Iterator[epath.Path]:
       yield from _walk_files(path)
     else:
       yield path
+
+
+def check_hash_split(hash_split: Mapping[str, float]) -> None:
+  """Refuses fractions that are not of known splits or do not sum to 1."""
+  unknown = set(hash_split) - set(SPLITS)
+  if unknown or abs(sum(hash_split.values()) - 1.0) > 1e-6 or min(hash_split.values()) < 0:
+    raise ValueError(
+      f"hash_split must map some of {SPLITS} to fractions summing to 1, got {dict(hash_split)}."
+    )
 
 
 def hash_assign(source: str, fractions: Mapping[str, float]) -> str:
