@@ -37,6 +37,7 @@ decoding), a row listed twice, a segment overlapping another row's in the same f
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import os
@@ -163,7 +164,7 @@ def read_label_map(path: epath.PathLike) -> list[str]:
     names = [row["mid"].strip() for row in rows]
   else:
     names = [line.strip() for line in lines if line.strip()]
-  duplicates = sorted({name for name in names if names.count(name) > 1})
+  duplicates = sorted(name for name, count in collections.Counter(names).items() if count > 1)
   if not names or duplicates:
     raise ListError(
       f"--label_map {path}: "

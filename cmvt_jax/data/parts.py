@@ -1,11 +1,11 @@
 """Preparing one dataset on many machines: each worker writes a part, one merge joins them.
 
   worker i of N:  prepare_part(..., worker_index=i, num_workers=N)
-      scans the whole video folder (a listing, the same on every worker), decodes files
-      i, i + N, i + 2N, ... of it, lets TFDS write their clips as ArrayRecord shards in a
-      local scratch folder, and copies them to `DATA_DIR/NAME/VERSION.parts/worker-I-of-N/`
-      with `outcomes.json` (every file's outcome and statistics sums) written last, which
-      marks the part complete.
+      lists the whole video folder or reads the whole annotation list (the same entries on
+      every worker), decodes entries i, i + N, i + 2N, ... of it, lets TFDS write their
+      clips as ArrayRecord shards in a local scratch folder, and copies them to
+      `DATA_DIR/NAME/VERSION.parts/worker-I-of-N/` with `outcomes.json` (every entry's
+      outcome and statistics sums) written last, which marks the part complete.
   then, once:     merge_parts(data_dir, name, num_workers=N)
       moves every part's shards into `DATA_DIR/NAME/VERSION/` under the dataset's own shard
       names, writes one `dataset_info.json` that lists them all, and the metadata (summary,

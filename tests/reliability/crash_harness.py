@@ -346,7 +346,9 @@ def check_dataset(directory: pathlib.Path, expected: pathlib.Path) -> None:
   ours, theirs = datasets.open_prepared(directory), datasets.open_prepared(expected)
   assert ours.num_examples == theirs.num_examples
   assert ours.label_names == theirs.label_names
-  assert ours.summary.to_dict() == _relocated(theirs.summary.to_dict(), expected, directory)
+  # Both through JSON (as the dataset stores them): tuples of skipped files become lists.
+  mine = json.loads(json.dumps(ours.summary.to_dict()))
+  assert mine == _relocated(theirs.summary.to_dict(), expected, directory)
   assert ours.stored_stats == theirs.stored_stats
   for split in theirs.num_examples:
     mine = {e["id"]: e for e in _examples(ours, split)}
