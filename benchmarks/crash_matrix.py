@@ -1,6 +1,6 @@
 """The whole crash matrix: every write point of every scenario, killed at each of its phases.
 
-  python -m benchmarks.crash_matrix [--scenarios=train,resumed,extended,nothing,parts]
+  python -m benchmarks.crash_matrix [--scenarios=train,resumed,extended,nothing,parts,list]
       [--sample_seed=N]  # one trial per kind of file instead of all (what CI runs)
       [--jobs=N]         # trials run side by side (each is its own subprocess)
 
@@ -33,7 +33,7 @@ from tests import helpers
 from tests.data import media
 from tests.reliability import crash_harness as harness
 
-SCENARIO_NAMES = ("train", "resumed", "extended", "nothing", "parts")
+SCENARIO_NAMES = ("train", "resumed", "extended", "nothing", "parts", "list")
 _SCENARIOS = flags.DEFINE_list("scenarios", list(SCENARIO_NAMES), "Scenarios to run, in order.")
 _SAMPLE_SEED = flags.DEFINE_integer(
   "sample_seed", None, "Run one trial per kind of file (seeded) instead of every trial."
@@ -73,10 +73,14 @@ def scenarios(names: Sequence[str], base: pathlib.Path) -> list[tuple[str, harne
     made.append(("extended", harness.extended_training(data_dir, finished)))
   if "nothing" in names:
     made.append(("nothing", harness.from_nothing()))
-  if "parts" in names:
+  if {"parts", "list"} & set(names):
     videos = base / "videos"
     synthetic.generate(videos, media.TINY_SPEC, num_workers=1, progress=False)
+  if "parts" in names:
     made.append(("parts", harness.prepare_in_parts(videos)))
+  if "list" in names:
+    harness.write_segment_list(videos, base / "segments.csv")
+    made.append(("list", harness.prepare_from_list(videos, base / "segments.csv")))
   chosen = dict(made)
   return [(name, chosen[name]) for name in names]
 

@@ -219,12 +219,14 @@ def _abstract(shape, dtype, sharding_) -> jax.ShapeDtypeStruct:
 
 
 def _clips(spec, rows: int, sharding_, *, two_views: bool = False) -> dict:
-  """Abstract clip batch: video `[rows, T, S, S, 3]`, audio `[rows, F, M]` float32, label."""
+  """Abstract clip batch: video `[rows, T, S, S, 3]`, audio `[rows, F, M]` float32, label,
+  has_audio."""
   video, audio = run_lib.example_inputs(spec)
   batch = {
     "video": _abstract((rows, *video.shape[1:]), np.float32, sharding_),
     "audio": _abstract((rows, *audio.shape[1:]), np.float32, sharding_),
     "label": _abstract((rows,), np.int32, sharding_),
+    "has_audio": _abstract((rows,), np.bool_, sharding_),
   }
   if two_views:
     batch.update(video_view2=batch["video"], audio_view2=batch["audio"])
@@ -256,7 +258,7 @@ def embed_step(run: run_lib.Run) -> Program:
     f"global batch {rows}",
     run.mesh.size,
     run.flops().forward * rows,
-    embedding.clip_embedding_step(run.model, run.mesh),
+    embedding.clip_embedding_step(run.model, run.mesh, logits=run.config.objective == "supervised"),
     run.abstract_state.params["model"],
     batch["video"],
     batch["audio"],

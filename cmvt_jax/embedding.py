@@ -50,20 +50,19 @@ TOKEN_BLOCK = 128
 _DENSE_BLOCKS = 8
 
 
-def _normalised(model: cmvt.CMVT, params, video, audio, frame_mask=None) -> dict[str, jax.Array]:
-  out = model.apply({"params": params}, video, audio, frame_mask=frame_mask)
-  return {key: losses.l2_normalize(out[key]) for key in ("video", "audio")}
-
-
-def clip_embedding_step(model: cmvt.CMVT, mesh: jax.sharding.Mesh):
+def clip_embedding_step(model: cmvt.CMVT, mesh: jax.sharding.Mesh, *, logits: bool = False):
   """The jitted (params, video `[B, T, S, S, 3]`, audio `[B, F, M]`) → `video`, `audio`
-  `[B, E]` over the mesh, rows split like the batch (also what `--mode compile` compiles)."""
-  return jax.jit(
-    sharding.traced_over(
-      mesh, lambda params, video, audio: _normalised(model, params, video, audio)
-    ),
-    out_shardings=sharding.batch_sharding(mesh),
-  )
+  `[B, E]` (and with `logits`, the classifier's `logits` `[B, C]`) over the mesh, rows split
+  like the batch (also what `--mode compile` compiles)."""
+
+  def step(params, video, audio):
+    out = model.apply({"params": params}, video, audio)
+    result = {key: losses.l2_normalize(out[key]) for key in ("video", "audio")}
+    if logits:
+      result["logits"] = out["logits"]
+    return result
+
+  return jax.jit(sharding.traced_over(mesh, step), out_shardings=sharding.batch_sharding(mesh))
 
 
 def whole_video_step(model: cmvt.CMVT):
@@ -119,12 +118,21 @@ def audio_step(model: cmvt.CMVT):
 
 
 class ClipEmbedder:
-  """Embeds host-local clip batches over the mesh (see the module docstring)."""
+  """Embeds host-local clip batches over the mesh (see the module docstring); with `logits`,
+  also returns the classifier's logits `[N, C]` (a model with a classifier head)."""
 
-  def __init__(self, model: cmvt.CMVT, mesh: jax.sharding.Mesh, spec: pipeline.InputSpec):
+  def __init__(
+    self,
+    model: cmvt.CMVT,
+    mesh: jax.sharding.Mesh,
+    spec: pipeline.InputSpec,
+    *,
+    logits: bool = False,
+  ):
     self.mesh, self.spec = mesh, spec
-    self.embed_dim = model.embed_dim
-    self._embed = clip_embedding_step(model, mesh)
+    self.embed_dim, self.num_classes = model.embed_dim, model.num_classes
+    self.outputs = ("video", "audio") + (("logits",) if logits else ())
+    self._embed = clip_embedding_step(model, mesh, logits=logits)
 
   def embed(
     self,
@@ -161,6 +169,11 @@ class ClipEmbedder:
       return {
         "video": np.zeros((0, self.embed_dim), np.float32),
         "audio": np.zeros((0, self.embed_dim), np.float32),
+        **(
+          {"logits": np.zeros((0, self.num_classes), np.float32)}
+          if "logits" in self.outputs
+          else {}
+        ),
         **{key: empty.get(key, np.zeros(0, np.int32)) for key in metadata},
       }
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -184,12 +197,12 @@ class ClipEmbedder:
       travelling = {key: value for key, value in arrays.items() if key not in ("video", "audio")}
       rows = jax.device_get(sharding.replicate({**out, **travelling}, self.mesh))
       keep = np.asarray(rows["mask"])
-      return {key: np.asarray(rows[key])[keep] for key in ("video", "audio", *metadata)}
+      return {key: np.asarray(rows[key])[keep] for key in (*self.outputs, *metadata)}
     rows = sharding.local_rows({"row": arrays["row"], **out})
     keep = np.asarray(batch["mask"])[rows["row"]]
     kept = rows["row"][keep]
     part = {key: np.asarray(batch[key])[kept] for key in metadata}
-    return {"video": rows["video"][keep], "audio": rows["audio"][keep], **part}
+    return {**{key: rows[key][keep] for key in self.outputs}, **part}
 
 
 @contextlib.contextmanager
@@ -216,6 +229,7 @@ def split_batches(
     batch_size=batch_size,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    multi_hot_classes=run.dataset.multi_hot_classes,
   )
   batches = iter(dataset)
   try:

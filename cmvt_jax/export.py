@@ -9,8 +9,10 @@ NAME is `export.name`, by default the split (`export.split`) or, with `export.vi
 video folder's name; whole-video exports append `_whole_video`. Each part holds its process's
 rows: `id` (str; `SOURCE@START` per clip, `SOURCE` per whole video), `source` (str, the
 video's path relative to the video folder), `start` (float32 seconds), `video` and `audio`
-(float32 `[N, E]`, L2-normalised), `label` (int32, when known: the prepared dataset's
-classes, named in the manifest) and, for whole videos, `num_frames` (int32 input frames) and
+(float32 `[N, E]`, L2-normalised), `label` (int32, when the dataset has labels: the
+prepared dataset's class, named in the manifest's `label_names`, -1 for a clip with none or
+several), `labels` (uint8 `[N, C]` multi-hot, for multi-label data: the manifest then says
+`multi_label`) and, for whole videos, `num_frames` (int32 input frames) and
 the per-moment arrays (`whole_video`: a moment every `export.moment_seconds`, its window
 embedded exactly as a training clip): `moment_video`, `moment_audio` `[M, E]`, `moment_time`
 `[M]` (seconds from the video's start) and `moment_row` `[M]` (the moment's video among the
@@ -59,6 +61,7 @@ from cmvt_jax import run as run_lib
 from cmvt_jax import sharding
 from cmvt_jax import whole_video
 from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import datasets
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import video_io
 
@@ -173,17 +176,20 @@ def export_embeddings(
   if export.video_dir:
     share = sharding.process_share(video_files)
     rows, skipped = _embed_files(run, trained, export, share, skip_unreadable=True)
-    label_names = None
+    labels = None
   else:
     rows, skipped = _embed_split(run, trained, export)
-    label_names = list(run.dataset.label_names)
+    labels = {
+      "label_names": list(run.dataset.label_names),
+      "multi_label": run.dataset.multi_label,
+    }
   _write_part(folder, rows)
   counts = sharding.gather(
     [len(rows["id"]), len(rows.get("moment_time", ()))]
     + [skipped.count(reason) for reason in SKIP_REASONS]
   )
   if jax.process_index() == 0:
-    _write_manifest(folder, config, trained, counts, label_names)
+    _write_manifest(folder, config, trained, counts, labels)
   multihost_utils.sync_global_devices("cmvt_jax export: manifest written")
   seconds = time.perf_counter() - started
   total = int(counts[:, 0].sum())
@@ -392,7 +398,7 @@ def _split_videos(
         "id": video,
         "source": video,
         "start": np.float32(first["start"]),
-        "label": np.int32(first["label"]),
+        **pipeline.label_fields(first, run.dataset.multi_hot_classes),
       }
       try:
         duration = len(clips[video]) * storage.stride_seconds
@@ -480,7 +486,7 @@ def _embed_split(
     embedder = video_embedder(run, trained, export)
     count, embedded = _split_videos(run, embedder, split)
     with console.Stage("export", count, f"{split} videos", enabled=primary) as stage:
-      return _whole_rows(_ticking(embedded, stage), run.config.model.embed_dim, labelled=True)
+      return _whole_rows(_ticking(embedded, stage), run, label_keys(run.dataset))
   batch_size = _host_batch_size(run, export.batch_size)
   clips = len(run.dataset.source(split))
   with (
@@ -495,7 +501,7 @@ def _embed_split(
       ),
       batch_size=batch_size,
       gather=False,
-      metadata=_CLIP_KEYS + ("label",),
+      metadata=_CLIP_KEYS + label_keys(run.dataset),
     )
   return rows, []
 
@@ -521,7 +527,7 @@ def _embed_files(
       )
       if not skip_unreadable:
         embedded = _raising(embedded)
-      return _whole_rows(_ticking(embedded, stage), run.config.model.embed_dim, labelled=False)
+      return _whole_rows(_ticking(embedded, stage), run, ())
     skipped = []
     elements = _file_elements(
       video_files,
@@ -586,15 +592,23 @@ def video_embedder(
   )
 
 
+def label_keys(dataset: datasets.PreparedDataset) -> tuple[str, ...]:
+  """The label keys an export of a prepared split holds: none for unlabelled data, `label`,
+  and `labels` for multi-label data."""
+  if not dataset.label_names:
+    return ()
+  return ("label", "labels") if dataset.multi_label else ("label",)
+
+
 def _whole_rows(
   embedded: Iterable[tuple[dict[str, Any], whole_video.Embedded | video_io.VideoReadError]],
-  dim: int,
-  *,
-  labelled: bool,
+  run: run_lib.Run,
+  labels: tuple[str, ...],
 ) -> tuple[dict[str, np.ndarray], list[str]]:
   """Rows (with `num_frames` and the `moment_*` keys) of the videos embedded, and the
-  reasons of those skipped (each logged with its source)."""
-  keys = _CLIP_KEYS + (("label",) if labelled else ())
+  reasons of those skipped (each logged with its source); `labels`: the label keys kept."""
+  dim = run.config.model.embed_dim
+  keys = _CLIP_KEYS + labels
   rows = {key: [] for key in (*keys, "video", "audio", "num_frames")}
   moments = {key: [] for key in ("moment_video", "moment_audio", "moment_time", "moment_row")}
   skipped = []
@@ -613,6 +627,9 @@ def _whole_rows(
       moments[key].append(getattr(outcome, key))
   types = {"id": str, "source": str, "start": np.float32, "label": np.int32, "num_frames": np.int32}
   result = {key: np.array(rows[key], dtype=types[key]) for key in types if key in rows}
+  if "labels" in rows:
+    classes = run.dataset.multi_hot_classes
+    result["labels"] = np.array(rows["labels"], np.uint8).reshape(-1, classes)
   for key in ("video", "audio"):
     result[key] = np.array(rows[key], np.float32).reshape(-1, dim)
   for key, empty in (
@@ -641,7 +658,7 @@ def _batched(
 
 
 def _stack(elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-  keys = ("video", "audio", "label", "mask", "id", "source", "start")
+  keys = ("video", "audio", "label", "has_audio", "mask", "id", "source", "start")
   return {key: np.stack([np.asarray(element[key]) for element in elements]) for key in keys}
 
 
@@ -679,8 +696,9 @@ def _write_manifest(
   config: config_dict.ConfigDict,
   trained: run_lib.TrainedParams,
   counts: np.ndarray,
-  label_names: Sequence[str] | None,
+  labels: dict[str, Any] | None,
 ) -> None:
+  """`labels`: the prepared dataset's `label_names` and `multi_label` (None for raw files)."""
   export = config.export
   manifest = {
     "split": None if export.video_dir else export.split,
@@ -697,7 +715,8 @@ def _write_manifest(
     "skipped": {
       reason: int(count) for reason, count in zip(SKIP_REASONS, counts[:, 2:].sum(0)) if count
     },
-    "label_names": label_names,
+    "label_names": labels and labels["label_names"],
+    "multi_label": bool(labels and labels["multi_label"]),
     "model_sha256": model_digest(config),
   }
   if export.whole_video and export.moment_seconds:

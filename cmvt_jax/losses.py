@@ -10,6 +10,11 @@
 * `ContrastiveLoss`: the training objective, `cross_modal_weight · cross-modal term +
   intra_modal_weight · intra-modal term` (the latter, from two augmented views of each
   modality, `nt_xent(view1, view2)` averaged over the modalities).
+* Masks: both losses take an optional `mask` `[N]` (False: leave example i out). A left-out
+  example is neither a positive nor anyone's negative, and the mean is over the examples
+  kept: the loss and the gradients of the kept rows are exactly those of the batch without
+  the left-out rows (a clip without audio this way never enters the cross-modal term, or
+  the audio's intra-modal term).
 * `Temperature`: fixed or learnable, log-parameterised and kept in `[minimum, maximum]`.
 
 Every loss L2-normalises its inputs and computes the similarities, logits and softmax in
@@ -47,33 +52,41 @@ def l2_normalize(z: jax.Array) -> jax.Array:
   return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), _NORM_EPSILON))
 
 
-def cross_modal_nt_xent(z_video: jax.Array, z_audio: jax.Array, temperature) -> jax.Array:
+def cross_modal_nt_xent(
+  z_video: jax.Array, z_audio: jax.Array, temperature, *, mask: jax.Array | None = None
+) -> jax.Array:
   """Symmetric InfoNCE: pair i is positive; mean of video→audio and audio→video CE.
 
   Args:
     z_video, z_audio: `[N, D]` each (any float dtype; normalised here).
     temperature: a positive scalar.
+    mask: optional bool `[N]`; pairs with False are left out (module docstring).
 
   Returns:
-    The scalar loss, float32.
+    The scalar loss, float32 (0 when fewer than one pair is kept).
   """
   _check_pair("z_video", z_video, "z_audio", z_audio)
   logits = l2_normalize(z_video) @ l2_normalize(z_audio).T / temperature  # [N, N]
   labels = jnp.arange(logits.shape[0])
-  video_to_audio = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  audio_to_video = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
-  return (video_to_audio.mean() + audio_to_video.mean()) / 2
+  video_rows, weights = _masked(logits, mask)
+  audio_rows, _ = _masked(logits.T, mask)
+  video_to_audio = optax.softmax_cross_entropy_with_integer_labels(video_rows, labels)
+  audio_to_video = optax.softmax_cross_entropy_with_integer_labels(audio_rows, labels)
+  return (_mean(video_to_audio, weights) + _mean(audio_to_video, weights)) / 2
 
 
-def nt_xent(z_a: jax.Array, z_b: jax.Array, temperature) -> jax.Array:
+def nt_xent(
+  z_a: jax.Array, z_b: jax.Array, temperature, *, mask: jax.Array | None = None
+) -> jax.Array:
   """SimCLR NT-Xent over the 2N embeddings of two views (2N−2 negatives each).
 
   Args:
     z_a, z_b: `[N, D]` each, row i of both views of the same example (normalised here).
     temperature: a positive scalar.
+    mask: optional bool `[N]`; examples with False are left out (module docstring).
 
   Returns:
-    The scalar loss (mean over the 2N anchors), float32.
+    The scalar loss (mean over the 2N anchors kept), float32.
   """
   _check_pair("z_a", z_a, "z_b", z_b)
   n = z_a.shape[0]
@@ -81,7 +94,25 @@ def nt_xent(z_a: jax.Array, z_b: jax.Array, temperature) -> jax.Array:
   logits = z @ z.T / temperature
   logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)  # never your own positive
   positives = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, positives).mean()
+  logits, weights = _masked(logits, None if mask is None else jnp.concatenate([mask, mask]))
+  return _mean(optax.softmax_cross_entropy_with_integer_labels(logits, positives), weights)
+
+
+def _masked(logits: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+  """Square `[M, M]` logits, row i scoring anchor i against every candidate, with left-out
+  examples taken out of the softmax (their columns at -inf; their own rows, which then count
+  for nothing, at 0 so that they stay finite), and the weight of each row (None: all count)."""
+  if mask is None:
+    return logits, None
+  mask = mask.astype(bool)
+  logits = jnp.where(mask[None, :], logits, -jnp.inf)
+  return jnp.where(mask[:, None], logits, 0.0), mask.astype(jnp.float32)
+
+
+def _mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+  if weights is None:
+    return values.mean()
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _check_pair(name_a: str, a, name_b: str, b) -> None:
@@ -165,7 +196,14 @@ class ContrastiveLoss:
     )
 
   def __call__(
-    self, log_temperature, z_video, z_audio, *, z_video_view2=None, z_audio_view2=None
+    self,
+    log_temperature,
+    z_video,
+    z_audio,
+    *,
+    z_video_view2=None,
+    z_audio_view2=None,
+    has_audio=None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Embeddings `[N, E]` (global batch) → (loss, metrics).
 
@@ -174,6 +212,9 @@ class ContrastiveLoss:
       z_video, z_audio: the first view's embeddings.
       z_video_view2, z_audio_view2: a second augmented view's, needed when
         `intra_modal_weight > 0` (and then also entering the cross-modal term).
+      has_audio: optional bool `[N]`: clips without audio (False) are left out of the
+        cross-modal term and of the audio's intra-modal term; the video's intra-modal term
+        still trains on them.
 
     Returns:
       The scalar loss and {'cross_modal_loss', 'intra_modal_loss' (with two views),
@@ -188,13 +229,15 @@ class ContrastiveLoss:
         "view of each modality (z_video_view2, z_audio_view2); set it to 0 or feed two views."
       )
     temperature = self.temperature(log_temperature)
-    cross = cross_modal_nt_xent(z_video, z_audio, temperature)
+    cross = cross_modal_nt_xent(z_video, z_audio, temperature, mask=has_audio)
     if not two_views:
       loss = self.cross_modal_weight * cross
       return loss, {"cross_modal_loss": cross, "temperature": temperature}
-    cross = (cross + cross_modal_nt_xent(z_video_view2, z_audio_view2, temperature)) / 2
+    second = cross_modal_nt_xent(z_video_view2, z_audio_view2, temperature, mask=has_audio)
+    cross = (cross + second) / 2
     intra = (
-      nt_xent(z_video, z_video_view2, temperature) + nt_xent(z_audio, z_audio_view2, temperature)
+      nt_xent(z_video, z_video_view2, temperature)
+      + nt_xent(z_audio, z_audio_view2, temperature, mask=has_audio)
     ) / 2
     loss = self.cross_modal_weight * cross + self.intra_modal_weight * intra
     metrics = {"cross_modal_loss": cross, "intra_modal_loss": intra, "temperature": temperature}

@@ -1,9 +1,20 @@
-"""Prepares a folder of videos as a TFDS ArrayRecord dataset of aligned clips.
+"""Prepares a folder of videos, or an annotation list, as a TFDS ArrayRecord dataset of clips.
 
   python -m cmvt_jax.prepare --video_dir DIR --data_dir DIR --name NAME \
       [--clip_seconds 2] [--stride_seconds 2] [--fps 8] [--short_side 32] \
       [--sample_rate 16000] [--keep_audioless] [--hash_split train=0.8,test=0.2] \
-      [--num_workers N]
+      [--unlabelled] [--num_workers N]
+
+  python -m cmvt_jax.prepare --list FILE.csv --video_dir ROOT --data_dir DIR --name NAME \
+      [--list_format vggsound|audioset|kinetics] [--columns NAME=COLUMN,...] \
+      [--path_template TEMPLATE] [--cut_segments] [--label_map FILE] [storage flags]
+
+A folder: `SPLIT/CLASS/*.mp4` (labels from the class folders), `CLASS/*.mp4` with
+--hash_split, or any folder without class folders (nested or flat, unlabelled; --unlabelled
+says so for a nested one). An annotation list (see `cmvt_jax.data.annotations`): each row a
+file under ROOT named by --path_template (a Python format string over the fields
+youtube_id, start, end, label, split), or with --cut_segments a segment of one; `--list` may
+be repeated, each `FILE` or `SPLIT=FILE`.
 
 Writes `DATA_DIR/NAME/VERSION/` (see `cmvt_jax.data.dataset_writer`); train on it with
 `--config.dataset.name=NAME --config.dataset.data_dir=DATA_DIR`. Storage and log-mel defaults
@@ -25,6 +36,7 @@ from absl import app
 from absl import flags
 
 from cmvt_jax import files
+from cmvt_jax.data import annotations
 from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import parts
 from cmvt_jax.data import spectrogram
@@ -32,8 +44,55 @@ from cmvt_jax.data import spectrogram
 _VIDEO_DIR = flags.DEFINE_string(
   "video_dir",
   None,
-  "Folder of videos: SPLIT/CLASS/*.mp4 (or CLASS/*.mp4 with --hash_split); "
-  "needed except with --merge.",
+  "Folder of videos: SPLIT/CLASS/*.mp4 (or CLASS/*.mp4 with --hash_split, or any folder "
+  "without class folders); with --list, the folder the path template is relative to. "
+  "Needed except with --merge.",
+)
+_LIST = flags.DEFINE_multi_string(
+  "list",
+  [],
+  "An annotation list (CSV) naming the files to prepare, FILE or SPLIT=FILE (its rows go "
+  "to SPLIT); repeat for several.",
+)
+_LIST_FORMAT = flags.DEFINE_enum(
+  "list_format",
+  None,
+  list(annotations.FORMATS),
+  "The list's layout: vggsound (youtube_id, start_seconds, label, split; no header), "
+  "audioset (YTID, start_seconds, end_seconds, positive_labels; # comments), kinetics "
+  "(header label, youtube_id, time_start, time_end, split). Other lists: --columns.",
+)
+_COLUMNS = flags.DEFINE_string(
+  "columns",
+  None,
+  "FIELD=COLUMN,... mapping the fields youtube_id, start, end, label, split to the list's "
+  "header names (or 0-based positions in a list without a header); overrides single "
+  "columns of --list_format.",
+)
+_PATH_TEMPLATE = flags.DEFINE_string(
+  "path_template",
+  None,
+  "Each row's file relative to --video_dir, a Python format string over youtube_id, start, "
+  "end (seconds, float), label, split; default per format, e.g. VGGSound's "
+  "'{youtube_id}_{start:06.0f}.mp4'.",
+)
+_CUT_SEGMENTS = flags.DEFINE_bool(
+  "cut_segments",
+  False,
+  "Cut each row's [start, end) out of its (longer) file; by default the listed file is "
+  "the segment itself.",
+)
+_LABEL_MAP = flags.DEFINE_string(
+  "label_map",
+  None,
+  "The classes, one per line (or AudioSet's class_labels_indices.csv); a listed label "
+  "outside it is an error. Default: the labels the list names.",
+)
+_UNLABELLED = flags.DEFINE_bool(
+  "unlabelled",
+  False,
+  "Prepare without labels: every video file under --video_dir, nested or flat (folders "
+  "without class folders are unlabelled anyway); with --list, ignore its labels.",
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data folder to write into.", required=True)
 _NAME = flags.DEFINE_string("name", None, "Dataset name (a lower-case identifier).", required=True)
@@ -49,7 +108,8 @@ _SAMPLE_RATE = flags.DEFINE_integer("sample_rate", 16000, "Stored audio sample r
 _KEEP_AUDIOLESS = flags.DEFINE_bool(
   "keep_audioless",
   False,
-  "Keep videos without audio (silent, has_audio=False) instead of skipping them.",
+  "Keep videos without audio, marked audioless (has_audio=False: training leaves them out "
+  "of the cross-modal loss, evaluation out of retrieval) instead of skipping them.",
 )
 _HASH_SPLIT = flags.DEFINE_string(
   "hash_split",
@@ -121,7 +181,14 @@ def _run() -> None:
     parts.merge_parts(_DATA_DIR.value, _NAME.value, num_workers=num_workers)
     return
   if _VIDEO_DIR.value is None:
-    raise app.UsageError("--video_dir is required (except with --merge).")
+    raise app.UsageError(
+      "--video_dir is required (except with --merge): the folder of videos, or with --list "
+      "the folder the list's files are under."
+    )
+  list_only = ("list_format", "columns", "path_template", "cut_segments", "label_map")
+  given = [name for name in list_only if flags.FLAGS[name].value]
+  if given and not _LIST.value:
+    raise app.UsageError(f"--{given[0]} describes an annotation list: give it with --list FILE.")
   if worker_index is not None and not 0 <= worker_index < num_workers:
     raise app.UsageError(
       f"--worker_index={worker_index} needs --num_workers N with "
@@ -143,11 +210,20 @@ def _run() -> None:
     fmin=_FMIN.value,
     fmax=_FMAX.value,
   )
-  settings = dict(
-    storage=storage,
-    mel=mel,
-    hash_split=parse_hash_split(_HASH_SPLIT.value) if _HASH_SPLIT.value else None,
-  )
+  hash_split = parse_hash_split(_HASH_SPLIT.value) if _HASH_SPLIT.value else None
+  settings = dict(storage=storage, mel=mel, hash_split=hash_split, unlabelled=_UNLABELLED.value)
+  if _LIST.value:
+    settings["listing"] = annotations.read_lists(
+      _LIST.value,
+      _VIDEO_DIR.value,
+      list_format=_LIST_FORMAT.value,
+      columns=annotations.parse_columns(_COLUMNS.value or ""),
+      path_template=_PATH_TEMPLATE.value,
+      cut_segments=_CUT_SEGMENTS.value,
+      label_map=_LABEL_MAP.value,
+      hash_split=hash_split,
+      unlabelled=_UNLABELLED.value,
+    )
   if worker_index is not None:
     parts.prepare_part(
       _VIDEO_DIR.value,

@@ -290,6 +290,16 @@ class Run:
       self.config.dataset, self.config.input, process_index=maker, log=logging.info
     )
 
+  @functools.cached_property
+  def train_components(self) -> list[tuple[datasets.PreparedDataset, float]]:
+    """The datasets training draws from and their weights: `dataset.mixture`, or the
+    dataset alone."""
+    if not self.config.dataset.mixture:
+      return [(self.dataset, 1.0)]
+    return datasets.open_mixture(
+      self.config.dataset, self.config.input, process_index=jax.process_index(), log=logging.info
+    )
+
   def flops(self) -> flops_lib.ModelFlops:
     video, audio = example_inputs(self.spec)
     return flops_lib.count(self.model, video_shape=video.shape[1:], audio_shape=audio.shape[1:])
@@ -305,13 +315,20 @@ class Run:
     return state
 
   def stats(self) -> normalization.NormalizationStats:
-    """The dataset's normalisation statistics (a new run's; a resumed one keeps its own)."""
+    """The training data's normalisation statistics (a new run's; a resumed one keeps its
+    own): the dataset's, or the mixture's."""
+    if self.config.dataset.mixture:
+      return datasets.mixture_stats(self.train_components, self.spec.mel, log=logging.info)
     return self.dataset.normalization_stats(self.spec.mel, log=logging.info)
 
-  def preprocessor(self, stats: normalization.NormalizationStats) -> pipeline.Preprocessor:
-    return pipeline.Preprocessor(
-      self.spec, stats, self.dataset.storage.fps, self.dataset.storage.sample_rate
-    )
+  def preprocessor(
+    self,
+    stats: normalization.NormalizationStats,
+    dataset: datasets.PreparedDataset | None = None,
+  ) -> pipeline.Preprocessor:
+    """Stored clips of `dataset` (default: the run's) → model inputs, at its storage rates."""
+    dataset = dataset or self.dataset
+    return pipeline.Preprocessor(self.spec, stats, dataset.storage.fps, dataset.storage.sample_rate)
 
   # --- checkpoints
 

@@ -37,6 +37,7 @@ from cmvt_jax import metrics
 from cmvt_jax import plots
 from cmvt_jax import run as run_lib
 from cmvt_jax import sharding
+from cmvt_jax.data import datasets
 from cmvt_jax.data import normalization
 from cmvt_jax.data import pipeline
 from cmvt_jax.models import cmvt
@@ -132,6 +133,50 @@ def _check_config(config: config_dict.ConfigDict) -> None:
       raise ValueError(f"{key} must be >= 0 (0 = only at the end); got {config[key]}.")
 
 
+def check_data(run: run_lib.Run) -> None:
+  """Refuses, before any training, data the config cannot use: eval splits the dataset
+  lacks, a supervised objective without (the right number of) labels, a mixture whose
+  components disagree on what the labels mean."""
+  config = run.config
+  names = [name for name, _ in datasets.mixture_weights(config.dataset)]
+  if names and config.dataset.name == datasets.SYNTHETIC_NAME and config.dataset.name not in names:
+    raise ValueError(
+      "dataset.mixture is set, but dataset.name is still the synthetic dataset: set "
+      "--config.dataset.name to the dataset to evaluate and export (e.g. the first "
+      f"component, {names[0]!r})."
+    )
+  dataset, mixture = run.dataset, run.train_components
+  missing = [split for split in config.eval.splits if split not in dataset.num_examples]
+  if missing:
+    raise ValueError(
+      f"eval.splits asks for {', '.join(missing)}, which the dataset at {dataset.directory} "
+      f"does not have (it has {', '.join(dataset.num_examples)}): set --config.eval.splits, "
+      "or prepare the dataset with that split (e.g. prepare --hash_split train=0.9,test=0.1)."
+    )
+  if config.objective != "supervised":
+    return
+  if not dataset.labelled:
+    raise ValueError(
+      f"objective='supervised' needs labelled data; the dataset at {dataset.directory} has "
+      f"{len(dataset.label_names)} classes."
+    )
+  if config.model.num_classes != len(dataset.label_names):
+    raise ValueError(
+      f"model.num_classes={config.model.num_classes}, but the dataset at "
+      f"{dataset.directory} has {len(dataset.label_names)} classes: set "
+      f"--config.model.num_classes={len(dataset.label_names)}."
+    )
+  for component, _ in mixture:
+    if (component.label_names, component.multi_label) != (
+      dataset.label_names,
+      dataset.multi_label,
+    ):
+      raise ValueError(
+        f"objective='supervised' with a mixture needs every component to have the labels of "
+        f"{dataset.directory}; {component.directory} has other classes."
+      )
+
+
 # ----------------------------------------------------------------------------- update step
 
 
@@ -170,12 +215,11 @@ def make_train_step(
 
   def objective(log_temperature, outs, batch):
     if supervised:
-      labels = batch["label"]
-      loss = optax.softmax_cross_entropy_with_integer_labels(outs["logits"], labels).mean()
-      accuracy = jnp.mean(jnp.argmax(outs["logits"], -1) == labels)
-      return loss, {"accuracy": accuracy}
+      return supervised_loss(outs["logits"], batch)
     views = {"z_video_view2": outs.get("video_view2"), "z_audio_view2": outs.get("audio_view2")}
-    return loss_fn(log_temperature, outs["video"], outs["audio"], **views)
+    return loss_fn(
+      log_temperature, outs["video"], outs["audio"], has_audio=batch["has_audio"], **views
+    )
 
   def loss_and_grads(params, batch, rng):
     if accumulate == 1:
@@ -241,6 +285,21 @@ def make_train_step(
   )
 
 
+def supervised_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """VTN's objective on classifier logits `[B, C]`: softmax cross-entropy over the clips
+  with a label (`label` >= 0), or, for multi-label data (`labels` `[B, C]` multi-hot in the
+  batch), sigmoid binary cross-entropy averaged over clips and classes."""
+  if "labels" in batch:
+    targets = batch["labels"].astype(jnp.float32)
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean(), {}
+  labels = batch["label"]
+  labelled = (labels >= 0).astype(jnp.float32)
+  count = jnp.maximum(labelled.sum(), 1.0)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return (losses * labelled).sum() / count, {"accuracy": (correct * labelled).sum() / count}
+
+
 def _micro_batches(x: jax.Array, count: int) -> jax.Array:
   """`[B, ...]` → `[count, B / count, ...]`, micro-batch i = rows i, i + count, ...
 
@@ -257,7 +316,9 @@ def _merge_micro_batches(x: jax.Array) -> jax.Array:
 
 def model_inputs(host_batch: dict, *, two_views: bool) -> dict:
   """The numeric fields the step needs (ids and paths stay on the host)."""
-  keys = ["video", "audio", "label"] + (["video_view2", "audio_view2"] if two_views else [])
+  keys = ["video", "audio", "label", "has_audio"]
+  keys += ["video_view2", "audio_view2"] if two_views else []
+  keys += ["labels"] if "labels" in host_batch else []
   return {key: host_batch[key] for key in keys}
 
 
@@ -328,6 +389,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> run_lib.
   check_workdir_writable(workdir)
   run = run_lib.Run.create(config, workdir)  # checks the mesh and the batch split
   # Opening the dataset (making it, when synthetic) is the last check before any write.
+  check_data(run)
   logging.info("Dataset %s: %s clips.", run.dataset.directory, run.dataset.num_examples)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
@@ -401,10 +463,16 @@ def _start_or_resume(
   config = run.config
   host_batch = config.batch_size // jax.process_count()
 
+  supervised_multi_label = config.objective == "supervised" and run.dataset.multi_label
+
   def train_iterator(stats, start_step=0) -> Iterator:
-    dataset = pipeline.train_dataset(
-      run.dataset.source("train"),
-      run.preprocessor(stats),
+    components = [
+      pipeline.Component(dataset.source("train"), run.preprocessor(stats, dataset), weight)
+      for dataset, weight in run.train_components
+    ]
+    dataset = pipeline.mixture_train_dataset(
+      components,
+      multi_hot_classes=run.dataset.multi_hot_classes if supervised_multi_label else 0,
       batch_size=host_batch,
       seed=config.seed,
       process_index=jax.process_index(),

@@ -48,6 +48,10 @@ def get_config() -> config_dict.ConfigDict:
   config.dataset.short_side = 32
   config.dataset.sample_rate = 16000
   config.dataset.keep_audioless = False
+  # Training draws from several prepared datasets (each under data_dir) by weight, e.g.
+  # (("vggsound", 0.7), ("kinetics", 0.3)); empty: from `name` alone. Evaluation, the probe
+  # and export still use `name`. Each keeps its storage rates; statistics are the mixture's.
+  config.dataset.mixture = ()
   # The generator (cmvt_jax/data/synthetic.py): 512/32/64 files of 4 two-second segments
   # give 2048/128/256 clips.
   config.dataset.synthetic = config_dict.ConfigDict()

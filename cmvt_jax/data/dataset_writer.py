@@ -1,9 +1,10 @@
-"""Folder of videos -> TFDS ArrayRecord dataset of aligned clips (no TensorFlow needed).
+"""Videos -> TFDS ArrayRecord dataset of aligned clips (no TensorFlow needed).
 
 `prepare(...)` runs in two phases:
-  1. decode: every video file is decoded in parallel processes (`video_io`), cut into clip
-     windows and spilled to a local temporary folder; bad files are skipped with their reason;
-     the train split's normalisation statistics are accumulated;
+  1. decode: every entry of the listing (a video file, or a row of an annotation list) is
+     decoded in parallel processes (`video_io`), cut into clip windows and spilled to a local
+     temporary folder; bad entries are skipped with their reason; the train split's
+     normalisation statistics are accumulated;
   2. write: a TFDS `GeneratorBasedBuilder` reads the spilled clips and writes ArrayRecord
      shards. TFDS writes into an `incomplete.*` folder and renames it to
      `DATA_DIR/NAME/VERSION/` only when everything is written, so an interrupted run never
@@ -11,18 +12,26 @@
 Decoding first tells which splits have clips (TFDS refuses an empty split) and lets the
 statistics be stored with the dataset, in its `metadata.json`.
 
-Input layout: `VIDEO_DIR/{train,validation,test}/CLASS/.../*.mp4` (labels from the class
-folders, splits from the top-level folders), or `VIDEO_DIR/CLASS/.../*.mp4` with a hash split.
+What is prepared (a `Listing`): the files of a video folder (`scan_video_dir`):
+`VIDEO_DIR/{train,validation,test}/CLASS/.../*.mp4` (labels from the class folders, splits
+from the top-level folders), `VIDEO_DIR/CLASS/.../*.mp4` with a hash split, or any folder
+without class folders (nested or flat; unlabelled); or the rows of an annotation list
+(`annotations.read_lists`: a public dataset's CSV, each row a file or a segment of one, with
+its labels and split).
 
-Each example (features):
+Each example (features; format version `FORMAT_VERSION`, recorded in `metadata.json`):
   id         text: `SOURCE@START` with START in seconds, 3 decimals; unique and stable.
   source     text: the file's path relative to VIDEO_DIR.
-  start      float32: the clip's start in seconds.
-  label      ClassLabel: the class folder (names in the dataset info).
+  start      float32: the clip's start in seconds, on the file's timeline.
+  label      ClassLabel: the clip's class (names in the dataset info) when it has exactly
+             one, else -1 (unlabelled, or several labels).
+  labels     int32 `[L]`: every class of the clip (sorted; empty when unlabelled).
   has_audio  bool: False for a file without audio kept with `keep_audioless` (audio is zeros).
   frames     uint8 `[clip_seconds * fps, H, W, 3]`, short side `short_side` (raw bytes: see
              BENCHMARKS.md "Frame storage" for why not JPEG).
   audio      int16 `[clip_seconds * sample_rate]`, mono; float value = int16 / 32768.
+Format 1 (written before annotation lists existed) has no `labels` and no format record; its
+clips have exactly one label each. `datasets.open_prepared` reads both.
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ from cmvt_jax.data import spectrogram
 from cmvt_jax.data import video_io
 
 VERSION = "1.0.0"
+# The example and metadata layout (module docstring); bumped when it changes.
+FORMAT_VERSION = 2
 # Written last, by TFDS or by the merge of parts: a dataset folder is complete when it exists.
 INFO_FILE = "dataset_info.json"
 SPLITS = ("train", "validation", "test")
@@ -61,6 +72,7 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 STORAGE_KEY = "storage"
 NORMALIZATION_KEY = "normalization"
 SUMMARY_KEY = "prepare_summary"
+FORMAT_KEY = "format"  # {"version": FORMAT_VERSION, "multi_label": bool}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +103,69 @@ class StorageSpec:
 
 @dataclasses.dataclass(frozen=True)
 class VideoFile:
-  """A file found in the video folder."""
+  """One entry to prepare: a file of the video folder, or a row of an annotation list.
 
-  path: str  # absolute (any epath)
-  source: str  # relative to the video folder, printable (see `_printable`)
+  Attributes:
+    path: absolute (any epath).
+    source: relative to the video folder, printable (see `printable`).
+    split: the split its clips go to.
+    labels: its class names (a class folder's name; a list row's labels); () unlabelled.
+    segment: (start, end) seconds cut out of the file (`--cut_segments`); None: the whole
+      file is the entry.
+    row: where an annotation list names it, `FILE:LINE`; '' for a folder's file.
+    skip_reason, skip_detail: set when the listing already tells that the entry cannot be
+      used (a file outside the class folders, a row listed twice): it is not decoded.
+  """
+
+  path: str
+  source: str
   split: str
-  label: str  # class folder name; '' when the file is not inside one
+  labels: tuple[str, ...] = ()
+  segment: tuple[float, float] | None = None
+  row: str = ""
+  skip_reason: str = ""
+  skip_detail: str = ""
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> VideoFile:
+    """Inverse of `dataclasses.asdict` after a JSON round trip (lists back to tuples)."""
+    segment = values["segment"]
+    return cls(
+      **{
+        **values,
+        "labels": tuple(values["labels"]),
+        "segment": None if segment is None else tuple(segment),
+      }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+  """What one preparation decodes, and its label map.
+
+  Attributes:
+    files: the entries, in a fixed order (a folder's sorted paths, a list's rows).
+    label_names: class names; label i is `label_names[i]`; () when unlabelled.
+    multi_label: an entry may have several labels (AudioSet); the dataset is then
+      multi-label even if every kept clip has one.
+    ignored: a folder's files that are not videos or lie outside the split folders.
+    kind: 'folder' (the summary counts files found) or 'list' (rows listed).
+  """
+
+  files: list[VideoFile]
+  label_names: list[str]
+  multi_label: bool = False
+  ignored: int = 0
+  kind: str = "folder"
 
 
 @dataclasses.dataclass
 class FileOutcome:
-  """What decoding one file gave: clips spilled to `spill_path`, or why it was skipped."""
+  """What decoding one entry gave: clips spilled to `spill_path`, or why it was skipped.
+
+  `cut_detail` says how a segment that ends past its file's usable end was cut to it;
+  `has_audio` is False for a file kept without audio (`keep_audioless`).
+  """
 
   file: VideoFile
   num_clips: int = 0
@@ -110,65 +174,84 @@ class FileOutcome:
   skip_reason: str = ""
   skip_detail: str = ""
   truncation_detail: str = ""
+  cut_detail: str = ""
+  has_audio: bool = True
   stats: normalization.StatsAccumulator | None = None
 
 
-def _printable(relative: str) -> str:
+def printable(relative: str) -> str:
   """A file name as valid UTF-8 text: undecodable bytes become `\\xNN` escapes."""
   return os.fsencode(relative).decode("utf-8", "backslashreplace")
 
 
-def _hash_fraction(source: str) -> float:
+def hash_fraction(source: str) -> float:
   """A stable number in [0, 1) from a file's relative path (for hash splits)."""
   return int(hashlib.sha256(os.fsencode(source)).hexdigest()[:12], 16) / 16**12
 
 
 def scan_video_dir(
-  video_dir: epath.PathLike, hash_split: Mapping[str, float] | None = None
-) -> tuple[list[VideoFile], list[str], int]:
+  video_dir: epath.PathLike,
+  hash_split: Mapping[str, float] | None = None,
+  *,
+  unlabelled: bool = False,
+) -> Listing:
   """Lists the video files of `video_dir` with their split and class.
 
-  Args:
-    video_dir: the folder (see the module docstring for its layout).
-    hash_split: None to take splits from the top-level train/validation/test folders;
-      otherwise split name -> fraction (summing to 1), and each file goes to a split by a hash
-      of its relative path (stable when files are added or removed).
+  Splits come from `hash_split` when given (split name -> fraction, summing to 1: each file
+  goes to a split by a hash of its relative path, stable when files are added or removed),
+  else from the top-level train/validation/test folders (files outside them are ignored),
+  else, in a folder with neither split nor class folders, every file goes to train.
+  The class is the first folder below the split folder (below VIDEO_DIR with a hash split);
+  a file outside class folders is skipped. With `unlabelled`, or when no file lies in a
+  class folder, the dataset is unlabelled: every video file is used, nested or flat.
 
   Returns:
-    (files sorted by source, sorted class names, count of ignored non-video files).
+    The listing, files sorted by source.
   """
   video_dir = epath.Path(video_dir)
   if not video_dir.is_dir():
     raise FileNotFoundError(f"Video folder {video_dir} does not exist or is not a folder.")
+  split_folders = any((video_dir / split).is_dir() for split in SPLITS)
   if hash_split is not None:
-    unknown = set(hash_split) - set(SPLITS)
-    if unknown or abs(sum(hash_split.values()) - 1.0) > 1e-6 or min(hash_split.values()) < 0:
-      raise ValueError(
-        f"hash_split must map some of {SPLITS} to fractions summing to 1, got {dict(hash_split)}."
-      )
-  elif not any((video_dir / split).is_dir() for split in SPLITS):
+    check_hash_split(hash_split)
+  elif not split_folders and not unlabelled and any(p.is_dir() for p in video_dir.iterdir()):
     raise FileNotFoundError(
       f"{video_dir} has none of the split folders {', '.join(SPLITS)}. Put videos in "
-      f"{video_dir}/train/CLASS/..., or split them by hash (prepare --hash_split)."
+      f"{video_dir}/train/CLASS/..., split them by hash (prepare --hash_split), or prepare "
+      "them without labels (prepare --unlabelled)."
     )
-  video_files, ignored = [], 0
+  found, ignored = [], 0  # (path, source, split, class folder or '')
   for path in sorted(_walk_files(video_dir)):
     if path.suffix.lower() not in VIDEO_EXTENSIONS:
       ignored += 1
       continue
     parts = path.relative_to(video_dir).parts
-    source = _printable("/".join(parts))
-    if hash_split is None:
+    source = printable("/".join(parts))
+    if hash_split is not None:
+      split, class_parts = hash_assign(source, hash_split), parts[:-1]
+    elif split_folders:
       if parts[0] not in SPLITS:
         ignored += 1
         continue
       split, class_parts = parts[0], parts[1:-1]
     else:
-      split, class_parts = _hash_assign(source, hash_split), parts[:-1]
-    label = _printable(class_parts[0]) if class_parts else ""
-    video_files.append(VideoFile(path=os.fspath(path), source=source, split=split, label=label))
-  label_names = sorted({file.label for file in video_files if file.label})
-  return video_files, label_names, ignored
+      split, class_parts = "train", parts[:-1]
+    found.append((path, source, split, printable(class_parts[0]) if class_parts else ""))
+  labelled = not unlabelled and any(label for *_, label in found)
+  video_files = []
+  for path, source, split, label in found:
+    entry = VideoFile(path=os.fspath(path), source=source, split=split)
+    if labelled and label:
+      entry = dataclasses.replace(entry, labels=(label,))
+    elif labelled:
+      entry = dataclasses.replace(
+        entry,
+        skip_reason="not inside a class folder",
+        skip_detail=f"expected SPLIT/CLASS/{source.rsplit('/', 1)[-1]}",
+      )
+    video_files.append(entry)
+  label_names = sorted({label for *_, label in found if label}) if labelled else []
+  return Listing(files=video_files, label_names=label_names, ignored=ignored)
 
 
 def _walk_files(folder: epath.Path) -> Iterator[epath.Path]:
@@ -181,8 +264,18 @@ def _walk_files(folder: epath.Path) -> Iterator[epath.Path]:
       yield path
 
 
-def _hash_assign(source: str, fractions: Mapping[str, float]) -> str:
-  position = _hash_fraction(source)
+def check_hash_split(hash_split: Mapping[str, float]) -> None:
+  """Refuses fractions that are not of known splits or do not sum to 1."""
+  unknown = set(hash_split) - set(SPLITS)
+  if unknown or abs(sum(hash_split.values()) - 1.0) > 1e-6 or min(hash_split.values()) < 0:
+    raise ValueError(
+      f"hash_split must map some of {SPLITS} to fractions summing to 1, got {dict(hash_split)}."
+    )
+
+
+def hash_assign(source: str, fractions: Mapping[str, float]) -> str:
+  """The split of `fractions` (split name -> fraction) that `source`'s hash falls in."""
+  position = hash_fraction(source)
   cumulative = 0.0
   for split in SPLITS:
     cumulative += fractions.get(split, 0.0)
@@ -204,12 +297,10 @@ def stored_audio(waveform: np.ndarray | None, num_samples: int) -> np.ndarray:
 def _decode_file(
   task: tuple[VideoFile, StorageSpec, spectrogram.MelSettings | None, str],
 ) -> FileOutcome:
-  """Decodes one file and spills its clips (runs in a worker process)."""
+  """Decodes one entry and spills its clips (runs in a worker process)."""
   file, storage, mel, spill_dir = task
-  outcome = FileOutcome(file=file)
-  if not file.label:
-    outcome.skip_reason = "not inside a class folder"
-    outcome.skip_detail = f"expected SPLIT/CLASS/{os.path.basename(file.source)}"
+  outcome = FileOutcome(file=file, skip_reason=file.skip_reason, skip_detail=file.skip_detail)
+  if file.skip_reason:
     return outcome
   try:
     video = video_io.decode_video(
@@ -219,6 +310,16 @@ def _decode_file(
       sample_rate=storage.sample_rate,
       require_audio=not storage.keep_audioless,
     )
+    offset = 0.0
+    if file.segment is not None:
+      start, end = file.segment
+      if end > video.duration + 1e-6:
+        outcome.cut_detail = (
+          f"the segment [{start:g}, {end:g}) s ends after the usable {video.duration:.2f} s; "
+          f"cut to [{start:g}, {video.duration:.2f})"
+        )
+      offset = video_io.cut_offset(video, start) / video.fps
+      video = video_io.cut(video, start, end, file.path)
     clips = list(video_io.iter_clips(video, storage.clip_seconds, storage.stride_seconds))
     if not clips:
       raise video_io.TooShortError(
@@ -229,22 +330,24 @@ def _decode_file(
   except video_io.VideoReadError as error:
     outcome.skip_reason = error.reason
     outcome.skip_detail = error.detail
+    outcome.cut_detail = ""
     return outcome
   outcome.num_clips = len(clips)
   outcome.seconds = video.duration
   outcome.truncation_detail = video.truncation_detail
-  has_audio = video.audio is not None
+  outcome.has_audio = video.audio is not None
   audio = np.stack([stored_audio(clip.audio, storage.samples_per_clip) for clip in clips])
   frames = np.stack([clip.frames for clip in clips])
   if mel is not None:  # train split: accumulate normalisation statistics
     outcome.stats = normalization.StatsAccumulator(mel)
     for clip_frames, clip_audio in zip(frames, audio):
       waveform = None
-      if has_audio:
+      if outcome.has_audio:
         waveform = normalization.waveform_at_rate(clip_audio, storage.sample_rate, mel.sample_rate)
       outcome.stats.add(clip_frames, waveform)
-  spill_name = hashlib.sha256(os.fsencode(file.path)).hexdigest()
-  outcome.spill_path = os.path.join(spill_dir, f"{spill_name}.npz")
+  # A file's segments (rows of a list) are entries of their own: each needs its own name.
+  key = os.fsencode(file.path) + (repr(file.segment).encode() if file.segment else b"")
+  outcome.spill_path = os.path.join(spill_dir, f"{hashlib.sha256(key).hexdigest()}.npz")
   with (
     files.replacing(outcome.spill_path, kind="prepare-spill", durable=False) as temporary,
     temporary.open("wb") as f,
@@ -253,15 +356,19 @@ def _decode_file(
       f,
       frames=frames,
       audio=audio,
-      starts=np.array([clip.start for clip in clips]),
-      has_audio=has_audio,
+      starts=np.array([offset + clip.start for clip in clips]),
+      has_audio=outcome.has_audio,
     )
   return outcome
 
 
 @dataclasses.dataclass
 class PrepareSummary:
-  """Counts of one preparation; `found == good + skipped` always."""
+  """Counts of one preparation; `found == good + len(skipped)` always.
+
+  `found` counts a folder's video files (kind 'folder') or a list's rows (kind 'list');
+  skipped entries are named (a list row by `FILE:LINE` and its file) with their reason.
+  """
 
   found: int = 0
   good: int = 0
@@ -271,6 +378,9 @@ class PrepareSummary:
   skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
   truncated: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   empty_splits: list[str] = dataclasses.field(default_factory=list)
+  kind: str = "folder"
+  audioless_clips: dict[str, int] = dataclasses.field(default_factory=dict)
+  cut_short: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
   @property
   def skipped_by_reason(self) -> dict[str, int]:
@@ -281,21 +391,22 @@ class PrepareSummary:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> PrepareSummary:
-    return cls(
-      **{
-        **values,
-        "skipped": [tuple(x) for x in values["skipped"]],
-        "truncated": [tuple(x) for x in values["truncated"]],
-      }
-    )
+    """Also reads a summary of format 1, which lacks the later keys."""
+    pairs = {key: [tuple(x) for x in values.get(key, ())] for key in ("truncated", "cut_short")}
+    return cls(**{**values, "skipped": [tuple(x) for x in values["skipped"]], **pairs})
 
   def format(self, max_listed: int = 20) -> str:
     """A human-readable report."""
+    counted = "Rows listed" if self.kind == "list" else "Video files found"
     lines = [
-      f"Video files found: {self.found} = {self.good} used + {len(self.skipped)} skipped"
+      f"{counted}: {self.found} = {self.good} used + {len(self.skipped)} skipped"
       f" ({self.hours:.3f} hours of usable video)."
     ]
     lines += [f"  clips written to {split}: {count}" for split, count in self.clips.items()]
+    lines += [
+      f"  {split}: {count} of the clips have no audio (kept, marked audioless)"
+      for split, count in self.audioless_clips.items()
+    ]
     lines += [
       f"  split {split}: every file was skipped, split not written" for split in self.empty_splits
     ]
@@ -310,9 +421,13 @@ class PrepareSummary:
       lines.append(f"    {source}: {reason}: {detail}")
     if len(self.skipped) > max_listed:
       lines.append(f"    ... and {len(self.skipped) - max_listed} more")
-    if self.truncated:
-      lines.append(f"  truncated, kept the clips of their decodable part: {len(self.truncated)}")
-      lines += [f"    {source}: {detail}" for source, detail in self.truncated[:max_listed]]
+    for title, entries in (
+      ("truncated, kept the clips of their decodable part", self.truncated),
+      ("segments ending past their file's end, cut to it", self.cut_short),
+    ):
+      if entries:
+        lines.append(f"  {title}: {len(entries)}")
+        lines += [f"    {source}: {detail}" for source, detail in entries[:max_listed]]
     return "\n".join(lines)
 
 
@@ -351,6 +466,7 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
           "source": tfds.features.Text(),
           "start": tfds.features.Scalar(dtype=np.float32),
           "label": tfds.features.ClassLabel(names=self._label_names),
+          "labels": tfds.features.Tensor(shape=(None,), dtype=np.int32),
           "has_audio": tfds.features.Scalar(dtype=np.bool_),
           "frames": tfds.features.Tensor(
             shape=(None, None, None, 3), dtype=np.uint8, encoding="bytes"
@@ -369,9 +485,11 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     return {split: self._generate_examples(split) for split in splits}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    index = {name: i for i, name in enumerate(self._label_names)}
     for outcome in self._outcomes:
       if outcome.file.split != split or not outcome.num_clips:
         continue
+      labels = np.array(sorted(index[label] for label in outcome.file.labels), np.int32)
       with np.load(outcome.spill_path) as spilled:
         has_audio = bool(spilled["has_audio"])
         for frames, audio, start in zip(spilled["frames"], spilled["audio"], spilled["starts"]):
@@ -386,7 +504,8 @@ class _ClipFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
               "id": example_id,
               "source": outcome.file.source,
               "start": start,
-              "label": outcome.file.label,
+              "label": int(labels[0]) if len(labels) == 1 else -1,
+              "labels": labels,
               "has_audio": has_audio,
               "frames": frames,
               "audio": audio,
@@ -455,24 +574,44 @@ def decode_all(
     return [counted(outcome) for outcome in pool.imap(_decode_file, tasks)]
 
 
-def summarize(outcomes: Sequence[FileOutcome], ignored: int) -> PrepareSummary:
-  summary = PrepareSummary(found=len(outcomes), ignored_non_video=ignored)
+def summarize(outcomes: Sequence[FileOutcome], *, ignored: int, kind: str) -> PrepareSummary:
+  """The counts of a preparation's outcomes (every entry of a listing of `kind`)."""
+  summary = PrepareSummary(found=len(outcomes), ignored_non_video=ignored, kind=kind)
   for outcome in outcomes:
+    name = entry_name(outcome.file)
     if outcome.skip_reason:
-      summary.skipped.append((outcome.file.source, outcome.skip_reason, outcome.skip_detail))
+      summary.skipped.append((name, outcome.skip_reason, outcome.skip_detail))
       continue
     summary.good += 1
     summary.hours += outcome.seconds / 3600
     split = outcome.file.split
     summary.clips[split] = summary.clips.get(split, 0) + outcome.num_clips
+    if not outcome.has_audio:
+      summary.audioless_clips[split] = summary.audioless_clips.get(split, 0) + outcome.num_clips
     if outcome.truncation_detail:
-      summary.truncated.append((outcome.file.source, outcome.truncation_detail))
+      summary.truncated.append((name, outcome.truncation_detail))
+    if outcome.cut_detail:
+      summary.cut_short.append((name, outcome.cut_detail))
   found_splits = {outcome.file.split for outcome in outcomes}
   summary.empty_splits = [
     split for split in SPLITS if split in found_splits and split not in summary.clips
   ]
-  summary.clips = {split: summary.clips[split] for split in SPLITS if split in summary.clips}
+  in_order = lambda counts: {split: counts[split] for split in SPLITS if split in counts}
+  summary.clips = in_order(summary.clips)
+  summary.audioless_clips = in_order(summary.audioless_clips)
   return summary
+
+
+def entry_name(file: VideoFile) -> str:
+  """How summaries name an entry: its source; a list row as `FILE:LINE (source)`."""
+  return f"{file.row} ({file.source})" if file.row else file.source
+
+
+def describe_labels(label_names: Sequence[str], multi_label: bool) -> str:
+  """'3 classes', '527 classes, several per clip' or 'no labels (unlabelled)'."""
+  if not label_names:
+    return "no labels (unlabelled)"
+  return f"{len(label_names)} classes" + (", several per clip" if multi_label else "")
 
 
 def prepare(
@@ -483,6 +622,8 @@ def prepare(
   storage: StorageSpec = StorageSpec(),
   mel: spectrogram.MelSettings,
   hash_split: Mapping[str, float] | None = None,
+  unlabelled: bool = False,
+  listing: Listing | None = None,
   num_workers: int = 0,
   progress: bool = True,
   log=print,
@@ -496,7 +637,9 @@ def prepare(
     storage: clip windows and storage format.
     mel: log-mel settings the stored log-mel statistics are computed with (the pipeline
       recomputes them from the data if it is configured otherwise).
-    hash_split: see `scan_video_dir`.
+    hash_split, unlabelled: see `scan_video_dir`.
+    listing: what to prepare (e.g. `annotations.read_lists`' rows of files under
+      `video_dir`); default: `scan_video_dir(video_dir, hash_split, unlabelled=...)`.
     num_workers: decoding processes (0: one per CPU core; 1: in this process).
     progress: show the stage's progress line (`console.Stage`).
     log: where the summary and notices go.
@@ -506,42 +649,47 @@ def prepare(
 
   Raises:
     FileNotFoundError: the video folder or its split folders are missing.
-    ValueError: bad arguments, or no file gave a single clip.
+    ValueError: bad arguments, or no entry gave a single clip.
   """
   check_name(name)
   target = dataset_dir(data_dir, name)
   if is_prepared(target):
     log(f"Dataset {name} is already prepared at {target}; nothing to do.")
     return target
-  video_files, label_names, ignored = scan_video_dir(video_dir, hash_split)
-  if not label_names:
-    raise ValueError(
-      f"No video file inside a class folder under {video_dir} (expected "
-      f"SPLIT/CLASS/file{VIDEO_EXTENSIONS[0]})."
-    )
+  listing = listing or scan_video_dir(video_dir, hash_split, unlabelled=unlabelled)
+  check_listing(listing, video_dir)
   num_workers = num_workers or os.cpu_count() or 1
   with (
     tempfile.TemporaryDirectory(prefix="cmvt_prepare_") as spill_dir,
-    console.Stage("prepare", len(video_files), "videos", enabled=progress) as stage,
+    console.Stage("prepare", len(listing.files), "videos", enabled=progress) as stage,
   ):
     outcomes = decode_all(
-      video_files, storage, mel, spill_dir, num_workers=num_workers, stage=stage
+      listing.files, storage, mel, spill_dir, num_workers=num_workers, stage=stage
     )
-    summary = summarize(outcomes, ignored)
+    summary = summarize(outcomes, ignored=listing.ignored, kind=listing.kind)
     if not summary.clips:
       raise ValueError(f"No usable clip in {video_dir}:\n{summary.format()}")
     write_dataset(
       name,
       data_dir,
       outcomes,
-      label_names,
-      dataset_metadata(summary, outcomes, storage, mel),
+      listing.label_names,
+      dataset_metadata(summary, outcomes, storage, mel, multi_label=listing.multi_label),
       scratch_dir=spill_dir,
       stage=stage,
     )
     stage.finish(note=f"{sum(summary.clips.values())} clips in {target}")
-  log(f"Prepared dataset {name} at {target}\n{summary.format()}")
+  labels = describe_labels(listing.label_names, listing.multi_label)
+  log(f"Prepared dataset {name} at {target} ({labels})\n{summary.format()}")
   return target
+
+
+def check_listing(listing: Listing, video_dir: epath.PathLike) -> None:
+  """Refuses a listing with nothing in it to decode."""
+  if all(file.skip_reason for file in listing.files):
+    raise ValueError(
+      f"Nothing to prepare under {video_dir}: no video file ({', '.join(VIDEO_EXTENSIONS)})."
+    )
 
 
 def dataset_metadata(
@@ -549,12 +697,18 @@ def dataset_metadata(
   outcomes: Sequence[FileOutcome],
   storage: StorageSpec,
   mel: spectrogram.MelSettings,
+  *,
+  multi_label: bool,
 ) -> dict[str, Any]:
-  """The dataset's metadata.json: storage, the summary, the train split's statistics.
+  """The dataset's metadata.json: format, storage, the summary, the train split's statistics.
 
   The statistics are merged in `outcomes` order, so the same outcomes give the same bits.
   """
-  metadata = {STORAGE_KEY: dataclasses.asdict(storage), SUMMARY_KEY: summary.to_dict()}
+  metadata = {
+    FORMAT_KEY: {"version": FORMAT_VERSION, "multi_label": multi_label},
+    STORAGE_KEY: dataclasses.asdict(storage),
+    SUMMARY_KEY: summary.to_dict(),
+  }
   train_stats = [outcome.stats for outcome in outcomes if outcome.stats is not None]
   if train_stats:
     accumulator = normalization.StatsAccumulator(mel)

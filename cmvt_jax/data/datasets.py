@@ -7,6 +7,12 @@
     gives a new hash and so a new dataset; an unchanged one is reused.
   * any other name: `DATA_DIR/NAME/VERSION/` written by `python -m cmvt_jax.prepare`.
 DATA_DIR is `dataset.data_dir`, or the cache folder `default_data_dir()` when unset.
+
+`open_mixture` opens the datasets of `dataset.mixture` (training draws from them by weight);
+`mixture_stats` gives the normalisation statistics of that mixture.
+
+Datasets of every format version `prepare` has written are read (`dataset_writer`'s
+docstring); a newer one is refused with what to do.
 """
 
 from __future__ import annotations
@@ -58,11 +64,13 @@ class PreparedDataset:
 
   Attributes:
     directory: `DATA_DIR/NAME/VERSION`.
-    label_names: class names; label i is `label_names[i]`.
+    label_names: class names; label i is `label_names[i]`; () when unlabelled.
     num_examples: clips per split.
     storage: how its clips were cut and stored.
     stored_stats: normalisation statistics of its train split (None without a train split).
     summary: the preparation's report.
+    format_version: the layout it was written in (`dataset_writer.FORMAT_VERSION` now).
+    multi_label: a clip may have several labels (then `labels` carries them all).
   """
 
   directory: epath.Path
@@ -71,6 +79,23 @@ class PreparedDataset:
   storage: dataset_writer.StorageSpec
   stored_stats: normalization.NormalizationStats | None
   summary: dataset_writer.PrepareSummary
+  format_version: int = dataset_writer.FORMAT_VERSION
+  multi_label: bool = False
+
+  @property
+  def labelled(self) -> bool:
+    """Whether its clips carry classes to evaluate (two or more of them)."""
+    return len(self.label_names) > 1
+
+  @property
+  def multi_hot_classes(self) -> int:
+    """C for multi-label data (the pipeline's `labels` `[B, C]`), else 0."""
+    return len(self.label_names) if self.multi_label else 0
+
+  def audio_fraction(self, split: str) -> float:
+    """The fraction of `split`'s clips that have audio."""
+    clips = self.summary.clips.get(split, 0)
+    return 1.0 - self.summary.audioless_clips.get(split, 0) / clips if clips else 0.0
 
   def source(self, split: str) -> Sequence[dict[str, Any]]:
     """Random-access source of `split` for grain (pickles into worker processes).
@@ -121,6 +146,14 @@ def open_prepared(directory: epath.PathLike) -> PreparedDataset:
       f"{directory} is a TFDS dataset but was not written by cmvt_jax.prepare "
       f"(its metadata.json has no {dataset_writer.STORAGE_KEY!r})."
     )
+  # Format 1 had no format record: single-label clips, no `labels` feature.
+  layout = metadata.get(dataset_writer.FORMAT_KEY, {"version": 1, "multi_label": False})
+  if layout["version"] > dataset_writer.FORMAT_VERSION:
+    raise ValueError(
+      f"{directory} was written by a newer cmvt_jax (dataset format {layout['version']}; this "
+      f"one reads up to {dataset_writer.FORMAT_VERSION}): upgrade cmvt_jax, or prepare it "
+      "again with this one (python -m cmvt_jax.prepare ... into another --data_dir)."
+    )
   stats = metadata.get(dataset_writer.NORMALIZATION_KEY)
   return PreparedDataset(
     directory=directory,
@@ -129,6 +162,8 @@ def open_prepared(directory: epath.PathLike) -> PreparedDataset:
     storage=dataset_writer.StorageSpec(**metadata[dataset_writer.STORAGE_KEY]),
     stored_stats=normalization.NormalizationStats.from_dict(stats) if stats else None,
     summary=dataset_writer.PrepareSummary.from_dict(metadata[dataset_writer.SUMMARY_KEY]),
+    format_version=int(layout["version"]),
+    multi_label=bool(layout["multi_label"]),
   )
 
 
@@ -198,10 +233,20 @@ def ensure_synthetic_dataset(
 
 
 def open_from_config(
-  dataset_config, input_config, *, process_index: int = 0, log: Callable[[str], None] = print
+  dataset_config,
+  input_config,
+  *,
+  process_index: int = 0,
+  log: Callable[[str], None] = print,
+  name: str | None = None,
 ) -> PreparedDataset:
-  """The dataset the config names (see module docstring), made first when synthetic."""
-  if dataset_config.name == SYNTHETIC_NAME:
+  """The dataset the config names (see module docstring), made first when synthetic.
+
+  `name`: another dataset of the same data folder (a mixture's component) instead of
+  `dataset.name`.
+  """
+  name = name or dataset_config.name
+  if name == SYNTHETIC_NAME:
     directory = ensure_synthetic_dataset(
       dataset_config,
       spectrogram.MelSettings.from_config(input_config),
@@ -209,7 +254,62 @@ def open_from_config(
       log=log,
     )
   else:
-    directory = dataset_writer.dataset_dir(
-      dataset_config.data_dir or default_data_dir(), dataset_config.name
-    )
+    directory = dataset_writer.dataset_dir(dataset_config.data_dir or default_data_dir(), name)
   return open_prepared(directory)
+
+
+def mixture_weights(dataset_config) -> list[tuple[str, float]]:
+  """`dataset.mixture` checked: (name, weight) pairs, names distinct, weights positive."""
+  pairs = []
+  for entry in dataset_config.mixture:
+    if (
+      not isinstance(entry, (tuple, list))
+      or len(entry) != 2
+      or not isinstance(entry[0], str)
+      or isinstance(entry[1], bool)
+      or not isinstance(entry[1], (int, float))
+      or entry[1] <= 0
+    ):
+      raise ValueError(
+        f"dataset.mixture entry {entry!r} is not (NAME, WEIGHT) with a positive weight; e.g. "
+        "--config.dataset.mixture=\"(('vggsound', 0.7), ('kinetics', 0.3))\"."
+      )
+    pairs.append((entry[0], float(entry[1])))
+  names = [name for name, _ in pairs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"dataset.mixture names a dataset twice: {names}.")
+  return pairs
+
+
+def open_mixture(
+  dataset_config, input_config, *, process_index: int = 0, log: Callable[[str], None] = print
+) -> list[tuple[PreparedDataset, float]]:
+  """The datasets of `dataset.mixture` (each under `dataset.data_dir`) with their weights."""
+  components = []
+  for name, weight in mixture_weights(dataset_config):
+    dataset = open_from_config(
+      dataset_config, input_config, process_index=process_index, log=log, name=name
+    )
+    if "train" not in dataset.num_examples:
+      raise ValueError(
+        f"Mixture component {name} at {dataset.directory} has no train split (it has "
+        f"{', '.join(dataset.num_examples)}): training draws from train splits."
+      )
+    components.append((dataset, weight))
+  return components
+
+
+def mixture_stats(
+  components: Sequence[tuple[PreparedDataset, float]],
+  mel: spectrogram.MelSettings,
+  log: Callable[[str], None] = print,
+) -> normalization.NormalizationStats:
+  """Normalisation statistics of the clips a mixture's train stream draws: each
+  component's statistics, weighted by its share of the stream (its audio by its share of
+  clips with audio; see `normalization.mixture`)."""
+  weights = [weight for _, weight in components]
+  return normalization.mixture(
+    [dataset.normalization_stats(mel, log=log) for dataset, _ in components],
+    weights,
+    [weight * dataset.audio_fraction("train") for dataset, weight in components],
+  )

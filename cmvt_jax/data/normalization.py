@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import librosa
@@ -122,6 +123,49 @@ class StatsAccumulator:
       audio_std=audio_std,
       mel=self.mel,
     )
+
+
+def mixture(
+  stats: Sequence[NormalizationStats],
+  video_weights: Sequence[float],
+  audio_weights: Sequence[float],
+) -> NormalizationStats:
+  """The statistics of a mixture of datasets, from each one's: the mean and standard
+  deviation of a mixture distribution, its first two moments being the weighted means of the
+  components' (`E[x²] = Σ wᵢ (σᵢ² + μᵢ²)`).
+
+  Args:
+    stats: each component's statistics (the same `mel` settings).
+    video_weights: each component's share of the mixture's clips.
+    audio_weights: each component's share of the mixture's clips with audio (its clip share
+      times the fraction of its clips that have audio).
+  """
+  if len({item.mel for item in stats}) != 1:
+    raise ValueError("Mixture components' statistics must share their log-mel settings.")
+
+  def moments(means, stds, weights):
+    weights = np.asarray(weights, np.float64) / np.sum(weights)
+    means, stds = np.asarray(means, np.float64), np.asarray(stds, np.float64)
+    mean = np.tensordot(weights, means, axes=1)
+    square = np.tensordot(weights, np.square(stds) + np.square(means), axes=1)
+    return mean, _std(square, mean)
+
+  video_mean, video_std = moments(
+    [item.video_mean for item in stats], [item.video_std for item in stats], video_weights
+  )
+  if sum(audio_weights) > 0:
+    audio_mean, audio_std = moments(
+      [item.audio_mean for item in stats], [item.audio_std for item in stats], audio_weights
+    )
+  else:  # no component has audio: normalising is then a no-op
+    audio_mean, audio_std = 0.0, 1.0
+  return NormalizationStats(
+    video_mean=tuple(float(x) for x in video_mean),
+    video_std=tuple(float(x) for x in video_std),
+    audio_mean=float(audio_mean),
+    audio_std=float(audio_std),
+    mel=stats[0].mel,
+  )
 
 
 def _std(mean_of_squares, mean):

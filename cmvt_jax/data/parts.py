@@ -1,11 +1,11 @@
 """Preparing one dataset on many machines: each worker writes a part, one merge joins them.
 
   worker i of N:  prepare_part(..., worker_index=i, num_workers=N)
-      scans the whole video folder (a listing, the same on every worker), decodes files
-      i, i + N, i + 2N, ... of it, lets TFDS write their clips as ArrayRecord shards in a
-      local scratch folder, and copies them to `DATA_DIR/NAME/VERSION.parts/worker-I-of-N/`
-      with `outcomes.json` (every file's outcome and statistics sums) written last, which
-      marks the part complete.
+      lists the whole video folder or reads the whole annotation list (the same entries on
+      every worker), decodes entries i, i + N, i + 2N, ... of it, lets TFDS write their
+      clips as ArrayRecord shards in a local scratch folder, and copies them to
+      `DATA_DIR/NAME/VERSION.parts/worker-I-of-N/` with `outcomes.json` (every entry's
+      outcome and statistics sums) written last, which marks the part complete.
   then, once:     merge_parts(data_dir, name, num_workers=N)
       moves every part's shards into `DATA_DIR/NAME/VERSION/` under the dataset's own shard
       names, writes one `dataset_info.json` that lists them all, and the metadata (summary,
@@ -79,6 +79,8 @@ def prepare_part(
   storage: dataset_writer.StorageSpec = dataset_writer.StorageSpec(),
   mel: spectrogram.MelSettings,
   hash_split: Mapping[str, float] | None = None,
+  unlabelled: bool = False,
+  listing: dataset_writer.Listing | None = None,
   processes: int = 0,
   progress: bool = True,
   log: Callable[[str], None] = print,
@@ -92,7 +94,8 @@ def prepare_part(
     name: the dataset name.
     worker_index: this worker, in [0, num_workers).
     num_workers: how many workers share the files.
-    storage, mel, hash_split: as for `dataset_writer.prepare` (the same on every worker).
+    storage, mel, hash_split, unlabelled, listing: as for `dataset_writer.prepare` (the
+      same on every worker: each reads the whole folder or list and takes its share).
     processes: decoding processes on this machine (0: one per CPU core).
     progress: show the stage's progress line (`console.Stage`).
     log: where notices go.
@@ -109,12 +112,9 @@ def prepare_part(
   if (part / OUTCOMES_FILE).exists():
     log(f"Part {part} is already complete; nothing to do.")
     return part
-  video_files, label_names, ignored = dataset_writer.scan_video_dir(video_dir, hash_split)
-  if not label_names:
-    raise ValueError(
-      f"No video file inside a class folder under {video_dir} (expected "
-      f"SPLIT/CLASS/file{dataset_writer.VIDEO_EXTENSIONS[0]})."
-    )
+  listing = listing or dataset_writer.scan_video_dir(video_dir, hash_split, unlabelled=unlabelled)
+  dataset_writer.check_listing(listing, video_dir)
+  video_files = listing.files
   indices = list(range(worker_index, len(video_files), num_workers))
   log(
     f"Worker {worker_index} of {num_workers}: decoding {len(indices)} of the "
@@ -141,7 +141,7 @@ def prepare_part(
         name,
         local_data,
         outcomes,
-        label_names,
+        listing.label_names,
         {dataset_writer.STORAGE_KEY: dataclasses.asdict(storage)},
         scratch_dir=scratch,
         stage=stage,
@@ -150,9 +150,12 @@ def prepare_part(
   record = {
     "worker_index": worker_index,
     "num_workers": num_workers,
+    "format_version": dataset_writer.FORMAT_VERSION,
     "num_files": len(video_files),
-    "ignored_non_video": ignored,
-    "label_names": label_names,
+    "ignored_non_video": listing.ignored,
+    "label_names": listing.label_names,
+    "multi_label": listing.multi_label,
+    "kind": listing.kind,
     "storage": dataclasses.asdict(storage),
     "mel": dataclasses.asdict(mel),
     "outcomes": [_outcome_record(index, outcome) for index, outcome in zip(indices, outcomes)],
@@ -189,15 +192,18 @@ def merge_parts(
       f"{num_workers} --worker_index I` for each of them, then merge again."
     )
   records = [json.loads((part / OUTCOMES_FILE).read_text()) for part in parts]
+  _check_format(records, parts, data_dir, name, num_workers)
   mel = spectrogram.MelSettings(**records[0]["mel"])
   storage = dataset_writer.StorageSpec(**records[0]["storage"])
   outcomes, ignored = _joined_outcomes(records, mel, parts)
-  summary = dataset_writer.summarize(outcomes, ignored)
+  summary = dataset_writer.summarize(outcomes, ignored=ignored, kind=records[0]["kind"])
   if not summary.clips:
     raise ValueError(
       f"No usable clip in any part under {parts_dir(data_dir, name)}:\n{summary.format()}"
     )
-  metadata = dataset_writer.dataset_metadata(summary, outcomes, storage, mel)
+  metadata = dataset_writer.dataset_metadata(
+    summary, outcomes, storage, mel, multi_label=records[0]["multi_label"]
+  )
   written = [part for part in parts if (part / dataset_writer.INFO_FILE).exists()]
   infos = [tfds.builder_from_directory(os.fspath(part)).info for part in written]
   target.mkdir(parents=True, exist_ok=True)
@@ -216,17 +222,46 @@ def merge_parts(
   return target
 
 
+# What every part of one dataset must agree on.
+_SHARED_KEYS = (
+  "num_workers",
+  "num_files",
+  "ignored_non_video",
+  "label_names",
+  "multi_label",
+  "kind",
+  "storage",
+  "mel",
+)
+
+
+def _check_format(
+  records: Sequence[dict[str, Any]],
+  parts: Sequence[epath.Path],
+  data_dir: epath.PathLike,
+  name: str,
+  num_workers: int,
+) -> None:
+  """Refuses parts written by another version of prepare, saying what to run again."""
+  for part, record in zip(parts, records):
+    version = record.get("format_version", 1)
+    if version != dataset_writer.FORMAT_VERSION:
+      raise ValueError(
+        f"Part {part} was written by a version of cmvt_jax.prepare with dataset format "
+        f"{version}; this one writes format {dataset_writer.FORMAT_VERSION}, and parts of "
+        f"different formats cannot be merged. Delete {parts_dir(data_dir, name)}, run every "
+        f"worker again (python -m cmvt_jax.prepare ... --num_workers {num_workers} "
+        "--worker_index I), then merge."
+      )
+
+
 def _joined_outcomes(
   records: Sequence[dict[str, Any]], mel: spectrogram.MelSettings, parts: Sequence[epath.Path]
 ) -> tuple[list[dataset_writer.FileOutcome], int]:
   """Every file's outcome in the folder's order, checking that the parts belong together."""
   first = records[0]
   for part, record in zip(parts, records):
-    differ = [
-      key
-      for key in ("num_workers", "num_files", "ignored_non_video", "label_names", "storage", "mel")
-      if record[key] != first[key]
-    ]
+    differ = [key for key in _SHARED_KEYS if record[key] != first[key]]
     if differ:
       raise ValueError(
         f"Part {part} differs from {parts[0]} in {', '.join(differ)}: the workers saw "
@@ -319,6 +354,8 @@ def _outcome_record(index: int, outcome: dataset_writer.FileOutcome) -> dict[str
     "skip_reason": outcome.skip_reason,
     "skip_detail": outcome.skip_detail,
     "truncation_detail": outcome.truncation_detail,
+    "cut_detail": outcome.cut_detail,
+    "has_audio": outcome.has_audio,
     "stats": stats,
   }
 
@@ -339,11 +376,13 @@ def _outcome_from_record(
       mel_square_sum=values["mel_square_sum"],
     )
   return dataset_writer.FileOutcome(
-    file=dataset_writer.VideoFile(**item["file"]),
+    file=dataset_writer.VideoFile.from_dict(item["file"]),
     num_clips=item["num_clips"],
     seconds=item["seconds"],
     skip_reason=item["skip_reason"],
     skip_detail=item["skip_detail"],
     truncation_detail=item["truncation_detail"],
+    cut_detail=item["cut_detail"],
+    has_audio=item["has_audio"],
     stats=stats,
   )

@@ -5,7 +5,11 @@ Batches are dicts of numpy arrays (B = per-host batch size):
   video        float32 `[B, num_frames, frame_size, frame_size, 3]`, normalised
   audio        float32 `[B, audio_frames, n_mels]`, normalised log-mel, audio_frames =
                round(num_frames / fps * sample_rate) // hop_length
-  label        int32 `[B]` (-1 on padding rows)
+  label        int32 `[B]`: the clip's class, -1 when it has none or several (and on
+               padding rows)
+  labels       uint8 `[B, C]` multi-hot, only when the pipeline is given
+               `multi_hot_classes=C` (multi-label data)
+  has_audio    bool `[B]`: False for a clip kept without audio (and on padding rows)
   mask         bool `[B]`: False on eval padding rows (always True in training)
   video_view2, audio_view2   with `two_views`: a second, independently augmented view
   id, source   str `[B]`, start float32 `[B]` (eval only; host-side metadata)
@@ -17,6 +21,12 @@ epoch), repeated, augmented with a generator seeded by the element's position in
 stream, then host p takes positions p, p + P, p + 2P, ... and batches them. So global batch b
 is stream positions [b * global_batch, (b + 1) * global_batch) whatever the number of hosts,
 and `start_step` rebuilds any position without replaying the stream.
+
+A mixture (`mixture_train_dataset`) builds that stream per component (its own source,
+storage rates and preprocessor, shuffle and augmentation seeds `seed + i`) and interleaves
+them with grain's `MapDataset.mix` by weight before the host split: still a `MapDataset`,
+so the position is still rebuilt from step × global batch and the iterator still saves its
+state. A mixture of one component is the single dataset's stream.
 """
 
 from __future__ import annotations
@@ -264,18 +274,36 @@ class Preprocessor:
     return video
 
 
+def stored_labels(element: dict[str, Any]) -> np.ndarray:
+  """Every class of a stored example, int32 `[L]` (a dataset of format 1 has only `label`)."""
+  if "labels" in element:
+    return np.asarray(element["labels"], np.int32)
+  label = int(element["label"])
+  return np.array([label] if label >= 0 else [], np.int32)
+
+
+def label_fields(element: dict[str, Any], multi_hot_classes: int) -> dict[str, np.ndarray]:
+  """A stored example's `label`, `has_audio` and (`multi_hot_classes` > 0) `labels` fields."""
+  fields = {"label": np.int32(element["label"]), "has_audio": np.bool_(element["has_audio"])}
+  if multi_hot_classes:
+    fields["labels"] = np.zeros(multi_hot_classes, np.uint8)
+    fields["labels"][stored_labels(element)] = 1
+  return fields
+
+
 class _TrainTransform(grain.transforms.RandomMap):
   """Stored example -> augmented training element (one or two views)."""
 
-  def __init__(self, preprocessor: Preprocessor):
+  def __init__(self, preprocessor: Preprocessor, multi_hot_classes: int):
     self._preprocessor = preprocessor
+    self._multi_hot_classes = multi_hot_classes
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     view = self._preprocessor(element["frames"], element["audio"], rng)
     output = {
       "video": view["video"],
       "audio": view["audio"],
-      "label": np.int32(element["label"]),
+      **label_fields(element, self._multi_hot_classes),
       "mask": np.bool_(True),
     }
     if self._preprocessor.spec.two_views:
@@ -331,39 +359,73 @@ def _check_shard(batch_size: int, process_index: int, process_count: int) -> Non
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
 
 
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """One dataset of a training mixture: its train source, preprocessor and weight."""
+
+  source: Sequence[dict[str, Any]]
+  preprocessor: Preprocessor
+  weight: float = 1.0
+
+
 def train_dataset(
-  source: Sequence[dict[str, Any]],
-  preprocessor: Preprocessor,
+  source: Sequence[dict[str, Any]], preprocessor: Preprocessor, **kwargs
+) -> grain.IterDataset:
+  """The endless training stream of one dataset (`mixture_train_dataset` of one component).
+
+  Args:
+    source: a random-access source of stored examples (`PreparedDataset.source('train')`).
+    preprocessor: turns stored clips into augmented model inputs.
+    **kwargs: as for `mixture_train_dataset`.
+  """
+  return mixture_train_dataset([Component(source, preprocessor)], **kwargs)
+
+
+def mixture_train_dataset(
+  components: Sequence[Component],
   *,
   batch_size: int,
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
   start_step: int = 0,
+  multi_hot_classes: int = 0,
 ) -> grain.IterDataset:
   """The endless training stream of this host (see module docstring for the order).
 
   Args:
-    source: a random-access source of stored examples (`PreparedDataset.source('train')`).
-    preprocessor: turns stored clips into augmented model inputs.
+    components: the datasets drawn from, each with its own preprocessor (storage rates) and
+      its weight (its share of the stream; one component: all of it).
     batch_size: this host's batch size (global batch / process_count).
     seed: shuffling and augmentation seed.
     process_index: this host's index.
     process_count: number of hosts.
     start_step: the first global batch to yield (to resume without a saved iterator state,
       e.g. after a change of host count).
+    multi_hot_classes: C > 0 adds `labels` `[B, C]` (multi-label data).
 
   Returns:
     An IterDataset whose iterators support `get_state()` / `set_state()`.
   """
   _check_shard(batch_size, process_index, process_count)
-  if len(source) == 0:
-    raise ValueError("The training source is empty.")
-  dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  dataset = dataset.random_map(_TrainTransform(preprocessor), seed=seed)
+  streams = []
+  for index, component in enumerate(components):
+    if len(component.source) == 0:
+      raise ValueError(f"The training source of mixture component {index} is empty.")
+    if component.weight <= 0:
+      raise ValueError(
+        f"Mixture weights must be positive; component {index} has {component.weight}."
+      )
+    stream = grain.MapDataset.source(component.source).shuffle(seed=seed + index).repeat()
+    transform = _TrainTransform(component.preprocessor, multi_hot_classes)
+    streams.append(stream.random_map(transform, seed=seed + index))
+  if len(streams) == 1:
+    dataset = streams[0]
+  else:
+    dataset = grain.MapDataset.mix(streams, [component.weight for component in components])
   dataset = dataset[process_index::process_count].batch(batch_size, drop_remainder=True)
   dataset = dataset[start_step:]
-  spec = preprocessor.spec
+  spec = components[0].preprocessor.spec
   return _with_workers(dataset.to_iter_dataset(_read_options(spec)), spec, spec.num_workers)
 
 
@@ -394,17 +456,19 @@ class _PaddedShard:
 class _EvalTransform(grain.transforms.Map):
   """Stored example (or `_PADDING`) -> deterministic eval element with metadata."""
 
-  def __init__(self, preprocessor: Preprocessor):
+  def __init__(self, preprocessor: Preprocessor, multi_hot_classes: int):
     self._preprocessor = preprocessor
+    self._multi_hot_classes = multi_hot_classes
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     if "padding" in element:
-      return {key: value[0] for key, value in padding_rows(self._preprocessor.spec, 1).items()}
+      padding = padding_rows(self._preprocessor.spec, 1, self._multi_hot_classes)
+      return {key: value[0] for key, value in padding.items()}
     view = self._preprocessor(element["frames"], element["audio"])
     return {
       "video": view["video"],
       "audio": view["audio"],
-      "label": np.int32(element["label"]),
+      **label_fields(element, self._multi_hot_classes),
       "mask": np.bool_(True),
       "id": np.str_(text(element["id"])),
       "source": np.str_(text(element["source"])),
@@ -412,17 +476,21 @@ class _EvalTransform(grain.transforms.Map):
     }
 
 
-def padding_rows(spec: InputSpec, rows: int) -> dict[str, np.ndarray]:
+def padding_rows(spec: InputSpec, rows: int, multi_hot_classes: int = 0) -> dict[str, np.ndarray]:
   """`rows` eval rows that count for nothing: zeros, `mask` False, label -1, empty id."""
-  return {
+  padding = {
     "video": np.zeros((rows, spec.num_frames, spec.frame_size, spec.frame_size, 3), np.float32),
     "audio": np.zeros((rows, spec.audio_frames, spec.mel.n_mels), np.float32),
     "label": np.full(rows, -1, np.int32),
+    "has_audio": np.zeros(rows, bool),
     "mask": np.zeros(rows, bool),
     "id": np.full(rows, "", dtype=np.str_),
     "source": np.full(rows, "", dtype=np.str_),
     "start": np.zeros(rows, np.float32),
   }
+  if multi_hot_classes:
+    padding["labels"] = np.zeros((rows, multi_hot_classes), np.uint8)
+  return padding
 
 
 def text(value: bytes | str) -> str:
@@ -437,17 +505,18 @@ def eval_dataset(
   batch_size: int,
   process_index: int = 0,
   process_count: int = 1,
+  multi_hot_classes: int = 0,
 ) -> grain.IterDataset:
   """One deterministic pass over this host's share of a split, padded to whole batches.
 
   Host p gets examples p, p + P, ...; every host yields `num_eval_batches(...)` batches, the
   rows past its share being padding (`mask` False, zeros, label -1, empty id), so that every
-  example counts exactly once over all hosts.
+  example counts exactly once over all hosts. `multi_hot_classes` C > 0 adds `labels`.
   """
   _check_shard(batch_size, process_index, process_count)
   rows = num_eval_batches(len(source), batch_size, process_count) * batch_size
   dataset = grain.MapDataset.source(_PaddedShard(source, process_index, process_count, rows))
-  dataset = dataset.map(_EvalTransform(preprocessor)).batch(batch_size)
+  dataset = dataset.map(_EvalTransform(preprocessor, multi_hot_classes)).batch(batch_size)
   spec = preprocessor.spec
   return _with_workers(dataset.to_iter_dataset(_read_options(spec)), spec, spec.eval_num_workers)
 
@@ -513,6 +582,7 @@ def file_elements(
         "video": view["video"],
         "audio": view["audio"],
         "label": np.int32(-1),
+        "has_audio": np.bool_(clip.audio is not None),
         "mask": np.bool_(True),
         "id": np.str_(f"{source}@{clip.start:.3f}"),
         "source": np.str_(source),

@@ -54,6 +54,12 @@ class UnreadableVideoError(VideoReadError):
   reason = "unreadable"
 
 
+class MissingVideoError(UnreadableVideoError):
+  """There is no file at the path (an annotation list names a file never downloaded)."""
+
+  reason = "missing"
+
+
 class EmptyVideoError(VideoReadError):
   """The file has zero bytes or no decodable video frame."""
 
@@ -84,14 +90,22 @@ class TooShortError(VideoReadError):
   reason = "shorter than one clip"
 
 
+class SegmentOutsideError(VideoReadError):
+  """A segment to cut out of the file starts at or after the end of its usable part."""
+
+  reason = "segment outside the file"
+
+
 # Every kind of file this module refuses (summaries count skips by their `reason`).
 READ_ERRORS = (
   UnreadableVideoError,
+  MissingVideoError,
   EmptyVideoError,
   NoVideoStreamError,
   NoAudioStreamError,
   FrameTooLargeError,
   TooShortError,
+  SegmentOutsideError,
 )
 
 
@@ -180,6 +194,38 @@ def iter_clips(video: DecodedVideo, clip_seconds: float, stride_seconds: float) 
     )
 
 
+def cut(video: DecodedVideo, start: float, end: float, path: epath.PathLike) -> DecodedVideo:
+  """The part [start, end) of a decoded file, from the first frame at or after `start` to
+  the last frame before `end` (or the end of the usable part, when `end` lies beyond it).
+
+  The result's time zero is its first frame, frame `cut_offset(video, start)` of the file;
+  its audio covers exactly its frames.
+
+  Raises:
+    SegmentOutsideError: `start` is at or after the end of the usable part.
+  """
+  first = cut_offset(video, start)
+  last = min(math.floor(end * video.fps + _TIME_EPSILON), len(video.frames))
+  if first >= last:
+    raise SegmentOutsideError(
+      path, f"the segment [{start:g}, {end:g}) s starts after the usable {video.duration:.2f} s"
+    )
+  audio = None
+  if video.audio is not None:
+    first_sample = round(first / video.fps * video.sample_rate)
+    audio = video.audio[
+      first_sample : first_sample + round((last - first) / video.fps * video.sample_rate)
+    ]
+  return dataclasses.replace(
+    video, frames=video.frames[first:last], audio=audio, duration=(last - first) / video.fps
+  )
+
+
+def cut_offset(video: DecodedVideo, start: float) -> int:
+  """The frame where `cut(video, start, ...)` begins: the first at or after `start`."""
+  return math.ceil(start * video.fps - _TIME_EPSILON)
+
+
 def decode_video(
   path: epath.PathLike,
   *,
@@ -244,7 +290,7 @@ def decode_audio(path: epath.PathLike, *, sample_rate: int) -> np.ndarray:
   path = epath.Path(path)
   try:
     if not path.exists():
-      raise UnreadableVideoError(path, "file does not exist")
+      raise MissingVideoError(path, "file does not exist")
     with path.open("rb") as file:
       try:
         container = av.open(file)
@@ -326,7 +372,7 @@ class VideoStream:
   def __enter__(self) -> VideoStream:
     try:
       if not self.path.exists():
-        raise UnreadableVideoError(self.path, "file does not exist")
+        raise MissingVideoError(self.path, "file does not exist")
       if self.path.stat().length == 0:
         raise EmptyVideoError(self.path, "file has zero bytes")
       self._file = self.path.open("rb")

@@ -43,6 +43,7 @@ def write_video(
   audio_codec="aac",
   audio_layout="mono",
   container_options=None,
+  pictures=None,
 ):
   """Writes a test video with PyAV, independently of the code under test.
 
@@ -59,6 +60,8 @@ def write_video(
     audio_codec: audio encoder.
     audio_layout: 'mono' or 'stereo' (must match audio's channels).
     container_options: muxer options, e.g. {'movflags': '+faststart'}.
+    pictures: `[num_frames, height, width, 3]` uint8 frames to write instead of the
+      `index_frame`s.
   """
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   with av.open(os.fspath(path), "w", options=container_options or {}) as container:
@@ -73,7 +76,8 @@ def write_video(
     if audio is not None:
       sound = container.add_stream(audio_codec, rate=sample_rate, layout=audio_layout)
     for i in range(num_frames):
-      frame = av.VideoFrame.from_ndarray(index_frame(i, *size), format="rgb24")
+      picture = index_frame(i, *size) if pictures is None else pictures[i]
+      frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
       frame.time_base = time_base
       frame.pts = round(frame_times[i] * 1000) if frame_times is not None else i
       container.mux(video.encode(frame))
@@ -96,6 +100,59 @@ def tone(seconds, sample_rate, frequency=440.0, channels=1, amplitude=0.5):
   return np.repeat((amplitude * np.sin(2 * np.pi * frequency * t))[None], channels, axis=0).astype(
     np.float32
   )
+
+
+# Colours of `colour_video`'s classes.
+COLOURS = {
+  "red": (220, 40, 40),
+  "green": (40, 200, 60),
+  "blue": (40, 60, 220),
+  "yellow": (230, 220, 40),
+}
+
+
+def colour_video(path, colour: str, rng: np.random.Generator, seconds: float = 2.0) -> None:
+  """A video whose class is its colour: a square of `COLOURS[colour]` moving over a noisy
+  background of random brightness (per file), with a tone of random pitch (per file)."""
+  fps, size = 10, (32, 32)
+  count = round(seconds * fps)
+  background = rng.uniform(40, 160)
+  pictures = np.clip(rng.normal(background, 20, (count, *size, 3)), 0, 255).astype(np.uint8)
+  top, left = rng.integers(0, 16, 2)
+  for i in range(count):
+    row, column = (top + i) % 20, (left + 2 * i) % 20
+    pictures[i, row : row + 12, column : column + 12] = COLOURS[colour]
+  sound = tone(seconds, 16000, frequency=float(rng.uniform(200, 2000)))
+  write_video(path, num_frames=count, fps=fps, size=size, pictures=pictures, audio=sound)
+
+
+def colour_list(videos, list_path, files: dict[str, tuple[int, float]], seed: int = 0) -> None:
+  """A VGGSound-style download of `colour_video`s: for each split, (files per colour,
+  seconds) files named `{youtube_id}_{start:06d}.mp4` under `videos`, and their list
+  (`youtube_id, start, label, split`, no header) at `list_path`."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for split, (count, seconds) in files.items():
+    for colour in COLOURS:
+      for index in range(count):
+        youtube_id, start = f"{colour}-{split}-{index:03d}", int(rng.integers(0, 300))
+        colour_video(videos / f"{youtube_id}_{start:06d}.mp4", colour, rng, seconds)
+        rows.append(f"{youtube_id},{start},{colour},{split}\n")
+  pathlib.Path(list_path).write_text("".join(rows))
+
+
+def listed_file(path, kind: str) -> None:
+  """A file as an annotation list's row may find it: 'good' (one 2-s clip), 'audioless',
+  'short' (1 s), 'corrupt' (random bytes) or 'missing' (nothing written)."""
+  if kind == "good":
+    write_video(path, num_frames=25, fps=10, audio=tone(2.5, 16000))
+  elif kind == "audioless":
+    write_video(path, num_frames=25, fps=10)
+  elif kind == "short":
+    write_video(path, num_frames=10, fps=10, audio=tone(1.0, 16000))
+  elif kind == "corrupt":
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_bytes(np.random.default_rng(0).bytes(4000))
 
 
 def bad_data_folder(root):

@@ -200,18 +200,18 @@ def test_hash_split_is_stable_and_uses_top_level_folders_as_labels(tmp_path):
       audio=media.tone(2.0, 16000),
     )
   fractions = {"train": 0.5, "test": 0.5}
-  files, labels, _ = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
-  again, _, _ = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
-  assert files == again and labels == ["a", "b"]
-  assert {file.split for file in files} == {"train", "test"}
-  assert all(file.label == file.source.split("/")[0] for file in files)
+  listing = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
+  again = dataset_writer.scan_video_dir(tmp_path / "videos", fractions)
+  assert listing == again and listing.label_names == ["a", "b"]
+  assert {file.split for file in listing.files} == {"train", "test"}
+  assert all(file.labels == (file.source.split("/")[0],) for file in listing.files)
   with pytest.raises(ValueError, match="summing to 1"):
     dataset_writer.scan_video_dir(tmp_path / "videos", {"train": 0.5})
 
 
 def test_missing_split_folders_are_a_clear_error(tmp_path):
   (tmp_path / "videos/cats").mkdir(parents=True)
-  with pytest.raises(FileNotFoundError, match="none of the split folders"):
+  with pytest.raises(FileNotFoundError, match="none of the split folders.*--unlabelled"):
     _prepare(tmp_path / "videos", tmp_path / "data")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     _prepare(tmp_path / "absent", tmp_path / "data")
@@ -293,3 +293,46 @@ def test_command_line_twice(tiny_video_dir, tmp_path):
   assert again.returncode == 0, again.stderr
   assert "already prepared" in again.stdout
   assert helpers.file_digests(tmp_path) == before  # kept as it was
+
+
+def _write_clip(path):
+  media.write_video(path, num_frames=20, fps=10, audio=media.tone(2.0, 16000))
+
+
+def test_folders_without_class_folders_prepare_unlabelled(tmp_path):
+  # Nested, no class folders: unlabelled when asked, every file used, splits by hash.
+  for relative in ("2023/jan/a.mp4", "2023/feb/b.mp4", "2024/c.mp4", "d.mp4"):
+    _write_clip(tmp_path / "nested" / relative)
+  listing = dataset_writer.scan_video_dir(tmp_path / "nested", unlabelled=True)
+  assert listing.label_names == [] and {f.split for f in listing.files} == {"train"}
+  assert [(f.source, f.labels, f.skip_reason) for f in listing.files] == [
+    ("2023/feb/b.mp4", (), ""),
+    ("2023/jan/a.mp4", (), ""),
+    ("2024/c.mp4", (), ""),
+    ("d.mp4", (), ""),
+  ]
+  dataset = datasets.open_prepared(
+    _prepare(tmp_path / "nested", tmp_path / "data", unlabelled=True)
+  )
+  assert dataset.label_names == () and not dataset.labelled
+  source = dataset.source("train")
+  assert len(source) == 4
+  assert all(source[i]["label"] == -1 and len(source[i]["labels"]) == 0 for i in range(4))
+
+  # Flat: unlabelled without being asked; a hash split gives the splits.
+  for name in ("a.mp4", "b.mp4", "c.mp4", "d.mp4"):
+    _write_clip(tmp_path / "flat" / name)
+  flat = dataset_writer.scan_video_dir(tmp_path / "flat", {"train": 0.5, "test": 0.5})
+  assert flat.label_names == [] and all(not f.labels and not f.skip_reason for f in flat.files)
+  assert {f.split for f in flat.files} == {"train", "test"}
+
+  # Split folders holding the files directly: unlabelled, splits from the folders.
+  for relative in ("train/a.mp4", "train/b.mp4", "test/c.mp4"):
+    _write_clip(tmp_path / "splits" / relative)
+  loose = dataset_writer.scan_video_dir(tmp_path / "splits")
+  assert loose.label_names == []
+  assert [(f.source, f.split) for f in loose.files] == [
+    ("test/c.mp4", "test"),
+    ("train/a.mp4", "train"),
+    ("train/b.mp4", "train"),
+  ]

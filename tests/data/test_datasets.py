@@ -1,12 +1,17 @@
 """Opening datasets from the config; the synthetic dataset made once, on first use."""
 
 import dataclasses
+import json
+import pathlib
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import datasets
+from cmvt_jax.data import normalization
+from cmvt_jax.data import parts
 from cmvt_jax.data import pipeline
 from configs import default
 from tests.data import media
@@ -130,3 +135,133 @@ def test_whole_video_element_covers_the_file(tiny_dataset, tiny_video_dir):
   )
   assert element["video"].shape == (16, 32, 32, 3)  # 4 s at the input's 4 fps
   assert element["audio"].shape == (128, 64)  # 4 s of 500-sample hops at 16 kHz
+
+
+class FormatOneClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A dataset as `prepare` wrote it before format 2 (no `labels`, no format record),
+  written plainly here."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = None
+
+  def _info(self):
+    storage = dataclasses.asdict(dataset_writer.StorageSpec())
+    summary = {
+      "found": 2,
+      "good": 2,
+      "ignored_non_video": 0,
+      "hours": 0.001,
+      "clips": {"train": 2},
+      "skipped": [],
+      "truncated": [],
+      "empty_splits": [],
+    }
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "source": tfds.features.Text(),
+          "start": tfds.features.Scalar(dtype=np.float32),
+          "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+          "has_audio": tfds.features.Scalar(dtype=np.bool_),
+          "frames": tfds.features.Tensor(
+            shape=(None, None, None, 3), dtype=np.uint8, encoding="bytes"
+          ),
+          "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16),
+        }
+      ),
+      metadata=tfds.core.MetadataDict({"storage": storage, "prepare_summary": summary}),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for index, label in enumerate(("dog", "cat")):
+      yield (
+        f"v{index}.mp4@0.000",
+        {
+          "id": f"v{index}.mp4@0.000",
+          "source": f"v{index}.mp4",
+          "start": 0.0,
+          "label": label,
+          "has_audio": True,
+          "frames": np.full((16, 32, 32, 3), 100 + index, np.uint8),
+          "audio": np.zeros(32000, np.int16),
+        },
+      )
+
+
+def test_a_dataset_of_format_one_is_read(tmp_path):
+  builder = FormatOneClips(data_dir=str(tmp_path))
+  builder.download_and_prepare(
+    file_format="array_record", download_config=tfds.download.DownloadConfig()
+  )
+  dataset = datasets.open_prepared(builder.data_dir)
+
+  assert dataset.format_version == 1 and not dataset.multi_label
+  assert dataset.label_names == ("cat", "dog") and dataset.labelled
+  assert dataset.summary.kind == "folder" and dataset.summary.audioless_clips == {}
+  assert dataset.audio_fraction("train") == 1.0
+  element = dataset.source("train")[0]
+  assert pipeline.stored_labels(element).tolist() == [element["label"]]
+  assert pipeline.label_fields(element, 2)["labels"].tolist() == [0, 1]  # dog: class 1
+
+  # A later format than this version reads is refused with what to do.
+  path = pathlib.Path(builder.data_dir) / "metadata.json"
+  metadata = json.loads(path.read_text())
+  metadata[dataset_writer.FORMAT_KEY] = {"version": 99, "multi_label": False}
+  path.write_text(json.dumps(metadata))
+  with pytest.raises(ValueError, match="newer cmvt_jax \\(dataset format 99.*upgrade cmvt_jax"):
+    datasets.open_prepared(builder.data_dir)
+
+
+def test_parts_of_an_older_format_are_refused_with_what_to_run(tmp_path):
+  for worker in (0, 1):
+    part = parts.part_dir(tmp_path, "clips", worker, 2)
+    part.mkdir(parents=True)
+    (part / parts.OUTCOMES_FILE).write_text(json.dumps({"num_workers": 2, "outcomes": []}))
+  with pytest.raises(ValueError, match="format 1.*Delete .*1.0.0.parts, run every worker again"):
+    parts.merge_parts(tmp_path, "clips", num_workers=2, log=lambda _: None)
+
+
+def test_mixture_statistics_equal_those_of_the_clips_drawn():
+  rng = np.random.default_rng(0)
+
+  def clip(with_audio):
+    frames = rng.integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    return frames, rng.normal(0, 0.1, 8000).astype(np.float32) if with_audio else None
+
+  first = [clip(True) for _ in range(3)]
+  second = [clip(True), clip(False)]  # half of the second dataset's clips have no audio
+  accumulated = []
+  for clips in (first, second, first + second):
+    accumulator = normalization.StatsAccumulator(media.MEL)
+    for frames, waveform in clips:
+      accumulator.add(frames, waveform)
+    accumulated.append(accumulator.result())
+  # Drawn in proportion to their sizes, the mixture is the union of the clips.
+  mixed = normalization.mixture(accumulated[:2], [3, 2], [3 * 1.0, 2 * 0.5])
+  expected = accumulated[2]
+  np.testing.assert_allclose(mixed.video_mean, expected.video_mean, rtol=1e-9)
+  np.testing.assert_allclose(mixed.video_std, expected.video_std, rtol=1e-9)
+  assert mixed.audio_mean == pytest.approx(expected.audio_mean, rel=1e-9)
+  assert mixed.audio_std == pytest.approx(expected.audio_std, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+  "mixture, message",
+  [
+    ((("a", 0.5), ("a", 0.5)), "names a dataset twice"),
+    ((("a", 0),), "is not \\(NAME, WEIGHT\\) with a positive weight"),
+    ((("a",),), "is not \\(NAME, WEIGHT\\)"),
+    (((1, 0.5),), "is not \\(NAME, WEIGHT\\)"),
+  ],
+)
+def test_bad_mixtures_are_refused(mixture, message):
+  config = default.get_config()
+  config.dataset.mixture = mixture
+  with pytest.raises(ValueError, match=message):
+    datasets.mixture_weights(config.dataset)

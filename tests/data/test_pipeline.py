@@ -301,3 +301,88 @@ def test_statistics_for_other_mel_settings_are_refused():
   other = dataclasses.replace(media.MEL, n_mels=32)
   with pytest.raises(ValueError, match="log-mel settings"):
     pipeline.Preprocessor(dataclasses.replace(SPEC, mel=other), STATS, 8.0, 16000)
+
+
+def test_batches_carry_has_audio_and_multi_hot_labels():
+  source = [
+    {**example, "has_audio": index % 3 != 0, "labels": np.array([index % 3, 4], np.int32)}
+    for index, example in enumerate(SOURCE[:8])
+  ]
+  [train] = _take(
+    pipeline.train_dataset(source, _preprocessor(), batch_size=8, seed=0, multi_hot_classes=5),
+    1,
+  )
+  [evaluated] = list(
+    pipeline.eval_dataset(source, _preprocessor(), batch_size=6, multi_hot_classes=5)
+  )[1:]
+  for batch in (train, evaluated):
+    rows = [(i, index) for i, index in enumerate(_indices(batch)) if batch["mask"][i]]
+    for row, index in rows:
+      assert batch["has_audio"][row] == (index % 3 != 0)
+      expected = np.zeros(5, np.uint8)
+      expected[[index % 3, 4]] = 1
+      np.testing.assert_array_equal(batch["labels"][row], expected)
+  # Eval padding rows: no audio, no labels.
+  assert not evaluated["has_audio"][2:].any() and not evaluated["labels"][2:].any()
+
+
+# A second dataset stored at other rates (4 fps, 8 kHz) whose frames are grey levels 100 + i.
+SOURCE_B = [
+  {
+    **_example(index),
+    "frames": np.full((8, 24, 24, 3), 100 + index, np.uint8),
+    "audio": np.random.default_rng(index).normal(0, 3000, 16000).astype(np.int16),
+  }
+  for index in range(10)
+]
+
+
+def _mixture(weights=(3, 1), **kwargs):
+  preprocessor_b = pipeline.Preprocessor(SPEC, STATS, storage_fps=4.0, storage_sample_rate=8000)
+  components = [
+    pipeline.Component(SOURCE, _preprocessor(), weights[0]),
+    pipeline.Component(SOURCE_B, preprocessor_b, weights[1]),
+  ]
+  kwargs.setdefault("batch_size", 4)
+  return pipeline.mixture_train_dataset(components, seed=0, **kwargs)
+
+
+def test_mixture_draws_by_weight_each_component_at_its_own_rates():
+  batches = _take(_mixture(), 8)
+  drawn = [index for batch in batches for index in _indices(batch)]
+  first = [index for index in drawn if index < 100]
+  second = [index - 100 for index in drawn if index >= 100]
+  assert (len(first), len(second)) == (24, 8)  # weights 3 : 1 over 32 clips
+  assert sorted(first) == list(range(24))  # each component shuffled, a permutation per epoch
+  assert len(set(second)) == 8 and set(second) <= set(range(10))
+  for batch in batches:
+    assert batch["video"].shape == (4, 4, 16, 16, 3) and batch["audio"].shape == (4, 32, 64)
+  # The first component's draws are the single dataset's stream, in order.
+  alone = [index for batch in _take(_train(), 6) for index in _indices(batch)]
+  assert first == alone
+
+
+def test_mixture_resumes_exactly_from_its_state_or_from_the_step():
+  iterator = iter(_mixture())
+  for _ in range(3):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(3)]
+  iterator.close()
+  restored = iter(_mixture())
+  restored.set_state(state)
+  from_state = [next(restored) for _ in range(3)]
+  restored.close()
+  from_step = _take(_mixture(start_step=3), 3)
+  for batches in (from_state, from_step):
+    for a, b in zip(expected, batches):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_mixture_host_shards_form_the_single_host_global_batches():
+  reference = _take(_mixture(batch_size=8), 4)
+  hosts = [_take(_mixture(batch_size=4, process_index=p, process_count=2), 4) for p in range(2)]
+  for step in range(4):
+    rows = [index for host in hosts for index in _indices(host[step])]
+    assert sorted(rows) == sorted(_indices(reference[step]))

@@ -41,6 +41,15 @@ def micro_config(data_dir, **overrides):
   return config
 
 
+def plain_ranks(queries, candidates):
+  """1 + how many other candidates score at least as high as the positive, row by row."""
+  ranks = []
+  for i, query in enumerate(queries):
+    scores = candidates @ query
+    ranks.append(1 + sum(scores[j] >= scores[i] for j in range(len(scores)) if j != i))
+  return np.array(ranks)
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory, micro_data_dir):
   """A workdir written in this process, as training leaves it: complete checkpoints at

@@ -8,15 +8,7 @@ from tests.evaluate.conftest import LATEST_STEP
 from tests.evaluate.conftest import MICRO_TEST_CLIPS
 from tests.evaluate.conftest import MICRO_TEST_FILES
 from tests.evaluate.conftest import micro_config
-
-
-def _ranks(queries, candidates):
-  """1 + how many other candidates score at least as high as the positive, row by row."""
-  ranks = []
-  for i, query in enumerate(queries):
-    scores = candidates @ query
-    ranks.append(1 + sum(scores[j] >= scores[i] for j in range(len(scores)) if j != i))
-  return np.array(ranks)
+from tests.evaluate.conftest import plain_ranks
 
 
 def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_dir, direct):
@@ -45,7 +37,10 @@ def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_
     ("eval/", {"video": video, "audio": audio}),
     ("eval/video_level_", video_level),
   ):
-    a2v, v2a = _ranks(level["audio"], level["video"]), _ranks(level["video"], level["audio"])
+    a2v, v2a = (
+      plain_ranks(level["audio"], level["video"]),
+      plain_ranks(level["video"], level["audio"]),
+    )
     for k in (1, 5, 10):
       assert results[f"{prefix}a2v_r{k}"] == np.mean(a2v <= k), (prefix, k)
       assert results[f"{prefix}v2a_r{k}"] == np.mean(v2a <= k), (prefix, k)

@@ -76,6 +76,63 @@ def test_video_level_averages_the_clips_of_each_video():
   np.testing.assert_allclose(videos["audio"], _unit([1, 0], [1, 0], [0, 1]), atol=1e-6)
 
 
+def test_video_level_averages_logits_and_keeps_the_first_clips_labels():
+  embedded = {
+    "video": _unit([1, 0], [0, 1], [1, 1]),
+    "audio": _unit([1, 0], [0, 1], [1, 1]),
+    "logits": np.array([[1.0, 3.0], [3.0, -1.0], [0.0, 2.0]], np.float32),
+    "labels": np.array([[1, 0], [1, 0], [0, 1]], np.uint8),
+    "has_audio": np.array([False, False, True]),
+    "source_key": evaluate.source_keys(["a.mp4", "a.mp4", "b.mp4"]),
+  }
+  videos = evaluate.video_level(embedded)
+  np.testing.assert_allclose(videos["logits"], [[2.0, 1.0], [0.0, 2.0]])
+  np.testing.assert_array_equal(videos["labels"], [[1, 0], [0, 1]])
+  np.testing.assert_array_equal(videos["has_audio"], [False, True])
+
+
+def plain_average_precision(scores, positives):
+  """AP by its definition: over the positives, the precision among every clip scoring at
+  least as high (ties count against)."""
+  precisions = []
+  for i in np.flatnonzero(positives):
+    at_least = scores >= scores[i]
+    precisions.append(positives[at_least].sum() / at_least.sum())
+  return np.mean(precisions)
+
+
+def test_mean_average_precision_by_its_definition():
+  rng = np.random.default_rng(0)
+  # Scores with ties (rounded), a class without positives (column 3: left out).
+  scores = np.round(rng.normal(size=(40, 4)), 1)
+  targets = rng.random((40, 4)) < 0.3
+  targets[:, 3] = False
+  expected = np.mean([plain_average_precision(scores[:, c], targets[:, c]) for c in range(3)])
+  assert evaluate.mean_average_precision(scores, targets) == pytest.approx(expected, rel=1e-12)
+  # Perfect ranking: every AP is 1. Nothing positive: None.
+  assert evaluate.mean_average_precision(targets[:, :3] * 1.0, targets[:, :3]) == 1.0
+  assert evaluate.mean_average_precision(scores, np.zeros_like(targets)) is None
+  # One positive tied with two negatives at the top: precision 1/3.
+  assert evaluate.mean_average_precision(
+    np.array([[1.0], [1.0], [1.0], [0.0]]), np.array([[0], [1], [0], [0]])
+  ) == pytest.approx(1 / 3)
+
+
+def test_top_k_accuracy_and_a_multi_label_probe():
+  scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+  assert evaluate.top_k_accuracy(scores, np.array([2, 0, 0]), 1) == pytest.approx(1 / 3)
+  assert evaluate.top_k_accuracy(scores, np.array([2, 0, 0]), 2) == pytest.approx(2 / 3)
+  assert evaluate.top_k_accuracy(scores, np.array([2, 0, 0]), 5) == 1.0  # k above C: all
+  # Two tags on separable embeddings: class c present iff coordinate c is large.
+  rng = np.random.default_rng(1)
+  targets = (rng.random((300, 2)) < 0.5).astype(np.uint8)
+  x = targets * 2.0 + rng.normal(scale=0.2, size=(300, 2))
+  x = np.concatenate([x, np.ones((300, 1))], axis=1).astype(np.float32)
+  probe = evaluate.fit_linear_probe(x[:200], targets[:200], 2)
+  scores = evaluate.probe_scores(probe, x[200:])
+  assert evaluate.mean_average_precision(scores, targets[200:]) > 0.99
+
+
 def test_source_keys_are_equal_exactly_for_equal_sources():
   keys = evaluate.source_keys(["x/a.mp4", "x/b.mp4", "x/a.mp4", ""])
   assert keys.shape == (4, 2) and keys.dtype == np.int32

@@ -9,6 +9,10 @@ import optax
 import pytest
 
 from cmvt_jax import losses
+from cmvt_jax import run as run_lib
+from cmvt_jax.data import pipeline
+from cmvt_jax.models import cmvt
+from configs import micro
 
 
 def unit(x):
@@ -148,3 +152,88 @@ def test_objective_weights_both_terms_over_two_views():
   np.testing.assert_allclose(metrics["temperature"], 0.2, rtol=1e-6)
   with pytest.raises(ValueError, match="intra_modal_weight=0.3 needs a second"):
     objective(jnp.log(0.2), v1, a1)
+
+
+# Clips 1, 4 and 5 have no audio: left out, the loss must be that of the other five.
+HAS_AUDIO = np.array([True, False, True, True, False, False, True, True])
+
+
+@pytest.mark.parametrize(
+  "loss, reference",
+  [(losses.cross_modal_nt_xent, numpy_cross_modal), (losses.nt_xent, numpy_nt_xent)],
+)
+def test_masked_losses_and_gradients_equal_those_of_the_batch_without_the_masked_rows(
+  loss, reference
+):
+  video, audio = embeddings(8, 5, 10), embeddings(8, 5, 11)
+  kept = HAS_AUDIO
+  masked = lambda v, a: loss(v, a, 0.2, mask=jnp.asarray(kept))
+  np.testing.assert_allclose(
+    masked(video, audio), reference(video[kept], audio[kept], 0.2), rtol=1e-5
+  )
+  gradients = jax.grad(masked, argnums=(0, 1))(video, audio)
+  reduced = jax.grad(lambda v, a: loss(v, a, 0.2), argnums=(0, 1))(video[kept], audio[kept])
+  for full, small in zip(gradients, reduced):
+    np.testing.assert_allclose(full[kept], small, rtol=1e-5, atol=1e-7)
+    assert not np.asarray(full[~kept]).any()  # a left-out clip gets no gradient at all
+
+
+def test_a_batch_with_one_or_no_audio_gives_zero_and_finite_gradients():
+  video, audio = embeddings(4, 3, 12), embeddings(4, 3, 13)
+  for mask in ([False] * 4, [False, True, False, False]):
+    mask = jnp.asarray(mask)
+    loss, grads = jax.value_and_grad(
+      lambda v, mask=mask: losses.cross_modal_nt_xent(v, audio, 0.1, mask=mask)
+    )(video)
+    assert float(loss) == 0.0 and np.isfinite(grads).all()
+
+
+def test_objective_leaves_audioless_clips_out_of_the_cross_modal_and_audio_terms_only():
+  v1, v2, a1, a2 = (embeddings(8, 5, seed) for seed in (20, 21, 22, 23))
+  objective = losses.ContrastiveLoss(
+    temperature=losses.Temperature(0.2, learnable=False),
+    cross_modal_weight=1.0,
+    intra_modal_weight=0.5,
+  )
+  loss, metrics = objective(
+    jnp.zeros(()), v1, a1, z_video_view2=v2, z_audio_view2=a2, has_audio=jnp.asarray(HAS_AUDIO)
+  )
+  k = HAS_AUDIO
+  cross = (numpy_cross_modal(v1[k], a1[k], 0.2) + numpy_cross_modal(v2[k], a2[k], 0.2)) / 2
+  # The video's intra-modal term still trains on every clip; the audio's on those with audio.
+  intra = (numpy_nt_xent(v1, v2, 0.2) + numpy_nt_xent(a1[k], a2[k], 0.2)) / 2
+  np.testing.assert_allclose(metrics["cross_modal_loss"], cross, rtol=1e-5)
+  np.testing.assert_allclose(metrics["intra_modal_loss"], intra, rtol=1e-5)
+  np.testing.assert_allclose(loss, cross + 0.5 * intra, rtol=1e-5)
+
+
+def test_model_gradient_with_audioless_clips_equals_the_batch_without_them():
+  """The micro model end to end: a batch with audioless clips gives the cross-modal loss
+  and the parameter gradient of the same batch with those clips removed."""
+  config = micro.get_config()
+  model = cmvt.from_config(config)
+  spec_video, spec_audio = run_lib.example_inputs(
+    pipeline.InputSpec.from_config(config.input), batch=8
+  )
+  rng = np.random.default_rng(0)
+  video = rng.normal(size=spec_video.shape).astype(np.float32)
+  audio = rng.normal(size=spec_audio.shape).astype(np.float32)
+  params = jax.jit(model.init)(jax.random.key(0), video[:1], audio[:1])["params"]
+  objective = losses.ContrastiveLoss.from_config(config.loss)
+
+  def loss(params, video, audio, has_audio):
+    out = model.apply({"params": params}, video, audio)
+    return objective(jnp.log(0.1), out["video"], out["audio"], has_audio=has_audio)[0]
+
+  loss_and_grad = jax.jit(jax.value_and_grad(loss))
+  with_audioless, grads = loss_and_grad(params, video, audio, jnp.asarray(HAS_AUDIO))
+  without, reference = loss_and_grad(
+    params, video[HAS_AUDIO], audio[HAS_AUDIO], jnp.ones(HAS_AUDIO.sum(), bool)
+  )
+  np.testing.assert_allclose(with_audioless, without, rtol=1e-5)
+  for (path, ours), theirs in zip(
+    jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(reference)
+  ):
+    np.testing.assert_allclose(
+      ours, theirs, rtol=2e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+    )

@@ -58,11 +58,6 @@ ALLOWED = {
   ): "decoded clips spill into a local temporary folder (tempfile)",
   (
     "data/dataset_writer.py",
-    "_decode_file",
-    "os.path.basename",
-  ): "formats a message from a relative file name",
-  (
-    "data/dataset_writer.py",
     "_ClipFolderBuilder._generate_examples",
     "np.load",
   ): "reads the local spill file back",
