@@ -45,6 +45,7 @@ def random_batch(run: run_lib.Run, batch_size: int) -> dict:
     "video": rng.normal(size=video.shape).astype(np.float32),
     "audio": rng.normal(size=audio.shape).astype(np.float32),
     "label": np.zeros(batch_size, np.int32),
+    "has_audio": np.ones(batch_size, bool),
   }
   return sharding.global_batch(host, run.mesh)
 
@@ -109,6 +110,7 @@ def full_step_bytes(frames: int) -> int:
     "video": jax.ShapeDtypeStruct(video.shape, jnp.float32),
     "audio": jax.ShapeDtypeStruct(audio.shape, jnp.float32),
     "label": jax.ShapeDtypeStruct((2,), jnp.int32),
+    "has_audio": jax.ShapeDtypeStruct((2,), jnp.bool_),
   }
   compiled = train.make_train_step(run).lower(run.abstract_state, batch).compile()
   return _bytes(compiled)
