@@ -77,6 +77,8 @@ _INPUT_KEYS_EMBEDDED = (
 # Export keys added after runs were recorded (`workdir_config` gives an older run's config
 # these defaults; tests check they are configs/default.py's).
 _EXPORT_KEYS_ADDED = {"frame_chunk": 256, "moment_seconds": 1.0, "memory_limit_gib": None}
+# The same for model keys.
+_MODEL_KEYS_ADDED = {"attention_implementation": None}
 # Per-row metadata of every export (the host-side keys of the eval batches).
 _CLIP_KEYS = ("id", "source", "start")
 # Why a video is left out of an export (the manifest counts each).
@@ -111,11 +113,14 @@ def export_name(export_config) -> str:
 
 
 def model_digest(config: config_dict.ConfigDict) -> str:
-  """SHA-256 of what decides an embedding: the model, what its input is (not how the pipeline
-  runs or augments) and the stored data's settings (a collection can be searched with
-  queries embedded by the same model)."""
+  """SHA-256 of what decides an embedding: the model (not which attention implementation
+  computes it: they agree to float rounding), what its input is (not how the pipeline runs
+  or augments) and the stored data's settings (a collection can be searched with queries
+  embedded by the same model)."""
+  model = config.model.to_dict()
+  model.pop("attention_implementation", None)
   sections = {
-    "model": config.model.to_dict(),
+    "model": model,
     "input": {key: config.input[key] for key in _INPUT_KEYS_EMBEDDED},
     "storage": {
       key: config.dataset[key] for key in ("clip_seconds", "fps", "short_side", "sample_rate")
@@ -268,9 +273,10 @@ def workdir_config(workdir: epath.PathLike) -> config_dict.ConfigDict:
       "first, or pass the run's config."
     )
   config = config_dict.ConfigDict(json.loads(path.read_text())["config"])
-  for key, value in _EXPORT_KEYS_ADDED.items():  # a run recorded before they existed
-    if key not in config.export:
-      config.export[key] = value
+  for section, added in (("export", _EXPORT_KEYS_ADDED), ("model", _MODEL_KEYS_ADDED)):
+    for key, value in added.items():  # a run recorded before they existed
+      if key not in config[section]:
+        config[section][key] = value
   return config
 
 

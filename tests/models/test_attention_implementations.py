@@ -7,11 +7,11 @@ Interpret mode runs the kernel's grid step by step, so sequences are short (T = 
 128 keys: several blocks, T not a multiple of one) with two heads of 16.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
 from cmvt_jax.models import attention
 from cmvt_jax.models.attention import banded_attention
 from tests.models.test_attention import dense_reference
