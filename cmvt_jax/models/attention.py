@@ -149,7 +149,7 @@ def banded_attention(
   )
   lax_path = functools.partial(_lax_attention, problem)
   splash_path = lambda interpret: functools.partial(_splash_attention, problem, interpret)
-  unsupported = splash_unsupported(q, max_global, window)
+  unsupported = _splash_unsupported(q, max_global, window)
   if implementation == "lax":
     return lax_path(q, k, v)
   if implementation == "splash":
@@ -161,7 +161,7 @@ def banded_attention(
   return jax.lax.platform_dependent(q, k, v, tpu=splash_path(False), default=lax_path)
 
 
-def splash_unsupported(q: jax.Array, max_global: int, window: int) -> str | None:
+def _splash_unsupported(q: jax.Array, max_global: int, window: int) -> str | None:
   """Why the splash kernel cannot compute `banded_attention` for q `[B, T, H, D]` with
   `max_global` global tokens (traced under the current abstract mesh), or None if it can."""
   if q.dtype not in _SPLASH_DTYPES:
