@@ -86,6 +86,8 @@ _SPLASH_BLOCKS = (128, 256, 512)
 _SPLASH_MIN_LENGTH = 1024
 # Global key copies may take at most this share of a key block (the rest holds the band).
 _SPLASH_MAX_SLOT_SHARE = 4
+# Query blocks per kernel call; longer sequences are cut into chunks (see `_SplashLayout`).
+_SPLASH_MAX_QUERY_BLOCKS = 512
 _SPLASH_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -735,12 +737,13 @@ def _splash_one_dilation(
   global_valid = each_sub_sequence(global_valid)
   layout = _SplashLayout(sub_length, window, k_global.shape[1])
   out = layout.attention(
-    regroup(q) * jnp.asarray(scale, q.dtype),
+    layout.queries(regroup(q) * jnp.asarray(scale, q.dtype)),
     layout.keys(regroup(k), each_sub_sequence(k_global)),
     layout.keys(regroup(v), each_sub_sequence(v_global)),
     layout.keys(band_valid, global_valid),
     interpret=interpret,
   )
+  out = layout.outputs(out)
   reach = _keys_in_reach(band_valid, window) | global_valid.any(axis=1, keepdims=True)
   out = jnp.where(reach[:, :, None, None], out, jnp.zeros((), out.dtype))
   return _ungroup(out, dilation, length)
@@ -796,9 +799,15 @@ class _BandMask:
 class _SplashLayout:
   """One plain band problem for the splash kernel: n positions, a window, G global slots.
 
-  Queries are padded to whole blocks; keys are laid out as `_BandMask` describes. The
-  kernel's block structure (which query block meets which key block) follows from the
-  window and the layout, so it is computed directly: O(n / block) arrays.
+  The sequence goes to the kernel in chunks of at most `_SPLASH_MAX_QUERY_BLOCKS` query
+  blocks, folded into the batch: each chunk's keys are its own positions plus `halo` =
+  window positions on either side. A TPU keeps the kernel's block lists in its scalar memory
+  (1 MiB on a v5e), one 512-byte row per query block: unchunked, 524,288 positions in blocks
+  of 256 needed 1.25 MiB and did not compile. Queries are padded to whole blocks; keys are
+  laid out as `_BandMask` describes, in key-local positions (a chunk's first key is position
+  0, its first query position `halo`). The block structure (which query block meets which
+  key block) follows from the window and the layout, so it is computed directly: O(chunk /
+  block) arrays, the same for every chunk.
   """
 
   length: int
@@ -815,55 +824,87 @@ class _SplashLayout:
     return self.block - self.slots
 
   @property
+  def chunk(self) -> int:
+    """Queries per kernel call (a whole number of blocks)."""
+    return min(-(-self.length // self.block), _SPLASH_MAX_QUERY_BLOCKS) * self.block
+
+  @property
+  def chunks(self) -> int:
+    return -(-self.length // self.chunk)
+
+  @property
+  def halo(self) -> int:
+    """Key positions before and after a chunk's queries (none when there is one chunk)."""
+    return self.window if self.chunks > 1 else 0
+
+  @property
+  def key_positions(self) -> int:
+    return self.chunk + 2 * self.halo if self.chunks > 1 else self.length
+
+  @property
   def query_blocks(self) -> int:
-    return -(-self.length // self.block)
+    return self.chunk // self.block
 
   @property
   def key_blocks(self) -> int:
-    return -(-self.length // self.stride)
+    return -(-self.key_positions // self.stride)
+
+  def queries(self, x: jax.Array) -> jax.Array:
+    """`[N, n, ...]` → the chunks `[N·chunks, chunk, ...]` (zero-padded)."""
+    x = _pad_positions(x, 0, self.chunks * self.chunk - self.length)
+    return x.reshape(x.shape[0] * self.chunks, self.chunk, *x.shape[2:])
+
+  def outputs(self, x: jax.Array) -> jax.Array:
+    """Inverse of `queries`: `[N·chunks, chunk, ...]` → `[N, n, ...]`."""
+    return x.reshape(-1, self.chunks * self.chunk, *x.shape[2:])[:, : self.length]
 
   def keys(self, x: jax.Array, global_rows: jax.Array) -> jax.Array:
-    """x `[N, n, ...]`, global_rows `[N, G, ...]` → the key layout `[N, key_blocks·block, ...]`
-    (padding positions are zero: False for a validity mask)."""
-    rows = x.shape[0]
-    x = jnp.pad(
-      x, ((0, 0), (0, self.key_blocks * self.stride - self.length)) + ((0, 0),) * (x.ndim - 2)
-    )
-    x = x.reshape(rows, self.key_blocks, self.stride, *x.shape[2:])
+    """x `[N, n, ...]`, global_rows `[N, G, ...]` → the key layout of each chunk
+    `[N·chunks, key_blocks·block, ...]` (positions outside the sequence are zero: False for
+    a validity mask)."""
+    rows, chunk, halo, chunks = x.shape[0], self.chunk, self.halo, self.chunks
+    if chunks > 1:
+      # Position p at index p + halo; chunk c's keys are indices [c·chunk, (c+1)·chunk + 2·halo).
+      x = _pad_positions(x, halo, (chunks + 1) * chunk - self.length)
+      part = lambda start: x[:, start : start + chunks * chunk].reshape(
+        rows, chunks, chunk, *x.shape[2:]
+      )
+      x = jnp.concatenate([part(0)[:, :, :halo], part(halo), part(halo + chunk)[:, :, :halo]], 2)
+      x = x.reshape(rows * chunks, self.key_positions, *x.shape[3:])
+      global_rows = jnp.repeat(global_rows, chunks, axis=0)
+    x = _pad_positions(x, 0, self.key_blocks * self.stride - self.key_positions)
+    x = x.reshape(x.shape[0], self.key_blocks, self.stride, *x.shape[2:])
     if self.slots:
       copies = jnp.broadcast_to(
-        global_rows[:, None], (rows, self.key_blocks, *global_rows.shape[1:])
+        global_rows[:, None], (x.shape[0], self.key_blocks, *global_rows.shape[1:])
       )
       x = jnp.concatenate([copies, x], axis=2)
-    return x.reshape(rows, self.key_blocks * self.block, *x.shape[3:])
+    return x.reshape(x.shape[0], self.key_blocks * self.block, *x.shape[3:])
 
   def block_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(first, last key block of each query block; first, last query block of each key
     block): the block pairs where some query may see some key, as ranges."""
-    block, stride, window, last_position = self.block, self.stride, self.window, self.length - 1
+    block, stride, window, halo = self.block, self.stride, self.window, self.halo
+    last_key_position, last_query = self.key_positions - 1, self.chunk - 1
     query_block = np.arange(self.query_blocks)
     key_block = np.arange(self.key_blocks)
-    # A query block covers positions [i·block, (i+1)·block) and sees [i·block − w, … + w];
-    # a key block holds positions [j·stride, (j+1)·stride) (its global copies are seen by
-    # queries of those positions, a subset).
-    first_key = np.maximum(query_block * block - window, 0) // stride
-    last_key = np.minimum((query_block + 1) * block - 1 + window, last_position) // stride
-    first_query = np.maximum(key_block * stride - window, 0) // block
-    last_query = (
-      np.minimum(
-        np.minimum((key_block + 1) * stride - 1, last_position) + window,
-        self.query_blocks * block - 1,
-      )
-      // block
+    # Query block i covers key-local positions [halo + i·block, halo + (i+1)·block) and sees
+    # ±window around them; key block j holds positions [j·stride, (j+1)·stride) (its global
+    # copies are seen by the queries of those positions, a subset).
+    first_key = np.maximum(halo + query_block * block - window, 0) // stride
+    last_key = np.minimum(halo + (query_block + 1) * block - 1 + window, last_key_position)
+    first_query = np.maximum(key_block * stride - window - halo, 0) // block
+    last_query = np.minimum(
+      np.minimum((key_block + 1) * stride - 1, last_key_position) + window - halo, last_query
     )
-    return first_key, last_key, first_query, last_query
+    return first_key, last_key // stride, first_query, last_query // block
 
   def mask_infos(self) -> tuple[mask_info.MaskInfo, mask_info.MaskInfo]:
     """The kernel's (forward and dq, dkv) `MaskInfo`s: for each row of the grid the blocks to
     visit (`data_next`) and whether to visit them (`block_mask`), padded to the widest row.
     Every visited block gets the mask function (block_mask 1)."""
     first_key, last_key, first_query, last_query = self.block_pairs()
-    queries = jnp.arange(self.query_blocks * self.block, dtype=jnp.int32)
+    queries = self.halo + jnp.arange(self.chunk, dtype=jnp.int32)  # key-local positions
     forward = _visits(first_key, last_key, pad_front=False)
     # dkv's grid runs over key blocks, then the query blocks of each (its arrays are
     # [1, query visits, key blocks]); splash pads those lists at the front.
@@ -878,8 +919,9 @@ class _SplashLayout:
     return make(forward), make(backward)
 
   def attention(self, q, k, v, key_valid, *, interpret: bool) -> jax.Array:
-    """q `[N, n, H, D]` (scaled); k, v `[N, L, H, D]` and key_valid `[N, L]` in the key
-    layout → `[N, n, H, D]` in q's dtype (a row with no valid key: unspecified values)."""
+    """q `[N·chunks, chunk, H, D]` (`queries`, scaled); k, v `[N·chunks, L, H, D]` and
+    key_valid `[N·chunks, L]` (`keys`) → `[N·chunks, chunk, H, D]` in q's dtype (a row with
+    no valid key: unspecified values)."""
     forward, backward = self.mask_infos()
     block = self.block
     sizes = splash.BlockSizes(
@@ -905,14 +947,15 @@ class _SplashLayout:
       mask_function=_BandMask(self.window, block, self.slots),
       interpret=interpret,
     )
-    padded = self.query_blocks * block
-    q = jnp.pad(q, ((0, 0), (0, padded - self.length), (0, 0), (0, 0)))
-    segments = splash.SegmentIds(
-      q=jnp.ones((q.shape[0], padded), jnp.int32), kv=key_valid.astype(jnp.int32)
-    )
+    segments = splash.SegmentIds(q=jnp.ones(q.shape[:2], jnp.int32), kv=key_valid.astype(jnp.int32))
     heads_first = lambda x: jnp.moveaxis(x, 2, 1)  # the kernel's [heads, length, head_dim]
     out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v), segments)
-    return jnp.moveaxis(out, 1, 2)[:, : self.length]
+    return jnp.moveaxis(out, 1, 2)
+
+
+def _pad_positions(x: jax.Array, before: int, after: int) -> jax.Array:
+  """`[N, n, ...]` zero-padded along the positions."""
+  return jnp.pad(x, ((0, 0), (before, after)) + ((0, 0),) * (x.ndim - 2))
 
 
 def _visits(first: np.ndarray, last: np.ndarray, *, pad_front: bool):

@@ -108,27 +108,54 @@ def test_splash_on_a_sequence_shorter_than_a_block():
   assert_implementations_agree((2, 17, 2, 16), 4, global_mask=global_mask_at(2, 17, [[0], [0]]))
 
 
+def test_splash_in_chunks_equals_dense_and_lax(monkeypatch):
+  """A sequence longer than one kernel call's query blocks goes in chunks (each with a halo
+  of keys on either side): here one block of 128 per call, so T = 300 is three chunks."""
+  monkeypatch.setattr(attention, "_SPLASH_MAX_QUERY_BLOCKS", 1)
+  assert attention._SplashLayout(LENGTH, 16, 1).chunks == 3
+  assert_implementations_agree(
+    (2, LENGTH, 2, 16),
+    16,
+    global_mask=global_mask_at(2, LENGTH, [[0], [0, 200]]),
+    kv_mask=padding(2, LENGTH, [(0, 250, LENGTH), (1, 120, 140)]),
+  )
+
+
 @pytest.mark.parametrize(
-  "length,window,slots",
-  [(300, 16, 1), (300, 128, 0), (1000, 9, 3), (4099, 64, 1), (129, 200, 2), (5, 1, 1)],
+  "length,window,slots,most_blocks",
+  [
+    (300, 16, 1, 512),
+    (300, 128, 0, 512),
+    (1000, 9, 3, 512),
+    (4099, 64, 1, 512),
+    (129, 200, 2, 512),
+    (5, 1, 1, 512),
+    (300, 16, 1, 1),
+    (4099, 64, 2, 3),
+    (1000, 200, 0, 2),
+  ],
 )
-def test_splash_block_structure_covers_exactly_the_blocks_the_rule_needs(length, window, slots):
+def test_splash_block_structure_covers_exactly_the_blocks_the_rule_needs(
+  monkeypatch, length, window, slots, most_blocks
+):
   """The block pairs written down from the window equal those a dense mask of the kernel's
   layout has any allowed entry in (computed here from positions, not from the layout's
-  index arithmetic), in both orientations (forward/dq and dkv)."""
+  index arithmetic), in both orientations (forward/dq and dkv), for one call and in chunks."""
+  monkeypatch.setattr(attention, "_SPLASH_MAX_QUERY_BLOCKS", most_blocks)
   layout = attention._SplashLayout(length, window, slots)
   block, stride = layout.block, layout.stride
-  # Each key slot: its position, or -1 for a global copy with the block it sits in.
+  # Each key slot: its key-local position, or -1 for a global copy (with its block).
   key_block = np.arange(layout.key_blocks * block) // block
   offset = np.arange(layout.key_blocks * block) % block
   position = np.where(offset < slots, -1, key_block * stride + offset - slots)
-  query = np.arange(layout.query_blocks * block)[:, None]
-  real = (position[None, :] >= 0) & (position[None, :] < length)
+  query = layout.halo + np.arange(layout.chunk)[:, None]  # key-local positions
+  real = (position[None, :] >= 0) & (position[None, :] < layout.key_positions)
   allowed = real & (np.abs(query - position[None, :]) <= window)
   allowed |= (position[None, :] == -1) & (query // stride == key_block[None, :])
   pairs = allowed.reshape(layout.query_blocks, block, layout.key_blocks, block).any(axis=(1, 3))
 
   forward, backward = layout.mask_infos()
+  np.testing.assert_array_equal(forward.q_sequence, query[:, 0])
   visited = np.zeros_like(pairs)
   rows = np.arange(layout.query_blocks)[:, None]
   on = np.asarray(forward.block_mask[0]) == 1
