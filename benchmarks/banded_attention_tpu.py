@@ -76,8 +76,8 @@ def measure(length: int, device, implementation: str, global_token: bool) -> dic
 
 
 def block_structure_seconds(length: int, repeats: int = 5) -> float:
-  """Median wall time of building the splash kernel's `MaskInfo`s for one band of `length`
-  positions with one global slot (what one layer's trace does)."""
+  """Median wall seconds of building the splash kernel's `MaskInfo`s (median of `repeats`)
+  for one band of `length` positions with one global slot (what one layer's trace does)."""
   layout = attention._SplashLayout(length, WINDOW, 1)
   times = []
   for _ in range(repeats):
@@ -111,7 +111,14 @@ def main():
   print("|---|---|---|---|---|---|---|---|")
   for length in lengths:
     for implementation in args.implementations.split(","):
-      row = measure(length, device, implementation, global_token)
+      try:
+        row = measure(length, device, implementation, global_token)
+      except jax.errors.JaxRuntimeError as error:
+        words = str(error).strip().splitlines()[0]
+        if not words.startswith("RESOURCE_EXHAUSTED"):
+          raise
+        print(f"| {length:,} | {implementation} | does not fit one chip: {words} |", flush=True)
+        continue
       print(
         f"| {length:,} | {implementation} | {row['arguments'] / 2**20:.0f} | "
         f"{row['temporaries'] / 2**20:.0f} | {row['temporaries'] / length:,.0f} | "
@@ -120,12 +127,12 @@ def main():
       )
   block = attention._splash_block(WINDOW)
   print(f"\nsplash block structure (blocks of {block}, one global slot), built on this CPU:\n")
-  print("| T | query blocks | key blocks | MaskInfo build ms (median of 5) |")
-  print("|---|---|---|---|")
+  print("| T | kernel calls (chunks) | query blocks per call | key blocks per call | build ms |")
+  print("|---|---|---|---|---|")
   for length in lengths:
     layout = attention._SplashLayout(length, WINDOW, 1)
     print(
-      f"| {length:,} | {layout.query_blocks:,} | {layout.key_blocks:,} | "
+      f"| {length:,} | {layout.chunks} | {layout.query_blocks} | {layout.key_blocks} | "
       f"{block_structure_seconds(length) * 1e3:.2f} |",
       flush=True,
     )

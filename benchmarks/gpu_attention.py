@@ -22,7 +22,8 @@ says what to carry), or on any machine
                   not use (it cannot be checked without a GPU: README, "Attention
                   implementations"); timed to tell whether it would be worth it
    This part imports nothing of the project but `cmvt_jax/models/attention.py` (whose
-   package `__init__`s are empty), so it runs with the image's jax alone.
+   package `__init__`s are empty) and the CPU benchmark's timer (`benchmarks/attention.py`,
+   jax and numpy only), so it runs with the image's jax alone.
 2. A reduced `vtn_base` train step in bf16 (8 frames of 64×64, batch 4 clips, as
    BENCHMARKS.md's CPU table; `--train_batch`, `--train_frames`, `--train_frame_size`):
    forward + backward + AdamW of the full model on random batches, steps/s, MFU against the
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 
@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.attention import timed
 from cmvt_jax.models import attention
 
 # The train step's modules: flax, optax, absl, etils (in the GPU image) and ml_collections
@@ -73,17 +74,6 @@ LENGTHS = (4096, 16384, 65536)
 # XLA's dense local-window path holds B·H·T² float32 scores (and more for the backward);
 # beyond this it is skipped.
 DENSE_SCORE_BYTES_LIMIT = 16 << 30
-
-
-def timed(fn, *args, repeats: int) -> float:
-  """Median wall seconds of `fn(*args)` after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def temporaries_mib(jitted, *args) -> float:

@@ -39,7 +39,9 @@ its own backward kernels; on a CPU it runs in TPU interpret mode (how the tests 
   mask would make every query block meet the first key block: a quadratic backward grid).
 * Padding and absent global slots are segment ids (0 masked, 1 valid); the score scale is
   applied to q first; queries with no valid key are set to zero afterwards (the kernel
-  would average the masked values). Under a jit traced for a mesh the kernel runs in
+  would average the masked values). Sequences longer than 512 query blocks go to the kernel
+  in chunks folded into the batch, each with `window` extra keys per side (the block lists
+  live in the TPU's small scalar memory). Under a jit traced for a mesh the kernel runs in
   `shard_map` over the batch (a `pallas_call` has no partitioning rule of its own).
 
 Shared by both:
