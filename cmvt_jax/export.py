@@ -85,6 +85,7 @@ KEYS_ADDED = {
   "export.moment_seconds": 1.0,
   "export.memory_limit_gib": None,
   "input.eval_num_workers": 0,
+  "model.attention_implementation": None,
 }
 # Per-row metadata of every export (the host-side keys of the eval batches).
 _CLIP_KEYS = ("id", "source", "start")
@@ -120,11 +121,14 @@ def export_name(export_config) -> str:
 
 
 def model_digest(config: config_dict.ConfigDict) -> str:
-  """SHA-256 of what decides an embedding: the model, what its input is (not how the pipeline
-  runs or augments) and the stored data's settings (a collection can be searched with
-  queries embedded by the same model)."""
+  """SHA-256 of what decides an embedding: the model (not which attention implementation
+  computes it: they agree to float rounding), what its input is (not how the pipeline runs
+  or augments) and the stored data's settings (a collection can be searched with queries
+  embedded by the same model)."""
+  model = config.model.to_dict()
+  model.pop("attention_implementation", None)
   sections = {
-    "model": config.model.to_dict(),
+    "model": model,
     "input": {key: config.input[key] for key in _INPUT_KEYS_EMBEDDED},
     "storage": {
       key: config.dataset[key] for key in ("clip_seconds", "fps", "short_side", "sample_rate")

@@ -107,6 +107,11 @@ def get_config() -> config_dict.ConfigDict:
   config.model = config_dict.ConfigDict()
   config.model.dtype = "float32"  # compute dtype ('bfloat16' on GPU/TPU); params stay float32
   config.model.remat = False  # recompute every block in the backward pass (nn.remat)
+  # The Longformer layers' `banded_attention` (cmvt_jax/models/attention.py): unset = chosen
+  # for the platform the program is compiled for ('splash', jax's TPU kernel, on a TPU for
+  # sequences of 1024+ steps; else 'lax'); 'lax' or 'splash' forces one. Not a shape key: a
+  # checkpoint resumes under any of them.
+  config.model.attention_implementation = config_dict.placeholder(str)
   config.model.embed_dim = 128  # the shared video-audio embedding space
   config.model.projection_hidden_dim = 256
   # > 0 adds VTN's classifier head on the video features (the supervised objective).

@@ -25,6 +25,7 @@ Building, initialising and applying (what the trainer does):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
+from cmvt_jax.models import attention
 from cmvt_jax.models import audio_encoder
 from cmvt_jax.models import frame_encoder
 from cmvt_jax.models import longformer
@@ -231,17 +233,34 @@ def compute_dtype(name: str) -> Dtype:
   return _DTYPES[name]
 
 
+def attention_implementation(name: str | None) -> str | None:
+  """`config.model.attention_implementation`, checked: None (chosen for the platform the
+  program is compiled for) or one of `attention.IMPLEMENTATIONS`."""
+  if name is not None and name not in attention.IMPLEMENTATIONS:
+    raise ValueError(
+      f"config.model.attention_implementation must be unset (chosen for the platform) or one "
+      f"of {attention.IMPLEMENTATIONS}; got {name!r}."
+    )
+  return name
+
+
 def from_config(config: config_dict.ConfigDict) -> CMVT:
   """The model described by `config.model`, sized for `config.input.frame_size` frames."""
   model = config.model
   dtype = compute_dtype(model.dtype)
+  temporal = functools.partial(
+    _temporal,
+    remat=model.remat,
+    dtype=dtype,
+    implementation=attention_implementation(model.attention_implementation),
+  )
   video = VideoEncoder(
     frame_encoder=_frame_encoder(model.video, int(config.input.frame_size), model.remat, dtype),
-    temporal=_temporal(model.video.temporal, "model.video.temporal", model.remat, dtype),
+    temporal=temporal(model.video.temporal, "model.video.temporal"),
   )
   return CMVT(
     video_encoder=video,
-    audio_encoder=_audio_encoder(model.audio, model.remat, dtype),
+    audio_encoder=_audio_encoder(model.audio, temporal, model.remat, dtype),
     embed_dim=model.embed_dim,
     projection_hidden_dim=model.projection_hidden_dim,
     num_classes=model.num_classes,
@@ -299,11 +318,12 @@ def _frame_encoder(video, frame_size: int, remat: bool, dtype) -> nn.Module:
   )
 
 
-def _audio_encoder(audio, remat: bool, dtype) -> audio_encoder.AudioEncoder:
+def _audio_encoder(audio, temporal, remat: bool, dtype) -> audio_encoder.AudioEncoder:
+  """`temporal(section, name)` builds the temporal encoder (`_temporal`, partly applied)."""
   if audio.backbone == "cnn":
     return audio_encoder.AudioEncoder(
       backbone=_resnet(audio.cnn, remat, dtype),
-      temporal=_temporal(audio.temporal, "model.audio.temporal", remat, dtype),
+      temporal=temporal(audio.temporal, "model.audio.temporal"),
     )
   if audio.backbone == "patch_transformer":
     patches = audio.patch_transformer
@@ -339,7 +359,9 @@ def _resnet(cnn, remat: bool, dtype) -> frame_encoder.ResNet:
   )
 
 
-def _temporal(temporal, name: str, remat: bool, dtype) -> temporal_encoder.TemporalEncoder:
+def _temporal(
+  temporal, name: str, *, remat: bool, dtype, implementation: str | None
+) -> temporal_encoder.TemporalEncoder:
   """A TemporalEncoder; one-entry `windows`/`dilations` apply to every layer."""
   per_layer = lambda key: tuple(
     longformer.per_layer(f"config.{name}.{key}", temporal[key], temporal.num_layers)
@@ -352,6 +374,7 @@ def _temporal(temporal, name: str, remat: bool, dtype) -> temporal_encoder.Tempo
     windows=per_layer("windows"),
     dilations=per_layer("dilations"),
     global_projections=temporal.global_projections,
+    attention_implementation=implementation,
     dropout_rate=temporal.dropout_rate,
     remat=remat,
     dtype=dtype,

@@ -30,6 +30,7 @@ class LongformerSelfAttention(nn.Module):
     dilation: an int, or one int per head.
     max_global: static bound on global tokens per row (None: read from a concrete mask).
     global_projections: give global rows their own query/key/value projections.
+    implementation: `banded_attention`'s (None: chosen for the platform compiled for).
   """
 
   num_heads: int
@@ -37,6 +38,7 @@ class LongformerSelfAttention(nn.Module):
   dilation: int | Sequence[int] = 1
   max_global: int | None = None
   global_projections: bool = True
+  implementation: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -67,6 +69,7 @@ class LongformerSelfAttention(nn.Module):
       global_mask=global_mask,
       max_global=self.max_global,
       kv_mask=kv_mask,
+      implementation=self.implementation,
     )
 
     if self.global_projections and global_mask is not None:
@@ -138,6 +141,7 @@ class EncoderBlock(nn.Module):
   dilation: int | Sequence[int] = 1
   max_global: int | None = None
   global_projections: bool = True
+  attention_implementation: str | None = None
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -157,6 +161,7 @@ class EncoderBlock(nn.Module):
       dilation=self.dilation,
       max_global=self.max_global,
       global_projections=self.global_projections,
+      implementation=self.attention_implementation,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="attention",
@@ -180,6 +185,8 @@ class LongformerEncoder(nn.Module):
     dilations: per layer, an int or a per-head tuple (a single int applies to all layers).
     max_global: static bound on global tokens per row, needed under jit with a global mask.
     global_projections: separate q/k/v projections for global rows (Longformer).
+    attention_implementation: `banded_attention`'s for every layer (None: chosen for the
+      platform compiled for; "lax" or "splash" to force one).
     dropout_rate: dropout after attention and in the MLP (the banded kernel has no dropout
       on attention probabilities).
     remat: recompute each block's activations in the backward pass (`nn.remat`).
@@ -192,6 +199,7 @@ class LongformerEncoder(nn.Module):
   dilations: int | Sequence[int | Sequence[int]] = 1
   max_global: int | None = None
   global_projections: bool = True
+  attention_implementation: str | None = None
   dropout_rate: float = 0.0
   remat: bool = False
   dtype: Dtype = jnp.float32
@@ -211,6 +219,7 @@ class LongformerEncoder(nn.Module):
         dilation=dilation,
         max_global=self.max_global,
         global_projections=self.global_projections,
+        attention_implementation=self.attention_implementation,
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
         param_dtype=self.param_dtype,

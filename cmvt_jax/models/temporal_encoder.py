@@ -57,6 +57,8 @@ class TemporalEncoder(nn.Module):
     windows: one-sided attention window per layer (an int for all layers), in time steps.
     dilations: per layer, an int or a per-head tuple.
     global_projections: separate q/k/v projections for the CLS token (Longformer).
+    attention_implementation: `banded_attention`'s (None: chosen for the platform compiled
+      for; "lax" or "splash" to force one).
     dropout_rate: dropout inside the blocks.
     remat: recompute each block in the backward pass.
   """
@@ -68,6 +70,7 @@ class TemporalEncoder(nn.Module):
   windows: int | Sequence[int] = 1
   dilations: int | Sequence[int | Sequence[int]] = 1
   global_projections: bool = True
+  attention_implementation: str | None = None
   dropout_rate: float = 0.0
   remat: bool = False
   dtype: Dtype = jnp.float32
@@ -106,6 +109,7 @@ class TemporalEncoder(nn.Module):
       dilations=self.dilations,
       max_global=1,
       global_projections=self.global_projections,
+      attention_implementation=self.attention_implementation,
       dropout_rate=self.dropout_rate,
       remat=self.remat,
       dtype=self.dtype,

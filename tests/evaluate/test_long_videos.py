@@ -14,6 +14,7 @@ from cmvt_jax import export
 from cmvt_jax import search
 from cmvt_jax import whole_video
 from cmvt_jax.data import synthetic
+from cmvt_jax.models import cmvt
 from configs import micro
 from tests.evaluate.conftest import LATEST_STEP
 from tests.evaluate.conftest import micro_config
@@ -147,10 +148,15 @@ def test_a_run_recorded_before_the_moment_keys_embeds_and_searches(tmp_path, wor
   for path, value in export.KEYS_ADDED.items():
     section, key = path.split(".")
     assert config[section][key] == value == defaults[section][key], path
+  assert cmvt.from_config(config).video_encoder.temporal.attention_implementation is None
   # The same model whatever the pipeline's speed settings: a collection stays searchable.
   faster = micro.get_config()
   faster.input.num_workers, faster.input.read_threads = 8, 4
   assert export.model_digest(faster) == export.model_digest(micro.get_config())
+  # ... and whichever attention implementation computes it (they agree to float rounding).
+  splash = micro.get_config()
+  splash.model.attention_implementation = "splash"
+  assert export.model_digest(splash) == export.model_digest(micro.get_config())
   wider = micro.get_config()
   wider.input.frame_size = 32
   assert export.model_digest(wider) != export.model_digest(micro.get_config())

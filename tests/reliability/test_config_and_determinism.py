@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 
 from tests import helpers
@@ -51,3 +52,27 @@ def test_same_config_and_seed_give_bitwise_identical_metrics(
   helpers.assert_trees_equal(
     helpers.load_state(workdir, REFERENCE_STEPS), helpers.load_state(reference_run, REFERENCE_STEPS)
   )
+
+
+def test_switching_the_attention_implementation_resumes_the_checkpoint(
+  tmp_path, micro_data_dir, reference_run
+):
+  """`model.attention_implementation` is not a shape key: a run trained with "lax" (the CPU's
+  choice) continues from its checkpoint with "splash" (TPU interpret mode here), and the
+  steps it adds are the uninterrupted run's to float rounding."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run, workdir)
+  resume_from = REFERENCE_STEPS - REFERENCE_CHECKPOINT_EVERY
+  shutil.rmtree(workdir / "checkpoints" / str(REFERENCE_STEPS))
+  helpers.run_main(
+    workdir,
+    f"--config.total_steps={resume_from + 2}",
+    f"--config.checkpoint_every_steps={REFERENCE_CHECKPOINT_EVERY}",
+    "--config.checkpoint.keep=10",
+    "--config.model.attention_implementation=splash",
+    data_dir=micro_data_dir,
+  )
+  resumed, reference = helpers.losses(workdir), helpers.losses(reference_run)
+  assert sorted(resumed) == list(range(1, resume_from + 3))
+  steps = [resume_from + 1, resume_from + 2]
+  np.testing.assert_allclose([resumed[s] for s in steps], [reference[s] for s in steps], rtol=1e-4)

@@ -14,12 +14,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from ml_collections import config_dict
 
 from benchmarks import banded_attention_tpu
 from cmvt_jax import compile as compile_lib
 from cmvt_jax import sharding
+from cmvt_jax.models import attention
 from cmvt_jax.models import frame_encoder
 from tests import helpers
 
@@ -353,7 +355,7 @@ def test_banded_attention_on_a_tpu_keeps_memory_linear_and_softmax_in_float32():
   device = compile_lib.Topology.parse("v5e-1").devices(1)[0]
   measured = {}
   for length in LENGTHS:
-    compiled = banded_attention_tpu.compiled_gradient(length, device)
+    compiled = banded_attention_tpu.compiled_gradient(length, device, "lax", global_token=False)
     text = compiled.as_text()
     exponentials = re.findall(r"= (\w+)\[[^\]]*\]\S* exponential\(", text)
     assert exponentials and set(exponentials) == {"f32"}, exponentials
@@ -364,3 +366,60 @@ def test_banded_attention_on_a_tpu_keeps_memory_linear_and_softmax_in_float32():
   short, long = LENGTHS
   print(f"banded attention temporaries on one v5e chip: {measured}")
   assert measured[long] / long <= 1.25 * measured[short] / short, measured
+
+
+@needs_libtpu
+def test_the_splash_kernel_compiles_for_a_tpu_with_memory_linear_in_length():
+  """The splash path's forward + backward (bf16) compiled for one v5e chip at two lengths: its
+  kernels are in the program (forward, dq, dkv), the temporaries grow like T. (The range 16k
+  to 1M, with a global token, is benchmarks/banded_attention_tpu.py's table in BENCHMARKS.md.)"""
+  device = compile_lib.Topology.parse("v5e-1").devices(1)[0]
+  measured = {}
+  for length in LENGTHS:
+    compiled = banded_attention_tpu.compiled_gradient(length, device, "splash", global_token=False)
+    text = compiled.as_text()
+    for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+      assert kernel in text, kernel
+    measured[length] = compiled.memory_analysis().temp_size_in_bytes
+  short, long = LENGTHS
+  print(f"splash temporaries on one v5e chip: {measured}")
+  assert measured[long] / long <= 1.25 * measured[short] / short, measured
+
+
+@needs_libtpu
+@pytest.mark.parametrize("length,kernel", [(1024, True), (1023, False)])
+def test_none_picks_splash_for_long_sequences_compiled_for_a_tpu(length, kernel):
+  """`implementation=None` decides by the platform compiled for: lowered for a TPU from this
+  CPU, a sequence of 1024 positions gets the kernel, a shorter one the lax loop."""
+  device = compile_lib.Topology.parse("v5e-1").devices(1)[0]
+  x = jax.ShapeDtypeStruct(
+    (1, length, 2, 64), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device)
+  )
+  lowered = jax.jit(lambda q: attention.banded_attention(q, q, q, window=16)).lower(x).as_text()
+  assert ("splash_mha_fwd" in lowered) == kernel
+
+
+@needs_libtpu
+def test_splash_under_a_sharded_jit_runs_per_device_in_shard_map():
+  """Traced for a 4-chip mesh with the batch split (as the train and embed steps are), the
+  kernel runs in `shard_map` over the batch: it compiles, and every chip computes its own
+  rows of attention without gathering another chip's q, k or v."""
+  mesh = jax.sharding.Mesh(
+    np.asarray(compile_lib.Topology.parse("v5e-4").devices(1)).reshape(2, 2), ("data", "fsdp")
+  )
+  rows = sharding.batch_sharding(mesh)
+  x = jax.ShapeDtypeStruct((8, 2048, 2, 64), jnp.bfloat16, sharding=rows)
+  cls = jax.ShapeDtypeStruct((8, 2048), jnp.bool_, sharding=rows)
+
+  def loss(q, k, v, global_mask):
+    out = attention.banded_attention(
+      q, k, v, window=32, global_mask=global_mask, max_global=1, implementation="splash"
+    )
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  step = jax.jit(
+    sharding.traced_over(mesh, jax.grad(loss, argnums=(0, 1, 2))), out_shardings=(rows,) * 3
+  )
+  text = step.lower(x, x, x, cls).compile().as_text()
+  assert "splash_mha_dkv" in text
+  assert "all-gather" not in text

@@ -12,7 +12,11 @@ pytestmark = pytest.mark.slow
   "overrides,devices,message",
   [
     (["--config.bogus=1"], 1, "config has no key 'bogus'; its keys are: batch_size, checkpoint"),
-    (["--config.model.vido.width=3"], 1, "config.model has no key 'vido'; its keys are: audio"),
+    (
+      ["--config.model.vido.width=3"],
+      1,
+      "config.model has no key 'vido'; its keys are: attention_implementation, audio",
+    ),
     (["--config.total_steps=abc"], 1, "--config.total_steps=abc: invalid literal for int()"),
     (
       ["--config.batch_size=6", "--config.eval.batch_size=4"],
@@ -26,6 +30,12 @@ pytestmark = pytest.mark.slow
       "No prepared dataset at {data_dir}/no_such_dataset/1.0.0: prepare one with",
     ),
     (["--config.objective=supervised"], 1, "needs config.model.num_classes > 0"),
+    (
+      ["--config.model.attention_implementation=cudnn"],
+      1,
+      "config.model.attention_implementation must be unset (chosen for the platform) or one "
+      "of ('lax', 'splash'); got 'cudnn'",
+    ),
   ],
 )
 def test_bad_config_is_refused_before_any_work(
