@@ -262,8 +262,12 @@ class VideoEmbedder:
   ) -> Embedded:
     spec = self.spec
     num_frames = math.floor(stored_frames / self.preprocessor.storage_fps * spec.fps)
-    if num_frames < 1:
-      raise ValueError(f"a video needs at least one input frame ({1 / spec.fps} s).")
+    if num_frames < 1:  # a stored frame or two, but no input frame: skipped like an empty file
+      raise video_io.EmptyVideoError(
+        path,
+        f"the usable part ({stored_frames} frame(s) at {self.preprocessor.storage_fps:g} fps) "
+        f"is shorter than one input frame at {spec.fps:g} fps ({1 / spec.fps:g} s)",
+      )
     features = features[:num_frames]
     self.check_fits(path, num_frames / spec.fps)
     sample_rate = spec.mel.sample_rate

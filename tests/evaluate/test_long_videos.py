@@ -3,6 +3,7 @@ end to end on a generated long video (the micro workdir's model)."""
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ from cmvt_jax import export
 from cmvt_jax import search
 from cmvt_jax import whole_video
 from cmvt_jax.data import synthetic
+from cmvt_jax.data import video_io
 from cmvt_jax.models import cmvt
 from configs import micro
+from tests.data import media
 from tests.evaluate.conftest import LATEST_STEP
 from tests.evaluate.conftest import micro_config
 
@@ -70,13 +73,15 @@ def test_videos_of_many_lengths_share_a_handful_of_programs(run):
   assert device.programs == 1 + 2 + 2
 
 
-def test_a_video_over_the_memory_limit_is_skipped_and_counted(
-  tmp_path, workdir, run, micro_data_dir, video_embedder
+def test_videos_that_cannot_be_used_are_skipped_and_counted_while_the_rest_exports(
+  tmp_path, workdir, run, micro_data_dir, video_embedder, caplog
 ):
   folder = tmp_path / "videos"
   for index in range(2):
     write_long_video(folder / f"short_{index}.mp4", segments=2, seed=index)
   write_long_video(folder / "long.mp4", segments=30, seed=5)  # one minute
+  # 0.2 s: one stored frame at 8 fps, no input frame at 4 fps (first in the folder's order).
+  media.write_video(folder / "a_tiny.mp4", num_frames=2, fps=10, audio=media.tone(0.2, 16000))
   embedder = video_embedder(None)
   limit = (embedder.memory_needed(4.0) + embedder.memory_needed(60.0)) / 2 / (1 << 30)
   config = micro_config(
@@ -87,12 +92,18 @@ def test_a_video_over_the_memory_limit_is_skipped_and_counted(
       "export.memory_limit_gib": limit,
     },
   )
-  export.export_embeddings(config, str(workdir), run=run)
+  with caplog.at_level(logging.WARNING):
+    export.export_embeddings(config, str(workdir), run=run)
   rows = export.load_embeddings(workdir, "videos_whole_video")
   assert list(rows["source"]) == ["short_0.mp4", "short_1.mp4"]
   manifest = json.loads((workdir / "embeddings/videos_whole_video/manifest.json").read_text())
-  assert manifest["skipped_files"] == 1
-  assert manifest["skipped"] == {whole_video.TooLongError.reason: 1}
+  assert manifest["skipped_files"] == 2
+  assert manifest["skipped"] == {
+    whole_video.TooLongError.reason: 1,
+    video_io.EmptyVideoError.reason: 1,
+  }
+  assert "Skipping a_tiny.mp4: empty: " in caplog.text
+  assert "Skipping long.mp4: over the memory limit: " in caplog.text
 
 
 def test_search_finds_a_planted_segment_of_a_long_video(
