@@ -170,7 +170,7 @@ def export_embeddings(
   trained = trained_params(run, step=export.step, trained=trained)
   folder = epath.Path(workdir) / "embeddings" / export_name(export)
   # Bad settings are refused before the previous export is removed.
-  _host_batch_size(run, export.batch_size)
+  _check_settings(run, export)
   if export.video_dir:
     video_files = _video_files(epath.Path(export.video_dir))
   else:
@@ -558,6 +558,30 @@ def _raising(embedded: Iterable[tuple[dict, Any]]) -> Iterator[tuple[dict, Any]]
     if isinstance(outcome, video_io.VideoReadError):
       raise outcome
     yield metadata, outcome
+
+
+def _check_settings(run: run_lib.Run, export: config_dict.ConfigDict) -> None:
+  """Refuses bad `export` settings, whatever the mode (before anything is removed).
+
+  Raises:
+    ValueError: naming the setting and a value that works.
+  """
+  _host_batch_size(run, export.batch_size)
+  if not export.frame_chunk >= 1:
+    raise ValueError(
+      f"export.frame_chunk={export.frame_chunk} must be at least 1 (frames per frame-encoder "
+      "call while a video streams); e.g. --config.export.frame_chunk=256."
+    )
+  if not 0 <= export.moment_seconds < math.inf:
+    raise ValueError(
+      f"export.moment_seconds={export.moment_seconds} must be a number of seconds >= 0 (the "
+      "step of the moment grid; 0: no moments); e.g. --config.export.moment_seconds=1."
+    )
+  if export.memory_limit_gib is not None and not 0 < export.memory_limit_gib < math.inf:
+    raise ValueError(
+      f"export.memory_limit_gib={export.memory_limit_gib} must be a positive number of GiB "
+      "(what one whole video may use; unset: the device's memory)."
+    )
 
 
 def _host_batch_size(run: run_lib.Run, size: int) -> int:

@@ -83,7 +83,7 @@ class VideoEmbedder:
     moment_seconds: float,
     memory_limit_bytes: int,
   ):
-    if moment_seconds < 0:
+    if not 0 <= moment_seconds < math.inf:
       raise ValueError(f"export.moment_seconds must be >= 0; got {moment_seconds}.")
     self.embedder, self.preprocessor = embedder, preprocessor
     self.spec = preprocessor.spec

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -13,6 +14,7 @@ from cmvt_jax import whole_video
 from cmvt_jax.data import pipeline
 from cmvt_jax.data import synthetic
 from configs import micro
+from tests import helpers
 from tests.evaluate.conftest import LATEST_STEP
 from tests.evaluate.conftest import MICRO_TEST_CLIPS
 from tests.evaluate.conftest import MICRO_TEST_FILES
@@ -223,3 +225,28 @@ def test_each_export_setting_twice_replaces_its_folder_with_equal_files(
   assert sorted(first) == sorted(second)
   for key in first:
     np.testing.assert_array_equal(second[key], first[key], err_msg=key)
+
+
+@pytest.mark.parametrize(
+  "setting, value, says",
+  [
+    ("moment_seconds", -1.0, "export.moment_seconds=-1.0 must be"),
+    ("moment_seconds", float("nan"), "export.moment_seconds=nan must be"),
+    ("frame_chunk", 0, "export.frame_chunk=0 must be"),
+    ("memory_limit_gib", 0.0, "export.memory_limit_gib=0.0 must be"),
+    ("batch_size", 0, "export.batch_size=0 must be"),
+  ],
+)
+def test_bad_settings_are_refused_before_the_previous_export_is_touched(
+  clip_export, workdir, run, micro_data_dir, setting, value, says
+):
+  del clip_export  # the finished export that a refused rerun must leave as it is
+  folder = workdir / "embeddings" / "test"
+  before = helpers.file_digests(folder)
+  config = micro_config(
+    micro_data_dir,
+    **{"export.whole_video": True, "export.name": "test", f"export.{setting}": value},
+  )
+  with pytest.raises(ValueError, match=re.escape(says)):
+    export.export_embeddings(config, str(workdir), run=run)
+  assert helpers.file_digests(folder) == before
