@@ -27,11 +27,12 @@ on each process's first local device, no collective). A video that cannot be use
 too short, or over `export.memory_limit_gib`) is skipped, logged and counted by reason in the
 manifest (`skipped`); the rest of the folder exports.
 
-Interruption. Process 0 first removes the folder's manifest and parts; each part is written
-under a temporary name and renamed when complete; process 0 writes the manifest (step, config
-hash, model hash, counts, embedding dim, moment grid) only after every process has finished
-its part. A folder without a manifest is an incomplete export, and `load_embeddings` refuses
-it.
+Interruption. Process 0 first removes the folder's manifest, the search cache built from the
+previous export (`search-cache/`, search.py) and the parts; each part is written under a
+temporary name and renamed when complete; process 0 writes the manifest (step, config hash,
+model hash, counts, each part's SHA-256, embedding dim, moment grid) only after every process
+has finished its part. A folder without a manifest is an incomplete export, and
+`load_embeddings` refuses it.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ from cmvt_jax.data import pipeline
 from cmvt_jax.data import video_io
 
 MANIFEST = "manifest.json"
+# search.py's cache of a collection's moments, beside its parts: an export that writes the
+# parts again removes it with them.
+SEARCH_CACHE = "search-cache"
 # The `input` keys an eval view depends on (the rest tune the pipeline or augment training).
 _INPUT_KEYS_EMBEDDED = (
   "num_frames",
@@ -187,13 +191,14 @@ def export_embeddings(
       "label_names": list(run.dataset.label_names),
       "multi_label": run.dataset.multi_label,
     }
-  _write_part(folder, rows)
+  digest = _write_part(folder, rows)
   counts = sharding.gather(
     [len(rows["id"]), len(rows.get("moment_time", ()))]
     + [skipped.count(reason) for reason in SKIP_REASONS]
   )
+  digests = [row.tobytes().hex() for row in sharding.gather(list(digest), np.uint8)]
   if jax.process_index() == 0:
-    _write_manifest(folder, config, trained, counts, labels)
+    _write_manifest(folder, config, trained, counts, digests, labels)
   multihost_utils.sync_global_devices("cmvt_jax export: manifest written")
   seconds = time.perf_counter() - started
   total = int(counts[:, 0].sum())
@@ -703,20 +708,27 @@ def _ticking(
 
 
 def _clear(folder: epath.Path) -> None:
-  """Process 0 removes a previous export (manifest first); then every process may write."""
+  """Process 0 removes a previous export (manifest first) and the search cache built from
+  it; then every process may write."""
   if jax.process_index() == 0:
     folder.mkdir(parents=True, exist_ok=True)
     files.remove(folder / MANIFEST, kind="export-clear")
+    files.remove(folder / SEARCH_CACHE, kind="export-clear")
     for path in folder.glob("part-*"):
       files.remove(path, kind="export-clear")
   multihost_utils.sync_global_devices("cmvt_jax export: folder cleared")
 
 
-def _write_part(folder: epath.Path, rows: dict[str, np.ndarray]) -> None:
-  """This process's part, under a temporary name until it is complete."""
+def _write_part(folder: epath.Path, rows: dict[str, np.ndarray]) -> bytes:
+  """This process's part, under a temporary name until it is complete; returns the SHA-256
+  of its bytes (read back once here, so that no search has to)."""
   path = folder / part_name(jax.process_index(), jax.process_count())
-  with files.replacing(path, kind="export-part") as temporary, temporary.open("wb") as f:
-    np.savez(f, **rows)
+  with files.replacing(path, kind="export-part") as temporary:
+    with temporary.open("wb") as f:
+      np.savez(f, **rows)
+    with temporary.open("rb") as f:
+      digest = hashlib.file_digest(f, "sha256").digest()
+  return digest
 
 
 def _write_manifest(
@@ -724,6 +736,7 @@ def _write_manifest(
   config: config_dict.ConfigDict,
   trained: run_lib.TrainedParams,
   counts: np.ndarray,
+  digests: Sequence[str],
   labels: dict[str, Any] | None,
 ) -> None:
   """`labels`: the prepared dataset's `label_names` and `multi_label` (None for raw files)."""
@@ -739,6 +752,7 @@ def _write_manifest(
     "parts": {
       part_name(index, len(counts)): int(count) for index, count in enumerate(counts[:, 0])
     },
+    "part_sha256": {part_name(index, len(counts)): digest for index, digest in enumerate(digests)},
     "skipped_files": int(counts[:, 2:].sum()),
     "skipped": {
       reason: int(count) for reason, count in zip(SKIP_REASONS, counts[:, 2:].sum(0)) if count

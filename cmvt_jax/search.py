@@ -18,8 +18,11 @@ order (parts in manifest order, moments in part order), so a search is determini
 Search cache. `np.load` of an .npz reads it whole; the first search of a collection writes
 its moments as plain .npy files beside the parts (`NAME/search-cache/`), which later
 searches memory-map: opening a collection reads two small JSON files. `cache.json`, written
-last and removed first on a rebuild, names the manifest (sha256) and part sizes the cache was
-built from; a cache without it, or built from another export, is rebuilt.
+last and removed first on a rebuild, names the export the cache was built from: the
+manifest's SHA-256, which covers each part's SHA-256 (computed once, when the export wrote
+the part), and the parts' sizes; for a manifest written before it recorded part digests, the
+parts' modification times too. A cache without it, or built from another export, is rebuilt,
+and an export removes the cache of the export it replaces.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -45,10 +49,10 @@ from cmvt_jax import export
 from cmvt_jax import files
 from cmvt_jax.data import video_io
 
-CACHE_DIR = "search-cache"
+CACHE_DIR = export.SEARCH_CACHE
 CACHE_INFO = "cache.json"
 CACHE_KIND = "search-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MODALITIES = ("audio", "video")
 # Moments scored per matrix product (x queries): 64k x 128 float32 is 32 MiB of embeddings.
 CHUNK_MOMENTS = 1 << 16
@@ -198,15 +202,27 @@ def _read_export(workdir: epath.PathLike, name: str) -> tuple[epath.Path, dict, 
     path = folder / part_file
     if not path.exists():
       raise SearchError(f"Collection {name!r} is incomplete: {path} is missing. {_EXPORT_AGAIN}")
-    parts[part_file] = path.stat().length
+    parts[part_file] = _part_stamp(path, with_time="part_sha256" not in manifest)
   fingerprint = {
     "version": CACHE_VERSION,
     "manifest_sha256": hashlib.sha256((folder / export.MANIFEST).read_bytes()).hexdigest(),
-    "part_bytes": parts,
+    "parts": parts,
     "count": int(moments["count"]),
     "embed_dim": int(manifest["embed_dim"]),
   }
   return folder, manifest, fingerprint
+
+
+def _part_stamp(path: epath.Path, *, with_time: bool) -> list[int]:
+  """A part's size in bytes and, `with_time`, its modification time (ns; a part written
+  again gets a new one): what tells an older manifest's parts apart without reading them."""
+  if not with_time:
+    return [path.stat().length]
+  if "://" in str(path):  # an object store's time, in seconds
+    stat = path.stat()
+    return [stat.length, stat.mtime * 10**9]
+  stat = os.stat(path)
+  return [stat.st_size, stat.st_mtime_ns]
 
 
 def _open_cache(cache: epath.Path, fingerprint: dict) -> tuple[dict, list[str]] | None:

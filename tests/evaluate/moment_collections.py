@@ -3,6 +3,7 @@ format of export.py: for the search tests and benchmarks/search.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 
@@ -23,10 +24,12 @@ def write_collection(
   window_seconds: float = 2.0,
   model_sha256: str = MODEL_SHA256,
   return_moments: bool = True,
+  part_digests: bool = True,
 ) -> dict[str, np.ndarray] | None:
   """Writes `WORKDIR/embeddings/NAME/` with one video per entry of `moments_per_video`
   (video i in part i % parts, as a multi-process export shares them) and random unit
-  embeddings.
+  embeddings; `part_digests`: the manifest names each part's SHA-256 (False: as manifests
+  written before it did).
 
   Returns:
     (None unless `return_moments`) the moments in search order (parts in manifest order,
@@ -35,7 +38,8 @@ def write_collection(
   folder = pathlib.Path(workdir) / "embeddings" / name
   folder.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
-  manifest_parts, merged = {}, {"video": [], "audio": [], "time": [], "source": []}
+  manifest_parts, digests = {}, {}
+  merged = {"video": [], "audio": [], "time": [], "source": []}
   for part in range(parts):
     videos = list(range(part, len(moments_per_video), parts))
     counts = np.asarray([moments_per_video[v] for v in videos], np.int64)
@@ -60,6 +64,7 @@ def write_collection(
       moment_row=row,
     )
     manifest_parts[file] = len(videos)
+    digests[file] = hashlib.sha256((folder / file).read_bytes()).hexdigest()
     if not return_moments:
       continue
     for key, value in (
@@ -87,6 +92,8 @@ def write_collection(
       "window_seconds": window_seconds,
     },
   }
+  if part_digests:
+    manifest["part_sha256"] = digests
   (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
   if return_moments:
     return {key: np.concatenate(values) for key, values in merged.items()}

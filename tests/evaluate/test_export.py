@@ -1,6 +1,7 @@
 """Embedding export: round trip, checkpoint choice, interruption, raw files, whole videos."""
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -70,6 +71,8 @@ def test_export_round_trip_equals_a_direct_forward_pass(clip_export, workdir, di
   assert manifest["step"] == LATEST_STEP
   assert manifest["count"] == MICRO_TEST_CLIPS and manifest["embed_dim"] == 32
   assert manifest["parts"] == {"part-00000-of-00001.npz": MICRO_TEST_CLIPS}
+  part = workdir / "embeddings" / "test" / "part-00000-of-00001.npz"
+  assert manifest["part_sha256"] == {part.name: hashlib.sha256(part.read_bytes()).hexdigest()}
   assert len(manifest["config_sha256"]) == 64
 
 

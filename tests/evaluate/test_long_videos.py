@@ -145,6 +145,30 @@ def test_search_finds_a_planted_segment_of_a_long_video(
   assert answer.target == "video" and len(answer.results) == 10
 
 
+def test_a_collection_exported_again_is_searched_again(tmp_path, workdir, run, micro_data_dir):
+  """A video replaced by another of the same name and length, the folder exported again: the
+  search finds the new film's moments (the first search's cache is not reused)."""
+  folder = tmp_path / "reels"
+  write_long_video(folder / "other.mp4", segments=3, seed=21)
+  config = micro_config(
+    micro_data_dir, **{"export.whole_video": True, "export.video_dir": str(folder)}
+  )
+  query = f"{folder / 'reel.mp4'}@3-4"  # one window on the moment grid: its own moment
+
+  def best() -> search.Result:
+    answer = search.run_search(
+      str(workdir), "reels_whole_video", query, query_modality="audio", same_modality=True
+    )
+    return answer.results[0]
+
+  for seed in (20, 22):  # then another film (another kind of object and sound), 6 s too
+    write_long_video(folder / "reel.mp4", segments=3, seed=seed)
+    export.export_embeddings(config, str(workdir), run=run)
+    found = best()
+    assert (found.source, found.start, found.end) == ("reel.mp4", 3, 4), seed
+    assert found.score == pytest.approx(1.0, abs=1e-5), seed
+
+
 def test_a_run_recorded_before_the_moment_keys_embeds_and_searches(tmp_path, workdir):
   recorded = json.loads((workdir / "config.json").read_text())
   for path in export.KEYS_ADDED:

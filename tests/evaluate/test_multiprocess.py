@@ -2,6 +2,7 @@
 its own videos on its own first device, no collective inside a video) and plots; each process
 writes its own part, and together they hold what one process exports."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -34,6 +35,9 @@ def test_two_process_run_exports_and_plots_at_the_end(tmp_path, micro_data_dir):
   assert manifest["step"] == 1 and manifest["count"] == MICRO_TEST_FILES
   parts = [np.load(folder / name) for name in manifest["parts"]]
   assert sorted(manifest["parts"]) == ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
+  assert manifest["part_sha256"] == {  # each process's digest, gathered by process 0
+    name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in manifest["parts"]
+  }
   ids = [set(part["id"]) for part in parts]
   assert ids[0] and ids[1] and not ids[0] & ids[1]
   union = export.load_embeddings(workdir, "test_whole_video")

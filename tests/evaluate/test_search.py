@@ -4,6 +4,7 @@ each error of the command line (run in-process; the query's embedding is faked, 
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -117,6 +118,25 @@ def test_the_cache_is_built_once_reused_and_rebuilt_when_the_export_changes(
   assert len(builds) == 4
   np.testing.assert_array_equal(reopened.audio, truth["audio"])
   assert not list(cache.glob("*.cmvt-tmp"))
+
+
+@pytest.mark.parametrize("part_digests", [True, False])
+def test_other_moments_of_the_same_shapes_rebuild_the_cache(tmp_path, part_digests):
+  """An export again under the same name, of other videos of the same lengths (same
+  manifest counts, same part sizes): its own moments are searched. The manifest's part
+  digests tell the exports apart; an older manifest without them, the parts' times."""
+  moment_collections.write_collection(tmp_path, NAME, LENGTHS, parts=3, part_digests=part_digests)
+  search.load_collection(tmp_path, NAME)
+  truth = moment_collections.write_collection(
+    tmp_path, NAME, LENGTHS, parts=3, seed=5, part_digests=part_digests
+  )
+  for part in (tmp_path / "embeddings" / NAME).glob("part-*"):
+    # Written a second later (file times tick in steps of a few milliseconds).
+    stat = os.stat(part)
+    os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  again = search.load_collection(tmp_path, NAME)
+  for modality in ("video", "audio"):
+    np.testing.assert_array_equal(again.moments(modality), truth[modality])
 
 
 def test_the_cache_writes_are_write_points(collection, monkeypatch, tmp_path):
