@@ -14,7 +14,8 @@ standard error, where the log goes.
 `LogFormatter` gives the package's own INFO log lines the same plain look (time and message,
 without absl's file and thread prefix); warnings and errors keep absl's full prefix, which
 says where they came from. While a stage line is being redrawn on a terminal, a log line
-first clears it (the stage draws itself again on its next update).
+first clears it (the stage draws itself again on its next update). `plain_logs` sets up a
+command line's log so (libraries' INFO lines dropped), as `main` and `search` do.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import logging as logging_lib
 import sys
 import time
 from typing import TextIO
+
+from absl import logging
 
 # A terminal line is redrawn at most this often (seconds).
 _REDRAW_SECONDS = 0.2
@@ -172,3 +175,20 @@ class LogFormatter(logging_lib.Formatter):
       # The stage line being redrawn has no newline yet: clear it first.
       text = "\r\x1b[K" + text
     return text
+
+
+class OwnInfoOnly(logging_lib.Filter):
+  """Keeps cmvt_jax's INFO lines and every library's warnings; drops libraries' INFO chatter."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return record.levelno >= logging_lib.WARNING or "cmvt_jax" in record.pathname
+
+
+def plain_logs() -> logging_lib.Handler:
+  """A command line's log at `--verbosity=0`: the package's INFO lines in `LogFormatter`'s
+  plain look, libraries' warnings and errors with absl's prefix, none of their INFO lines
+  (orbax's, TFDS's). Call once flags are parsed; returns absl's handler set up so."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(OwnInfoOnly())
+  handler.setFormatter(LogFormatter(logging.PythonFormatter()))
+  return handler

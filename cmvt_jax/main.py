@@ -71,13 +71,6 @@ _USER_ERRORS = (
 )
 
 
-class _OwnInfoOnly(logging_lib.Filter):
-  """Keeps cmvt_jax's INFO lines and every library's warnings; drops libraries' INFO chatter."""
-
-  def filter(self, record: logging_lib.LogRecord) -> bool:
-    return record.levelno >= logging_lib.WARNING or "cmvt_jax" in record.pathname
-
-
 class _FullDiskEchoes(logging_lib.Filter):
   """Drops the libraries' own error reports of a full disk: orbax's background threads log
   every write that failed, with a traceback, and asyncio logs their tasks' exceptions when
@@ -120,10 +113,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if flags.FLAGS.verbosity < 1:  # --verbosity=1 shows the libraries' INFO logs too
-    handler = logging.get_absl_handler()
-    handler.addFilter(_OwnInfoOnly())
-    handler.addFilter(_FullDiskEchoes())
-    handler.setFormatter(console.LogFormatter(logging.PythonFormatter()))
+    console.plain_logs().addFilter(_FullDiskEchoes())
     _quiet_full_disk_echoes()
   config = _CONFIG.value
   sharding.choose_platforms()
