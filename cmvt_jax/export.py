@@ -30,13 +30,15 @@ manifest (`skipped`); the rest of the folder exports.
 Interruption. Process 0 first removes the folder's manifest, the search cache built from the
 previous export (`search-cache/`, search.py) and the parts; each part is written under a
 temporary name and renamed when complete; process 0 writes the manifest (step, config hash,
-model hash, counts, each part's SHA-256, embedding dim, moment grid) only after every process
-has finished its part. A folder without a manifest is an incomplete export, and
-`load_embeddings` refuses it.
+model hash, counts, each part's SHA-256, embedding dim, moment grid, the stored data's
+settings) only after every process has finished its part. A folder without a manifest is
+an incomplete export, and `load_embeddings` refuses it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -198,7 +200,7 @@ def export_embeddings(
   )
   digests = [row.tobytes().hex() for row in sharding.gather(list(digest), np.uint8)]
   if jax.process_index() == 0:
-    _write_manifest(folder, config, trained, counts, digests, labels)
+    _write_manifest(folder, config, trained, counts, digests, labels, run.dataset.storage)
   multihost_utils.sync_global_devices("cmvt_jax export: manifest written")
   seconds = time.perf_counter() - started
   total = int(counts[:, 0].sum())
@@ -256,6 +258,7 @@ def embed_segment(
   end: float | None = None,
   step: int | None = None,
   config: config_dict.ConfigDict | None = None,
+  storage: dataset_writer.StorageSpec | None = None,
 ) -> np.ndarray:
   """One modality of [start, end) of a media file (None: its start / end) with a workdir's
   model, embedded in one pass as a clip of that length: `[E]` float32, L2-normalised.
@@ -265,19 +268,46 @@ def embed_segment(
     path: a video file, or (modality 'audio') any file with an audio stream.
     modality: 'audio' or 'video'.
     start, end: seconds from the file's start.
-    step: the checkpoint (None: `config.export.step`, or the latest); a search embeds its
-      query with the checkpoint that embedded the collection.
-    config: the run's config; by default the one recorded in `WORKDIR/config.json`.
+    step, config, storage: as `segment_embedder`'s.
 
   Raises:
     video_io.VideoReadError: the file cannot be used.
-    ValueError: the range is empty or outside the file.
+    ValueError: the range is empty or outside the file (or, as `segment_embedder`, no
+      such checkpoint).
+  """
+  embed = segment_embedder(workdir, step=step, config=config, storage=storage)
+  return embed(path, modality=modality, start=start, end=end)
+
+
+def segment_embedder(
+  workdir: epath.PathLike,
+  *,
+  step: int | None = None,
+  config: config_dict.ConfigDict | None = None,
+  storage: dataset_writer.StorageSpec | None = None,
+) -> Callable[..., np.ndarray]:
+  """A workdir's model, loaded once, as `embed(path, *, modality, start=None, end=None)`:
+  `embed_segment` without loading it again.
+
+  Args:
+    workdir: a training workdir.
+    step: the checkpoint (None: `config.export.step`, or the latest); a search embeds its
+      query with the checkpoint that embedded the collection.
+    config: the run's config; by default the one recorded in `WORKDIR/config.json`.
+    storage: the stored data's settings (frame rate, frame size, sample rate) that the
+      model's input is made from. None: the training dataset's, which opens it (and makes
+      the synthetic one first); a search passes those its collection's manifest records.
+
+  Raises:
+    FileNotFoundError: no checkpoint; ValueError: no checkpoint `step`, or one of another
+      model; checkpoints.NoUsableCheckpointError: none can be restored.
   """
   config = config or workdir_config(workdir)
   run = run_lib.Run.create(config, workdir)
   trained = run.restore_params(step=config.export.step if step is None else step)
-  embedder = video_embedder(run, trained, config.export)
-  return embedder.embed_range(path, run.dataset.storage, modality=modality, start=start, end=end)
+  storage = storage or run.dataset.storage
+  embedder = video_embedder(run, trained, config.export, storage=storage)
+  return functools.partial(embedder.embed_range, storage=storage)
 
 
 def workdir_config(workdir: epath.PathLike) -> config_dict.ConfigDict:
@@ -603,9 +633,14 @@ def _host_batch_size(run: run_lib.Run, size: int) -> int:
 
 
 def video_embedder(
-  run: run_lib.Run, trained: run_lib.TrainedParams, export: config_dict.ConfigDict
+  run: run_lib.Run,
+  trained: run_lib.TrainedParams,
+  export: config_dict.ConfigDict,
+  *,
+  storage: dataset_writer.StorageSpec | None = None,
 ) -> whole_video.VideoEmbedder:
-  """The whole-video embedder of the export settings (on this process's first device)."""
+  """The whole-video embedder of the export settings (on this process's first device), for
+  data stored with `storage` (None: the dataset's)."""
   device = embedding.WholeVideoEmbedder(
     run.model,
     run.mesh,
@@ -619,7 +654,7 @@ def video_embedder(
     limit = whole_video.memory_available(device.device)
   return whole_video.VideoEmbedder(
     device,
-    run.preprocessor(trained.stats),
+    run.preprocessor(trained.stats, storage=storage),
     moment_seconds=export.moment_seconds,
     memory_limit_bytes=limit,
   )
@@ -738,8 +773,10 @@ def _write_manifest(
   counts: np.ndarray,
   digests: Sequence[str],
   labels: dict[str, Any] | None,
+  storage: dataset_writer.StorageSpec,
 ) -> None:
-  """`labels`: the prepared dataset's `label_names` and `multi_label` (None for raw files)."""
+  """`labels`: the prepared dataset's `label_names` and `multi_label` (None for raw files);
+  `storage`: the stored data's settings the videos were cut with."""
   export = config.export
   manifest = {
     "split": None if export.video_dir else export.split,
@@ -760,6 +797,8 @@ def _write_manifest(
     "label_names": labels and labels["label_names"],
     "multi_label": bool(labels and labels["multi_label"]),
     "model_sha256": model_digest(config),
+    # What a search needs to cut its queries as the moments were, without the dataset.
+    "storage": dataclasses.asdict(storage),
   }
   if export.whole_video and export.moment_seconds:
     manifest["moments"] = {

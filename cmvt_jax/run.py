@@ -31,6 +31,7 @@ from cmvt_jax import checkpoints
 from cmvt_jax import flops as flops_lib
 from cmvt_jax import losses
 from cmvt_jax import sharding
+from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import datasets
 from cmvt_jax.data import normalization
 from cmvt_jax.data import pipeline
@@ -325,10 +326,14 @@ class Run:
     self,
     stats: normalization.NormalizationStats,
     dataset: datasets.PreparedDataset | None = None,
+    *,
+    storage: dataset_writer.StorageSpec | None = None,
   ) -> pipeline.Preprocessor:
-    """Stored clips of `dataset` (default: the run's) → model inputs, at its storage rates."""
-    dataset = dataset or self.dataset
-    return pipeline.Preprocessor(self.spec, stats, dataset.storage.fps, dataset.storage.sample_rate)
+    """Stored clips → model inputs, at the storage rates of `storage`, else of `dataset`
+    (default: the run's; a search passes the settings its collection recorded, so it opens
+    no dataset)."""
+    storage = storage or (dataset or self.dataset).storage
+    return pipeline.Preprocessor(self.spec, stats, storage.fps, storage.sample_rate)
 
   # --- checkpoints
 

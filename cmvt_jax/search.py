@@ -7,7 +7,8 @@ A collection is a whole-video export (`--mode export --config.export.whole_video
 `WORKDIR/embeddings/NAME/`: its parts hold per-moment embeddings of both modalities on one
 time grid (`moment_video`, `moment_audio` `[M, E]`, L2-normalised; `moment_time`, `moment_row`;
 export.py). A query (a file, or `[START, END)` seconds of it) is embedded by the same model
-(`export.embed_segment`) and scored against every moment by cosine similarity: by default
+(`export.segment_embedder`, the checkpoint and stored data's settings the manifest records:
+no dataset is read) and scored against every moment by cosine similarity: by default
 cross-modal (an audio query against the video moments, a video query against the audio
 moments), with `--same_modality` against its own modality.
 
@@ -35,6 +36,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,8 +47,13 @@ from absl import logging
 from etils import epath
 from ml_collections import config_dict
 
+from cmvt_jax import checkpoints
+from cmvt_jax import console
 from cmvt_jax import export
 from cmvt_jax import files
+from cmvt_jax import sharding
+from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import datasets
 from cmvt_jax.data import video_io
 
 CACHE_DIR = export.SEARCH_CACHE
@@ -191,11 +198,23 @@ def _read_export(workdir: epath.PathLike, name: str) -> tuple[epath.Path, dict, 
     listed = f" Collections there: {', '.join(names)}." if names else ""
     raise SearchError(f"{found}{listed} Export one with {_EXPORT_COMMAND}.") from None
   moments = manifest.get("moments")
-  if not moments or not moments.get("count"):
-    kind = "per-clip embeddings" if not manifest.get("whole_video") else "no moments"
+  if not manifest.get("whole_video"):
     raise SearchError(
-      f"Collection {name!r} ({folder}) holds {kind}, no moments to search. "
+      f"Collection {name!r} ({folder}) holds per-clip embeddings, no moments to search. "
       f"Export whole videos with moments: {_EXPORT_COMMAND}."
+    )
+  if not moments:
+    raise SearchError(
+      f"Collection {name!r} ({folder}) was exported without moments "
+      "(export.moment_seconds=0, or by a version that had none). Export it again with a "
+      f"moment grid: {_EXPORT_COMMAND[:-1]} --config.export.moment_seconds=S` (S > 0 "
+      "seconds between moments, e.g. 1)."
+    )
+  if not moments.get("count"):
+    raise SearchError(
+      f"Collection {name!r} ({folder}) holds no moments: no video of it was embedded "
+      f"(skipped, by reason: {manifest.get('skipped') or 'none'}). Export videos that can be "
+      f"used: {_EXPORT_COMMAND}."
     )
   parts = {}
   for part_file in manifest["parts"]:
@@ -561,6 +580,11 @@ def run_search(
   if top_k < 1:
     raise SearchError(f"--top_k must be at least 1; got {top_k}.")
   query = parse_query(query_text)
+  if epath.Path(query.path).is_dir():
+    raise SearchError(
+      f"The query {query.path} is a directory: give one audio or video file (FILE, or "
+      "FILE@START-END in seconds)."
+    )
   if not epath.Path(query.path).is_file():
     raise SearchError(f"The query file {query.path} does not exist.")
   collection = load_collection(workdir, name)
@@ -571,15 +595,11 @@ def run_search(
   check_compatible(collection, config)
   try:
     modality = query_modality or file_modality(query.path)
-    embedding = export.embed_segment(
-      workdir,
-      query.path,
-      start=query.start,
-      end=query.end,
-      modality=modality,
-      step=collection.manifest["step"],
-      config=config,
-    )
+  except video_io.VideoReadError as error:
+    raise SearchError(f"Cannot read the query file: {error}") from None
+  embed = _collection_model(workdir, collection, config)
+  try:
+    embedding = embed(query.path, modality=modality, start=query.start, end=query.end)
   except video_io.VideoReadError as error:
     raise SearchError(f"Cannot read the query file: {error}") from None
   except ValueError as error:  # a range outside the file
@@ -587,6 +607,54 @@ def run_search(
   target = target_modality(modality, same_modality)
   results = search(collection, embedding, modality=target, top_k=top_k)
   return Answer(query, modality, target, collection, results)
+
+
+def collection_storage(
+  collection: Collection, config: config_dict.ConfigDict
+) -> dataset_writer.StorageSpec:
+  """The stored data's settings that the collection's moments were made from (and so its
+  queries are): those its manifest records; for a manifest written before it recorded them,
+  the config's when its dataset is the synthetic one (generated with them), else the
+  prepared dataset's.
+
+  Raises:
+    SearchError: an older manifest, and the prepared dataset is not there.
+  """
+  recorded = collection.manifest.get("storage")
+  if recorded is not None:
+    return dataset_writer.StorageSpec(**recorded)
+  if config.dataset.name == datasets.SYNTHETIC_NAME:
+    return datasets.storage_from_config(config.dataset)
+  try:
+    return datasets.open_from_config(config.dataset, config.input).storage
+  except FileNotFoundError:
+    data_dir = config.dataset.data_dir or datasets.default_data_dir()
+    raise SearchError(
+      f"Collection {collection.name!r} was exported before manifests recorded the stored "
+      f"data's settings, and the dataset they are read from ({config.dataset.name!r} in "
+      f"{data_dir}) is not there. Export the collection again (its manifest will record "
+      f"them): {_EXPORT_COMMAND}."
+    ) from None
+
+
+def _collection_model(
+  workdir: str, collection: Collection, config: config_dict.ConfigDict
+) -> Callable[..., np.ndarray]:
+  """`export.segment_embedder` of the checkpoint that embedded the collection.
+
+  Raises:
+    SearchError: that checkpoint cannot be read from the workdir.
+  """
+  step = collection.manifest["step"]
+  storage = collection_storage(collection, config)
+  try:
+    return export.segment_embedder(workdir, step=step, config=config, storage=storage)
+  except (FileNotFoundError, ValueError, checkpoints.NoUsableCheckpointError) as error:
+    raise SearchError(
+      f"Cannot load the model that embedded collection {collection.name!r} (checkpoint step "
+      f"{step} of workdir {workdir}): {error} A collection is searched with the checkpoint "
+      f"that embedded it; if that one is gone, export the collection again: {_EXPORT_COMMAND}."
+    ) from None
 
 
 def _clock(seconds: float) -> str:
@@ -599,6 +667,9 @@ def _clock(seconds: float) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if flags.FLAGS.verbosity < 1:  # --verbosity=1 shows the libraries' INFO logs too
+    console.plain_logs()
+  sharding.choose_platforms()
   try:
     answer = run_search(
       _WORKDIR.value,

@@ -3,11 +3,14 @@ format of export.py: for the search tests and benchmarks/search.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pathlib
 
 import numpy as np
+
+from cmvt_jax.data import dataset_writer
 
 MODEL_SHA256 = "0123456789abcdef" * 4
 
@@ -86,6 +89,7 @@ def write_collection(
     "parts": manifest_parts,
     "skipped_files": 0,
     "label_names": None,
+    "storage": dataclasses.asdict(dataset_writer.StorageSpec()),
     "moments": {
       "count": int(sum(moments_per_video)),
       "moment_seconds": moment_seconds,

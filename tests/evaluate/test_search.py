@@ -14,6 +14,7 @@ from ml_collections import config_dict
 
 from cmvt_jax import export
 from cmvt_jax import search
+from cmvt_jax.data import dataset_writer
 from cmvt_jax.data import video_io
 from tests.data import media
 from tests.evaluate import moment_collections
@@ -183,24 +184,34 @@ def test_the_query_modality_follows_the_file(tmp_path):
 @pytest.fixture
 def fake_model(monkeypatch, collection):
   """The workdir's model, faked: its digest, its config, and a query embedding that is
-  moment `QUERY_MOMENT`'s own embedding of the asked modality."""
+  moment `QUERY_MOMENT`'s own embedding of the asked modality. Its checkpoints are those
+  of `moment_collections`' manifests (step 100); loading another step fails as
+  `run.restore_params` does."""
   workdir, truth = collection
   calls = []
   config = config_dict.ConfigDict({"input": {"num_frames": 8, "fps": 4.0}})
 
-  def embed_segment(
-    workdir, path, *, start=None, end=None, modality="audio", step=None, config=None
-  ):
-    calls.append(dict(path=path, start=start, end=end, modality=modality))
-    if end is not None and end > 60:
-      raise ValueError(f"{path} is 60.0 s long; the range [{start}, {end}) is outside it.")
-    if "broken" in str(path):
-      raise video_io.UnreadableVideoError(path, "FFmpeg cannot decode it")
-    return truth[modality][QUERY_MOMENT]
+  def segment_embedder(workdir, *, step=None, config=None, storage=None):
+    if step != 100:
+      raise ValueError(
+        f"No complete checkpoint at step {step} in {workdir}/checkpoints; the complete ones "
+        "are [100]."
+      )
+    assert storage == dataset_writer.StorageSpec(), "the manifest's storage settings"
+
+    def embed(path, *, modality, start=None, end=None):
+      calls.append(dict(path=path, start=start, end=end, modality=modality))
+      if end is not None and end > 60:
+        raise ValueError(f"{path} is 60.0 s long; the range [{start}, {end}) is outside it.")
+      if "broken" in str(path):
+        raise video_io.UnreadableVideoError(path, "FFmpeg cannot decode it")
+      return truth[modality][QUERY_MOMENT]
+
+    return embed
 
   monkeypatch.setattr(export, "model_digest", lambda c: moment_collections.MODEL_SHA256, False)
   monkeypatch.setattr(export, "workdir_config", lambda w: config)
-  monkeypatch.setattr(export, "embed_segment", embed_segment, False)
+  monkeypatch.setattr(export, "segment_embedder", segment_embedder, False)
   for name in ("talk.wav", "broken.wav"):
     (workdir / name).write_bytes(b"RIFF")
   return workdir, truth, calls, config
@@ -278,11 +289,19 @@ def _write_clip_export(workdir):
     ("empty range", dict(query="{w}/talk.wav@20-12"), "not after its start"),
     ("outside", dict(query="{w}/talk.wav@50-70"), "outside"),
     ("unreadable", dict(query="{w}/broken.wav"), "Cannot read the query file"),
+    ("directory", dict(query="{w}/embeddings"), "embeddings is a directory: give one"),
     ("not media", dict(query="{w}/junk.mp4"), "Cannot read the query file"),
     ("no collection", dict(collection="absent"), "--config.export.whole_video=True"),
     ("interrupted", dict(collection="interrupted"), "interrupted export"),
     ("part missing", dict(collection="part_missing"), "is incomplete"),
     ("per clip", dict(collection="test"), "per-clip embeddings"),
+    ("no moments", dict(collection="no_moments"), "--config.export.moment_seconds=S` (S > 0"),
+    ("none embedded", dict(collection="none_embedded"), "no video of it was embedded"),
+    (
+      "checkpoint gone",
+      dict(collection="step_7", query="{w}/talk.wav@1-2"),
+      "Cannot load the model that embedded collection 'step_7' (checkpoint step 7 of workdir",
+    ),
     ("other model", dict(collection="other_model"), "another model"),
     ("other window", dict(collection="other_window"), "1 s moments"),
   ],
@@ -297,6 +316,13 @@ def test_each_error_is_one_line_and_exit_1(fake_model, capsys, case, values, say
   _write_clip_export(workdir)
   moment_collections.write_collection(workdir, "other_model", [3], model_sha256="f" * 64)
   moment_collections.write_collection(workdir, "other_window", [3], window_seconds=1.0)
+  moment_collections.write_collection(workdir, "no_moments", [3])
+  edit_manifest(workdir, "no_moments", moments=None)  # exported with moment_seconds=0
+  moment_collections.write_collection(workdir, "none_embedded", [3])
+  moments = {"count": 0, "moment_seconds": 1.0, "window_seconds": 2.0}
+  edit_manifest(workdir, "none_embedded", count=0, moments=moments, skipped={"empty": 2})
+  moment_collections.write_collection(workdir, "step_7", [3])
+  edit_manifest(workdir, "step_7", step=7)  # its checkpoint since rotated away
   values = {
     key: value.format(w=workdir) if isinstance(value, str) else value
     for key, value in values.items()
@@ -307,3 +333,17 @@ def test_each_error_is_one_line_and_exit_1(fake_model, capsys, case, values, say
   assert out == ""
   (line,) = err.strip().splitlines()
   assert line.startswith("search: ") and says in line, line
+  if case in ("checkpoint gone", "no moments"):
+    assert "--query" not in line, "a workdir problem, not the query's"
+
+
+def edit_manifest(workdir, name, **changes):
+  """Sets (None: removes) keys of a collection's manifest."""
+  path = workdir / "embeddings" / name / "manifest.json"
+  manifest = json.loads(path.read_text())
+  for key, value in changes.items():
+    if value is None:
+      del manifest[key]
+    else:
+      manifest[key] = value
+  path.write_text(json.dumps(manifest))
