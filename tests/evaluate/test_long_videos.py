@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -57,6 +58,11 @@ def video_embedder(run):
   return make
 
 
+# What jax records once per executable it builds (compiled, or read from the persistent
+# compilation cache): `jax._src.dispatch.BACKEND_COMPILE_EVENT`.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
 def test_videos_of_many_lengths_share_a_handful_of_programs(run):
   trained = run.restore_params(step=LATEST_STEP)
   device = embedding.WholeVideoEmbedder(
@@ -67,17 +73,28 @@ def test_videos_of_many_lengths_share_a_handful_of_programs(run):
   )
   storage = run.dataset.storage
   rng = np.random.default_rng(0)
+  compiled = []
+
+  def on_event(event, seconds, **kwargs):
+    if event == BACKEND_COMPILE_EVENT:
+      compiled.append(kwargs.get("fun_name"))
+
   # Seven lengths from 1.5 s to 40 s: 6 to 124 input frames (+ CLS) fill the 128-token bucket
   # and 160 frames the 256 one; their audio (48 to 992 log-mel frames, 8 per CNN step) fills
   # 1016 frames (127 steps + CLS), 1280 frames fill 2040. So two whole-video programs, plus
-  # one for frame chunks and two (video, audio) for batches of moment windows.
-  for seconds in (1.5, 3, 7.25, 11, 19.5, 31, 40):
-    stored = round(seconds * storage.fps)
-    frames = rng.integers(0, 255, (stored, 16, 16, 3), dtype=np.uint8)
-    audio = rng.integers(-3000, 3000, round(seconds * storage.sample_rate)).astype(np.int16)
-    embedded = embedder.embed_stored(frames, audio, f"{seconds} s")
-    assert embedded.num_frames == int(seconds * 4)
-  assert device.programs == 1 + 2 + 2
+  # one for frame chunks and two (video, audio) for batches of moment windows: five
+  # executables built by XLA, whatever the memory guard and the embedding ask for.
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    for seconds in (1.5, 3, 7.25, 11, 19.5, 31, 40):
+      stored = round(seconds * storage.fps)
+      frames = rng.integers(0, 255, (stored, 16, 16, 3), dtype=np.uint8)
+      audio = rng.integers(-3000, 3000, round(seconds * storage.sample_rate)).astype(np.int16)
+      embedded = embedder.embed_stored(frames, audio, f"{seconds} s")
+      assert embedded.num_frames == int(seconds * 4)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert len(compiled) == 1 + 2 + 2, compiled
 
 
 def test_videos_that_cannot_be_used_are_skipped_and_counted_while_the_rest_exports(
