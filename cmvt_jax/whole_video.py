@@ -227,7 +227,7 @@ class VideoEmbedder:
       stored_chunk = max(1, math.ceil(self.embedder.chunk_frames * self._ratio))
       checked = math.floor((stream.declared_seconds or 0) * spec.fps)
       features = self._features(stream.frames(stored_chunk), path, checked)
-      num_frames = math.floor(stream.end.num_frames / storage.fps * spec.fps)
+      num_frames = self._input_frames(stream.end.num_frames, path)
     first, last = _range(path, start, end, num_frames / spec.fps)
     first_frame = min(round(first * spec.fps), num_frames - 1)
     last_frame = max(min(round(last * spec.fps), num_frames), first_frame + 1)
@@ -251,6 +251,22 @@ class VideoEmbedder:
       raise ValueError(f"{path}: [{first}, {last}) s holds less than one log-mel frame.")
     return self.embedder.embed_log_mel(self.preprocessor.log_mel(segment))
 
+  def _input_frames(self, stored_frames: int, path) -> int:
+    """Input frames T of `stored_frames` stored ones.
+
+    Raises:
+      video_io.EmptyVideoError: none (a stored frame or two, but no input frame; an export
+        skips such a file as it skips an empty one).
+    """
+    num_frames = math.floor(stored_frames / self.preprocessor.storage_fps * self.spec.fps)
+    if num_frames < 1:
+      raise video_io.EmptyVideoError(
+        path,
+        f"the usable part ({stored_frames} frame(s) at {self.preprocessor.storage_fps:g} fps) "
+        f"is shorter than one input frame at {self.spec.fps:g} fps ({1 / self.spec.fps:g} s)",
+      )
+    return num_frames
+
   def _input_frames_in(self, first: int, end: int, taken: int) -> np.ndarray:
     """Indices (stored) in [first, end) of input frames taken, taken + 1, ..."""
     count = math.floor(end / self._ratio) + 1
@@ -261,13 +277,7 @@ class VideoEmbedder:
     self, features: np.ndarray, stored_frames: int, stored_audio: np.ndarray, path
   ) -> Embedded:
     spec = self.spec
-    num_frames = math.floor(stored_frames / self.preprocessor.storage_fps * spec.fps)
-    if num_frames < 1:  # a stored frame or two, but no input frame: skipped like an empty file
-      raise video_io.EmptyVideoError(
-        path,
-        f"the usable part ({stored_frames} frame(s) at {self.preprocessor.storage_fps:g} fps) "
-        f"is shorter than one input frame at {spec.fps:g} fps ({1 / spec.fps:g} s)",
-      )
+    num_frames = self._input_frames(stored_frames, path)
     features = features[:num_frames]
     self.check_fits(path, num_frames / spec.fps)
     sample_rate = spec.mel.sample_rate

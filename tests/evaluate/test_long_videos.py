@@ -188,6 +188,15 @@ def test_search_finds_a_planted_segment_of_a_long_video(archive, workdir, capsys
   assert found.index(("film_1.mp4", 17)) == list(order).index(planted)
 
 
+def test_a_video_query_shorter_than_one_input_frame_is_one_clear_error(archive, workdir, tmp_path):
+  tiny = tmp_path / "tiny.mp4"  # 0.2 s: one stored frame at 8 fps, no input frame at 4 fps
+  media.write_video(tiny, num_frames=2, fps=10, audio=media.tone(0.2, 16000))
+  with pytest.raises(
+    search.SearchError, match=r"query file: .*tiny.mp4: empty: .* shorter than one input frame"
+  ):
+    search.run_search(str(workdir), "archive_whole_video", str(tiny), query_modality="video")
+
+
 @pytest.fixture
 def moved_workdir(archive, workdir, tmp_path):
   """A copy of the workdir with its archive collection whose dataset is nowhere: its
