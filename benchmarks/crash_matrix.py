@@ -1,6 +1,6 @@
 """The whole crash matrix: every write point of every scenario, killed at each of its phases.
 
-  python -m benchmarks.crash_matrix [--scenarios=train,resumed,extended,nothing,parts,list]
+  python -m benchmarks.crash_matrix [--scenarios=train,resumed,extended,nothing,parts,list,films]
       [--sample_seed=N]  # one trial per kind of file instead of all (what CI runs)
       [--jobs=N]         # trials run side by side (each is its own subprocess)
 
@@ -33,7 +33,7 @@ from tests import helpers
 from tests.data import media
 from tests.reliability import crash_harness as harness
 
-SCENARIO_NAMES = ("train", "resumed", "extended", "nothing", "parts", "list")
+SCENARIO_NAMES = ("train", "resumed", "extended", "nothing", "parts", "list", "films")
 _SCENARIOS = flags.DEFINE_list("scenarios", list(SCENARIO_NAMES), "Scenarios to run, in order.")
 _SAMPLE_SEED = flags.DEFINE_integer(
   "sample_seed", None, "Run one trial per kind of file (seeded) instead of every trial."
@@ -81,8 +81,29 @@ def scenarios(names: Sequence[str], base: pathlib.Path) -> list[tuple[str, harne
   if "list" in names:
     harness.write_segment_list(videos, base / "segments.csv")
     made.append(("list", harness.prepare_from_list(videos, base / "segments.csv")))
+  if "films" in names:
+    made.append(("films", searching_films(base, data_dir)))
   chosen = dict(made)
   return [(name, chosen[name]) for name in names]
+
+
+def searching_films(base: pathlib.Path, data_dir) -> harness.Scenario:
+  """The films scenario, and its starting state: a 4-step run that exported and searched
+  other films under the same names (`films-state`)."""
+  old, films = base / "old_films", base / "films"
+  for folder, frequency in ((old, 330.0), (films, 880.0)):
+    for index, seconds in enumerate((6, 9)):  # two films of a few moments each
+      media.write_video(
+        folder / f"film_{index}.mp4",
+        num_frames=seconds * 5,
+        fps=5,
+        audio=media.tone(seconds, 16000, frequency=frequency * (index + 1)),
+      )
+  state = base / "films-state"
+  harness.reference(harness.training(data_dir), state)
+  commands = harness.film_commands(old, data_dir, "film_0.mp4")
+  harness.reference(harness.Scenario("old films", commands, check=lambda *roots: None), state)
+  return harness.searching_films(films, data_dir, "film_0.mp4", state)
 
 
 def run_matrix(

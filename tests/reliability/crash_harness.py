@@ -511,3 +511,57 @@ def write_segment_list(video_dir: pathlib.Path, list_path: pathlib.Path) -> None
 
 def _check_parts_gone(folder: pathlib.Path) -> None:
   assert sorted(p.name for p in folder.iterdir()) == ["1.0.0"], sorted(folder.iterdir())
+
+
+# A whole-video export of a film folder as collection FILMS, then a moment search of it.
+FILMS = "films"
+
+
+def film_commands(films: pathlib.Path, data_dir, query: str) -> list[list[str]]:
+  """The two commands of `searching_films` on the folder `films` (`query`: a file in it)."""
+  return [
+    [
+      "cmvt_jax.main",
+      "--config=configs/micro.py",
+      "--workdir={root}/run",
+      "--mode=export",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.export.whole_video=True",
+      f"--config.export.video_dir={films}",
+      f"--config.export.name={FILMS}",
+    ],
+    [
+      "cmvt_jax.search",
+      "--workdir={root}/run",
+      f"--collection={FILMS}",
+      f"--query={films / query}@1-2",
+      "--query_modality=audio",
+      "--json",
+    ],
+  ]
+
+
+def searching_films(
+  films: pathlib.Path, data_dir, query: str, searched_root: pathlib.Path
+) -> Scenario:
+  """`film_commands` on a copy of `searched_root`: a trained workdir that holds an earlier
+  export of collection FILMS (other films, of the same names) and its search cache, which
+  the export must remove and the search build again."""
+  return Scenario(
+    "export films and search",
+    film_commands(films, data_dir, query),
+    check=check_films,
+    setup=lambda root: copy_tree(searched_root, root),
+    # The training workdir's other files are copied, not written: only these kinds.
+    crash_kinds=("export-clear", "export-part", "export-manifest", "search-cache"),
+  )
+
+
+def check_films(root: pathlib.Path, reference_root: pathlib.Path) -> None:
+  """The collection equals the uninterrupted run's, and so does its search cache, file for
+  file (its cache.json names this export's manifest: the search would use it as it is)."""
+  workdir, expected = root / "run", reference_root / "run"
+  check_export(workdir, expected, FILMS)
+  cache = pathlib.Path("embeddings", FILMS, export.SEARCH_CACHE)
+  assert helpers.file_digests(workdir / cache) == helpers.file_digests(expected / cache)
+  check_no_leftovers(workdir)
