@@ -58,7 +58,8 @@ def manager(workdir: epath.PathLike, *, max_to_keep: int) -> ocp.CheckpointManag
 def reader(workdir: epath.PathLike) -> ocp.CheckpointManager:
   """A manager that only reads (evaluation, export, plots): it creates and deletes nothing,
   and restores a part of the train state (`restore_latest(..., partial=True)`)."""
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  # save_interval_steps=0: read-only anyway (orbax warns when it has to set it itself).
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
   handlers = {
     "state": ocp.PyTreeCheckpointHandler(),
     "data": grain.checkpoint.CheckpointHandler(),  # never read; named so orbax knows the item

@@ -177,11 +177,24 @@ class LogFormatter(logging_lib.Formatter):
     return text
 
 
+# Libraries' warnings that say nothing a person could act on, by their text's start.
+_NOTHING_TO_ACT_ON = (
+  # orbax, whenever a CheckpointManager opens read-only: evaluation, export, plots and search
+  # read checkpoints that way on purpose (checkpoints.reader).
+  "Given directory is read only",
+)
+
+
 class OwnInfoOnly(logging_lib.Filter):
-  """Keeps cmvt_jax's INFO lines and every library's warnings; drops libraries' INFO chatter."""
+  """Keeps cmvt_jax's INFO lines and every library's warnings but those in
+  `_NOTHING_TO_ACT_ON`; drops libraries' INFO chatter."""
 
   def filter(self, record: logging_lib.LogRecord) -> bool:
-    return record.levelno >= logging_lib.WARNING or "cmvt_jax" in record.pathname
+    if "cmvt_jax" in record.pathname:
+      return True
+    if record.levelno < logging_lib.WARNING:
+      return False
+    return not record.getMessage().startswith(_NOTHING_TO_ACT_ON)
 
 
 def plain_logs() -> logging_lib.Handler:

@@ -138,7 +138,7 @@ _MERGE = flags.DEFINE_bool(
 )
 _N_FFT = flags.DEFINE_integer("n_fft", 1024, "Log-mel FFT size (for the stored statistics).")
 _HOP_LENGTH = flags.DEFINE_integer("hop_length", 500, "Log-mel hop in samples.")
-_N_MELS = flags.DEFINE_integer("n_mels", 64, "Mel bins.")
+_N_MELS = flags.DEFINE_integer("n_mels", 32, "Mel bins.")
 _FMIN = flags.DEFINE_float("fmin", 60.0, "Lowest mel frequency (Hz).")
 _FMAX = flags.DEFINE_float("fmax", 7800.0, "Highest mel frequency (Hz).")
 

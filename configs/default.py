@@ -65,16 +65,19 @@ def get_config() -> config_dict.ConfigDict:
   config.dataset.synthetic.frame_size = 48
   config.dataset.synthetic.sample_rate = 22050
 
-  # What the input pipeline hands the model (cmvt_jax/data/pipeline.py): 8 frames of 32x32 at
-  # 4 fps (2 s) and a 64-frame x 64-mel log-mel of the same 2 s.
+  # What the input pipeline hands the model (cmvt_jax/data/pipeline.py): 8 frames of 16x16 at
+  # 4 fps (2 s) and a 64-frame x 32-mel log-mel of the same 2 s. At 16 px an object's height
+  # (its pitch) and colour (its class) are still clear, and 32 mel bins keep the four pitches
+  # and their timbres apart; the step is half that of 32 px and 64 mel (BENCHMARKS.md, "The
+  # first run").
   config.input = config_dict.ConfigDict()
   config.input.num_frames = 8
   config.input.fps = 4.0
-  config.input.frame_size = 32
+  config.input.frame_size = 16
   config.input.sample_rate = 16000
   config.input.n_fft = 1024
   config.input.hop_length = 500
-  config.input.n_mels = 64
+  config.input.n_mels = 32
   config.input.fmin = 60.0
   config.input.fmax = 7800.0
   # Augmentation (train only): random resized crop (area fraction, aspect ratio), flip,
@@ -141,7 +144,7 @@ def get_config() -> config_dict.ConfigDict:
 
   audio = config.model.audio = config_dict.ConfigDict()
   audio.backbone = "cnn"  # 'cnn' (ResNet + temporal) | 'patch_transformer' (AST-like)
-  # Strides are (time, mel): 64 x 64 log-mel -> 8 steps x 4 bins x 64 channels.
+  # Strides are (time, mel): 64 x 32 log-mel -> 8 steps x 2 bins x 64 channels.
   audio.cnn = _resnet(
     stem_width=8,
     stem_strides=(1, 2),

@@ -123,3 +123,12 @@ def test_a_log_line_first_clears_a_stage_line_being_redrawn(clock):
   )
   assert line == "\r\x1b[Kcareful"
   stage.finish()
+
+
+def test_library_info_lines_and_warnings_with_nothing_to_act_on_are_dropped():
+  keep = console.OwnInfoOnly().filter
+  assert keep(_record(logging.INFO, "/x/cmvt_jax/train.py"))
+  assert not keep(_record(logging.INFO, "/x/orbax/checkpoint_manager.py"))
+  assert keep(_record(logging.WARNING, "/x/orbax/checkpoint_manager.py", "Skipping step 4"))
+  notice = "Given directory is read only=/run/checkpoints"
+  assert not keep(_record(logging.WARNING, "/x/orbax/checkpoint_manager.py", notice))

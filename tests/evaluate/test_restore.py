@@ -83,7 +83,7 @@ def test_a_checkpoint_older_than_a_key_is_read_and_resumed(old_workdir, micro_da
 @pytest.mark.parametrize(
   "overrides, named",
   [
-    ({"input.n_mels": 32}, "input.n_mels: checkpoint 64, now 32"),
+    ({"input.n_mels": 64}, "input.n_mels: checkpoint 32, now 64"),
     ({"model.video.vit.width": 48}, "model.video.vit.width: checkpoint 32, now 48"),
   ],
 )
