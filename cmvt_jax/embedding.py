@@ -25,6 +25,7 @@ of similar length share one program and a folder of any lengths compiles a handf
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -50,10 +51,12 @@ TOKEN_BLOCK = 128
 _DENSE_BLOCKS = 8
 
 
+@functools.cache
 def clip_embedding_step(model: cmvt.CMVT, mesh: jax.sharding.Mesh, *, logits: bool = False):
   """The jitted (params, video `[B, T, S, S, 3]`, audio `[B, F, M]`) → `video`, `audio`
   `[B, E]` (and with `logits`, the classifier's `logits` `[B, C]`) over the mesh, rows split
-  like the batch (also what `--mode compile` compiles)."""
+  like the batch (also what `--mode compile` compiles). One per (model, mesh): the
+  evaluation, export and plots of a run share its compiled programs."""
 
   def step(params, video, audio):
     out = model.apply({"params": params}, video, audio)

@@ -106,8 +106,14 @@ def fit_linear_probe(
   (multi-label: one-vs-rest sigmoid cross-entropy).
   """
   weights = {"w": jnp.zeros((train_x.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
+  return jax.device_get(_fit_probe(weights, jnp.asarray(train_x), jnp.asarray(train_y)))
+
+
+@jax.jit
+def _fit_probe(weights, x, y):
+  """`fit_linear_probe`'s optimisation; the data are arguments, so that every evaluation of
+  a run (same shapes) reuses one compiled program."""
   tx = optax.adamw(PROBE_LEARNING_RATE, weight_decay=PROBE_WEIGHT_DECAY)
-  x, y = jnp.asarray(train_x), jnp.asarray(train_y)
 
   def loss(weights):
     logits = x @ weights["w"] + weights["b"]
@@ -115,18 +121,14 @@ def fit_linear_probe(
       return optax.sigmoid_binary_cross_entropy(logits, y.astype(jnp.float32)).mean()
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  @jax.jit
-  def fit(weights):
-    def step(carry, _):
-      weights, opt_state = carry
-      grads = jax.grad(loss)(weights)
-      updates, opt_state = tx.update(grads, opt_state, weights)
-      return (optax.apply_updates(weights, updates), opt_state), None
+  def step(carry, _):
+    weights, opt_state = carry
+    grads = jax.grad(loss)(weights)
+    updates, opt_state = tx.update(grads, opt_state, weights)
+    return (optax.apply_updates(weights, updates), opt_state), None
 
-    (weights, _), _ = jax.lax.scan(step, (weights, tx.init(weights)), None, length=PROBE_STEPS)
-    return weights
-
-  return jax.device_get(fit(weights))
+  (weights, _), _ = jax.lax.scan(step, (weights, tx.init(weights)), None, length=PROBE_STEPS)
+  return weights
 
 
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:

@@ -1,5 +1,6 @@
 """The evaluator on the micro test split: padding rows ignored, multi-clip (video-level) keys."""
 
+import jax
 import numpy as np
 
 from cmvt_jax import evaluate
@@ -9,6 +10,7 @@ from tests.evaluate.conftest import MICRO_TEST_CLIPS
 from tests.evaluate.conftest import MICRO_TEST_FILES
 from tests.evaluate.conftest import micro_config
 from tests.evaluate.conftest import plain_ranks
+from tests.evaluate.test_long_videos import BACKEND_COMPILE_EVENT
 
 
 def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_dir, direct):
@@ -49,3 +51,25 @@ def test_clip_and_video_level_retrieval_over_padded_batches(workdir, micro_data_
       assert 0 <= results[f"{prefix}{key}"] <= 1
   table = evaluate.format_table(results).splitlines()
   assert len(table) == 3 and "16 clips" in table[1] and "8 videos" in table[2]
+
+
+def test_evaluations_exports_and_plots_of_one_run_share_their_programs(workdir, micro_data_dir):
+  """In one process (training's end: an evaluation, the export, the plots), a pass after the
+  first builds no new XLA executable: each pass used to compile the clip embedding again, and
+  the gather of every batch compiled once per batch."""
+  config = micro_config(micro_data_dir, **{"eval.batch_size": 6})
+  run = run_lib.Run.create(config, workdir)
+  trained = run.restore_params()
+  evaluate.Evaluator(run, trained.stats).evaluate(trained.params)  # builds what it needs
+  built = []
+
+  def on_event(event, seconds, **kwargs):
+    if event == BACKEND_COMPILE_EVENT:
+      built.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    evaluate.Evaluator(run, trained.stats).evaluate(trained.params)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert built == []
