@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -187,6 +188,15 @@ def finish_all(processes: Sequence[subprocess.Popen], timeout: float = 600) -> l
     assert code == 0, f"a process exited {code}:\n{output[-6000:]}"
     outputs.append(output)
   return outputs
+
+
+_TRAIN_LINE = re.compile(r"^train\s+(\d+)/\d+ steps")
+
+
+def trained_step(line: str) -> int | None:
+  """The step of a training progress line (`train      3/20 steps ...`), else None."""
+  match = _TRAIN_LINE.match(line)
+  return int(match.group(1)) if match else None
 
 
 def wait_for_save_in_progress(workdir, step: int, timeout: float = 300) -> None:

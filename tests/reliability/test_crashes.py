@@ -49,7 +49,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(
   workdir = tmp_path / "run"
   process = helpers.start_main(workdir, *ARGS, data_dir=micro_data_dir)
   if fault["when"] == "after step":
-    helpers.wait_for_line(process, lambda line: f"step {fault['step']}/" in line)
+    helpers.wait_for_line(process, lambda line: helpers.trained_step(line) == fault["step"])
   else:
     helpers.wait_for_save_in_progress(workdir, fault["step"])
     time.sleep(fault["delay_s"])

@@ -67,7 +67,7 @@ def test_sigkill_during_a_mixture_run_then_resume_matches_the_uninterrupted_run(
 
   workdir = tmp_path / "run"
   process = helpers.start_main(workdir, *ARGS, data_dir=data_dir)
-  helpers.wait_for_line(process, lambda line: "step 4/" in line)
+  helpers.wait_for_line(process, lambda line: helpers.trained_step(line) == 4)
   helpers.kill(process, signal.SIGKILL)
   process.wait()
   complete = helpers.complete_steps(workdir)

@@ -32,10 +32,10 @@ class Poison:
 
 @pytest.fixture
 def poisoned_data(monkeypatch):
-  original = pipeline.train_dataset
+  original = pipeline.mixture_train_dataset
   monkeypatch.setattr(
     pipeline,
-    "train_dataset",
+    "mixture_train_dataset",
     lambda *args, **kwargs: original(*args, **kwargs).map(Poison(POISONED_STEP)),
   )
 

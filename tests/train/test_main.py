@@ -84,7 +84,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, micro_data_dir, reference_run):
     "--config.checkpoint.keep=10",
   )
   process = helpers.start_main(workdir, *args, data_dir=micro_data_dir)
-  helpers.wait_for_line(process, lambda line: "step 11/" in line)
+  helpers.wait_for_line(process, lambda line: helpers.trained_step(line) == 11)
   helpers.kill(process, signal.SIGKILL)
   process.wait()
   survived = helpers.complete_steps(workdir)
@@ -100,7 +100,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path, micro_data_d
   workdir = tmp_path / "run"
   args = (f"--config.total_steps={REFERENCE_STEPS}", "--config.checkpoint_every_steps=0")
   process = helpers.start_main(workdir, *args, data_dir=micro_data_dir)
-  helpers.wait_for_line(process, lambda line: "step 5/" in line)
+  helpers.wait_for_line(process, lambda line: helpers.trained_step(line) == 5)
   helpers.kill(process, signal.SIGTERM)
   code, output = helpers.finish(process)
   assert code == 0, output[-3000:]
