@@ -12,7 +12,7 @@ from cmvt_jax.data import synthetic
 
 # Log-mel settings of the tests (the default config's).
 MEL = spectrogram.MelSettings(
-  sample_rate=16000, n_fft=1024, hop_length=500, n_mels=64, fmin=60.0, fmax=7800.0
+  sample_rate=16000, n_fft=1024, hop_length=500, n_mels=32, fmin=60.0, fmax=7800.0
 )
 # Tiny generated set: 2 files per split of 2 two-second segments -> 4 clips per split.
 TINY_SPEC = synthetic.SyntheticSpec(

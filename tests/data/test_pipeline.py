@@ -92,7 +92,7 @@ def _train(seed=0, process_index=0, process_count=1, batch_size=4, spec=SPEC, **
 def test_train_batch_keys_shapes_and_dtypes():
   [batch] = _take(_train(), 1)
   assert batch["video"].shape == (4, 4, 16, 16, 3) and batch["video"].dtype == np.float32
-  assert batch["audio"].shape == (4, 32, 64) and batch["audio"].dtype == np.float32
+  assert batch["audio"].shape == (4, 32, 32) and batch["audio"].dtype == np.float32
   assert batch["label"].dtype == np.int32 and batch["mask"].dtype == np.bool_
   assert batch["mask"].all()
   assert list(batch["label"]) == [index % 3 for index in _indices(batch)]
@@ -298,7 +298,7 @@ def test_crop_and_resize_by_hand():
 
 
 def test_statistics_for_other_mel_settings_are_refused():
-  other = dataclasses.replace(media.MEL, n_mels=32)
+  other = dataclasses.replace(media.MEL, n_mels=64)
   with pytest.raises(ValueError, match="log-mel settings"):
     pipeline.Preprocessor(dataclasses.replace(SPEC, mel=other), STATS, 8.0, 16000)
 
@@ -356,7 +356,7 @@ def test_mixture_draws_by_weight_each_component_at_its_own_rates():
   assert sorted(first) == list(range(24))  # each component shuffled, a permutation per epoch
   assert len(set(second)) == 8 and set(second) <= set(range(10))
   for batch in batches:
-    assert batch["video"].shape == (4, 4, 16, 16, 3) and batch["audio"].shape == (4, 32, 64)
+    assert batch["video"].shape == (4, 4, 16, 16, 3) and batch["audio"].shape == (4, 32, 32)
   # The first component's draws are the single dataset's stream, in order.
   alone = [index for batch in _take(_train(), 6) for index in _indices(batch)]
   assert first == alone

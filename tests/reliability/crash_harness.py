@@ -179,15 +179,19 @@ def read_write_log(log: pathlib.Path, command: int) -> list[WritePoint]:
   """The distinct (kind, ordinal) write points of a log, in order of first appearance.
 
   Worker processes count their own ordinals; a crash spec kills at the first process that
-  reaches it, so workers' points of the same ordinal are one point.
+  reaches it, so workers' points of the same ordinal are one point. A pool hands its workers
+  tasks as they free up, so how many writes one worker makes differs from run to run: of a
+  kind written by worker processes (any process but the command's own, which writes the
+  log's last line), only ordinal 1 is reached in every run and kept.
   """
+  rows = [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+  command_pid = rows[-1][0] if rows else None
+  pooled = {kind for pid, kind, *_ in rows if pid != command_pid}
   points = {}
-  if log.exists():
-    for line in log.read_text().splitlines():
-      _, kind, ordinal, phases, path = line.split("\t")
-      key = (kind, int(ordinal))
-      if key not in points:
-        points[key] = WritePoint(command, kind, int(ordinal), tuple(phases.split(",")), path)
+  for _, kind, ordinal, phases, path in rows:
+    key = (kind, int(ordinal))
+    if key not in points and (kind not in pooled or key[1] == 1):
+      points[key] = WritePoint(command, kind, int(ordinal), tuple(phases.split(",")), path)
   return list(points.values())
 
 

@@ -74,5 +74,11 @@ def test_switching_the_attention_implementation_resumes_the_checkpoint(
   )
   resumed, reference = helpers.losses(workdir), helpers.losses(reference_run)
   assert sorted(resumed) == list(range(1, resume_from + 3))
-  steps = [resume_from + 1, resume_from + 2]
-  np.testing.assert_allclose([resumed[s] for s in steps], [reference[s] for s in steps], rtol=1e-4)
+  # The first step's loss is splash's forward pass over the restored parameters: equal to
+  # float rounding. The second follows one Adam update from splash's gradients, which equal
+  # lax's to float rounding (test_attention_implementations); Adam divides each gradient by
+  # the root of its second moment, so near-zero components magnify that rounding (measured:
+  # 0.25% on the micro model), half the tolerance.
+  first, second = resume_from + 1, resume_from + 2
+  np.testing.assert_allclose(resumed[first], reference[first], rtol=1e-5)
+  np.testing.assert_allclose(resumed[second], reference[second], rtol=5e-3)

@@ -35,7 +35,9 @@ def test_sigterm_saves_exits_cleanly_and_continues_exactly(
     helpers.wait_for_save_in_progress(workdir, 2 * REFERENCE_CHECKPOINT_EVERY)
   else:
     # The step-5 checkpoint is saved, then the evaluation starts (it compiles, so it lasts).
-    helpers.wait_for_line(process, lambda line: helpers.trained_step(line) == REFERENCE_CHECKPOINT_EVERY)
+    helpers.wait_for_line(
+      process, lambda line: helpers.trained_step(line) == REFERENCE_CHECKPOINT_EVERY
+    )
     time.sleep(float(rng.uniform(0.05, 0.3)))
   print(f"SIGTERM {moment}")
   helpers.kill(process, signal.SIGTERM)

@@ -47,13 +47,15 @@ def micro_config(axes=VARIANTS["data8"][0], grad_accum_steps: int = 1):
 
 
 def random_batches(spec, batch_size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-  """`STEPS` batches of normalised-looking video `[B, T, S, S, 3]` and audio `[B, F, M]`."""
+  """`STEPS` batches of normalised-looking video `[B, T, S, S, 3]` and audio `[B, F, M]`, every
+  clip with its audio (`has_audio` `[B]`)."""
   video, audio = run_lib.example_inputs(spec, batch_size)
   rng = np.random.default_rng(seed)
   return [
     {
       "video": rng.standard_normal(video.shape, np.float32),
       "audio": rng.standard_normal(audio.shape, np.float32),
+      "has_audio": np.ones(batch_size, bool),
     }
     for _ in range(STEPS)
   ]
