@@ -711,11 +711,12 @@ def summary(config: config_dict.ConfigDict, workdir: str, config_file: str) -> s
   lines += ["", "Where things are:"]
   lines += [f"  {name:<12} {path}" for name, path in outputs if path.exists()]
   base = f"python -m cmvt_jax.main --config {config_file} --workdir {workdir}"
-  lines += [
-    "",
-    "Next:",
-    f"  {base} --mode eval                   # evaluate again",
-    f"  {base} --mode export --config.export.video_dir=YOUR_VIDEOS   # embed your own videos",
-    f"  pip install tensorboard && tensorboard --logdir {workdir}   # the curves",
+  commands = [
+    (f"{base} --mode eval", "evaluate again"),
+    (f"{base} --mode export --config.export.video_dir=YOUR_VIDEOS", "embed your own videos"),
+    (f"pip install tensorboard && tensorboard --logdir {workdir}", "the curves"),
   ]
+  width = max(len(command) for command, _ in commands)
+  lines += ["", "Next:"]
+  lines += [f"  {command:<{width}}   # {what}" for command, what in commands]
   return "\n".join(lines)

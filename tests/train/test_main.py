@@ -53,6 +53,8 @@ def test_one_step_end_to_end(tmp_path, micro_data_dir):
   assert "test split, step 1:" in summary and "a2v R@1" in summary
   assert f"checkpoints  {relative_workdir}/checkpoints" in summary
   assert "--mode eval" in summary and "tensorboard --logdir" in summary
+  next_commands = summary.split("Next:\n")[1].splitlines()
+  assert len(next_commands) == 3 and len({line.index("   # ") for line in next_commands}) == 1
 
 
 def test_loss_falls_over_30_steps(tmp_path, micro_data_dir):
