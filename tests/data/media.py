@@ -126,19 +126,49 @@ def colour_video(path, colour: str, rng: np.random.Generator, seconds: float = 2
   write_video(path, num_frames=count, fps=fps, size=size, pictures=pictures, audio=sound)
 
 
-def colour_list(videos, list_path, files: dict[str, tuple[int, float]], seed: int = 0) -> None:
-  """A VGGSound-style download of `colour_video`s: for each split, (files per colour,
-  seconds) files named `{youtube_id}_{start:06d}.mp4` under `videos`, and their list
-  (`youtube_id, start, label, split`, no header) at `list_path`."""
+def _colour_files(videos, files: dict[str, tuple[int, float]], seed: int):
+  """Writes, for each split, (files per colour, seconds) `colour_video`s named
+  `{youtube_id}_{start:06d}.mp4` under `videos`; yields (split, colour, youtube_id, start)."""
   rng = np.random.default_rng(seed)
-  rows = []
   for split, (count, seconds) in files.items():
     for colour in COLOURS:
       for index in range(count):
         youtube_id, start = f"{colour}-{split}-{index:03d}", int(rng.integers(0, 300))
         colour_video(videos / f"{youtube_id}_{start:06d}.mp4", colour, rng, seconds)
-        rows.append(f"{youtube_id},{start},{colour},{split}\n")
+        yield split, colour, youtube_id, start
+
+
+def colour_list(videos, list_path, files: dict[str, tuple[int, float]], seed: int = 0) -> None:
+  """A VGGSound-style download of `colour_video`s (see `_colour_files`) and its list
+  (`youtube_id, start, label, split`, no header) at `list_path`."""
+  rows = [
+    f"{youtube_id},{start},{colour},{split}\n"
+    for split, colour, youtube_id, start in _colour_files(videos, files, seed)
+  ]
   pathlib.Path(list_path).write_text("".join(rows))
+
+
+# A second label per colour for multi-label lists: every clip is one colour and one of these.
+COLOUR_TEMPERATURE = {"red": "warm", "yellow": "warm", "green": "cool", "blue": "cool"}
+
+
+def colour_audioset_lists(
+  videos, list_dir, files: dict[str, tuple[int, float]], seed: int = 0
+) -> list[str]:
+  """An AudioSet-style download of `colour_video`s (see `_colour_files`): one list per split
+  (`YTID, start_seconds, end_seconds, "label,label"` after `#` comment lines), each clip
+  labelled with its colour and its `COLOUR_TEMPERATURE`. Returns the `SPLIT=FILE` arguments."""
+  lines = {split: ["# YTID, start_seconds, end_seconds, positive_labels"] for split in files}
+  for split, colour, youtube_id, start in _colour_files(videos, files, seed):
+    seconds = files[split][1]
+    labels = f"{colour},{COLOUR_TEMPERATURE[colour]}"
+    lines[split].append(f'{youtube_id}, {start:.3f}, {start + seconds:.3f}, "{labels}"')
+  arguments = []
+  for split, split_lines in lines.items():
+    path = pathlib.Path(list_dir) / f"{split}_segments.csv"
+    path.write_text("\n".join(split_lines) + "\n")
+    arguments.append(f"{split}={path}")
+  return arguments
 
 
 def listed_file(path, kind: str) -> None:
