@@ -41,9 +41,10 @@ def test_multi_label_loss_is_binary_cross_entropy_over_clips_and_classes():
 
 
 # Four colours (classes); test chance is 1/4. Measured with this test's data at 40 steps,
-# seeds 0-4 (2-core AMD EPYC, shared, 2026-12-04; /tmp script, one run per seed): classifier
-# top-1 over the 64 test clips 0.812, 0.875, 0.984, 1.0, 0.906 (linear probe 0.95-0.98). The
-# bar, chance + 0.25, is 0.31 under the worst seed.
+# seeds 0-4 (2-core AMD EPYC, shared, 2026-12-05, the 32-mel test audio; /tmp script, one run
+# per seed): classifier top-1 over the 64 test clips 0.797, 0.672, 0.766, 0.844, 0.953 (linear
+# probe 0.81-1.0; with 64 mel on 2026-12-04: 0.81-1.0). The bar, chance + 0.25, is 0.17 under
+# the worst seed.
 STEPS = 40
 TEST_CLIPS = 64
 MIN_TOP1 = 0.5
