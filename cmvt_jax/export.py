@@ -91,6 +91,7 @@ KEYS_ADDED = {
   "export.moment_seconds": 1.0,
   "export.memory_limit_gib": None,
   "input.eval_num_workers": 0,
+  "input.cache_train_gib": 1.0,
   "model.attention_implementation": None,
 }
 # Per-row metadata of every export (the host-side keys of the eval batches).

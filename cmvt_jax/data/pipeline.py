@@ -41,10 +41,12 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
+from absl import logging
 from etils import epath
 from grain import multiprocessing as grain_multiprocessing
 
 from cmvt_jax.data import dataset_writer
+from cmvt_jax.data import held_source
 from cmvt_jax.data import normalization
 from cmvt_jax.data import spectrogram
 from cmvt_jax.data import video_io
@@ -71,6 +73,7 @@ class InputSpec:
   worker_buffer_size: int
   read_threads: int
   read_buffer_size: int
+  cache_train_gib: float = 0.0
 
   @classmethod
   def from_config(cls, input_config) -> InputSpec:
@@ -92,6 +95,7 @@ class InputSpec:
       worker_buffer_size=int(input_config.worker_buffer_size),
       read_threads=int(input_config.read_threads),
       read_buffer_size=int(input_config.read_buffer_size),
+      cache_train_gib=float(input_config.cache_train_gib),
     )
 
   @property
@@ -416,7 +420,10 @@ def mixture_train_dataset(
       raise ValueError(
         f"Mixture weights must be positive; component {index} has {component.weight}."
       )
-    stream = grain.MapDataset.source(component.source).shuffle(seed=seed + index).repeat()
+    source = held_source.held_if_small(
+      component.source, component.preprocessor.spec.cache_train_gib, log=logging.info
+    )
+    stream = grain.MapDataset.source(source).shuffle(seed=seed + index).repeat()
     transform = _TrainTransform(component.preprocessor, multi_hot_classes)
     streams.append(stream.random_map(transform, seed=seed + index))
   if len(streams) == 1:
