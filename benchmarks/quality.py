@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from cmvt_jax import evaluate
 from cmvt_jax import run as run_lib
+from cmvt_jax import sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRICS = (
@@ -105,6 +106,7 @@ def summary(values: list[float]) -> str:
 
 
 def main() -> None:
+  sharding.choose_platforms()  # as main does: no TPU start-up noise without TPU chips
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
   parser.add_argument("--config", default="configs/default.py")
