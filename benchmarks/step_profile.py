@@ -10,8 +10,8 @@ wait, dispatch) is in the default run's own `input wait` line.
 
   python -m benchmarks.step_profile [--steps 20] [--set KEY=VALUE ...]
 
-`--set input.frame_size=32 --set input.n_mels=64` measures the default of before the first
-run was made faster (issue 18).
+`--set input.frame_size=32 --set input.n_mels=64 --set batch_size=64` measures the default of
+before the first run was made faster (issue 18).
 """
 
 from __future__ import annotations
