@@ -2,7 +2,7 @@
 
 Reading a stored example (ArrayRecord, then TFDS's decoding of its fields) costs about
 0.5 ms of CPU per clip on our 2-core machines: half of the input pipeline's work, taken from
-the cores that also run the train step. A small split (the default run's 2,048 clips: ~230
+the cores that also run the train step. A small split (the default run's 2,048 clips: ~221
 MiB as uint8 frames and int16 audio) is read from disk once, then every later epoch comes
 from memory. A split larger than the budget streams from disk as before.
 
