@@ -5,6 +5,9 @@
 #   launch/local_multihost.sh N [--config=... --workdir=... --config.KEY=VALUE ...]
 #   DEVICES=2 PORT=12355 launch/local_multihost.sh 2 --config=configs/micro.py --workdir=/tmp/run
 #
+# PYTHON names the interpreter (default: `python`, i.e. the activated virtualenv's); set it
+# when the virtualenv is not activated, e.g. PYTHON=.venv/bin/python.
+#
 # Every process gets the same arguments plus its --process_id. Process 0's output goes to
 # this terminal; process i's to $LOG_DIR/process_i.log (default: a temporary folder). The
 # script exits with the first non-zero exit code, after all processes have ended.
@@ -17,6 +20,7 @@ fi
 count=$1
 shift
 devices=${DEVICES:-1}
+python=${PYTHON:-python}
 port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 log_dir=${LOG_DIR:-$(mktemp -d -t cmvt_multihost.XXXXXX)}
 mkdir -p "$log_dir"
@@ -29,9 +33,9 @@ for ((i = 0; i < count; i++)); do
   args=(-m cmvt_jax.main --coordinator_address="127.0.0.1:${port}" --num_processes="$count"
         --process_id="$i" "$@")
   if [[ $i -eq 0 ]]; then
-    python "${args[@]}" &
+    "$python" "${args[@]}" &
   else
-    python "${args[@]}" >"$log_dir/process_$i.log" 2>&1 &
+    "$python" "${args[@]}" >"$log_dir/process_$i.log" 2>&1 &
   fi
   pids+=($!)
 done

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -48,6 +49,8 @@ def launch(workdir, data_dir, *overrides: str) -> subprocess.Popen:
   env = helpers.environment()
   env["LOG_DIR"] = str(workdir.parent / f"logs_{workdir.name}")
   env["DEVICES"] = "2"
+  # The test's own interpreter, so that the run works without an activated virtualenv too.
+  env["PYTHON"] = sys.executable
   return subprocess.Popen(
     command, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
