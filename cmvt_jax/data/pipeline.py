@@ -31,6 +31,7 @@ state. A mixture of one component is the single dataset's stream.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import math
@@ -166,6 +167,7 @@ class Preprocessor:
     self._video_scale = 1.0 / (np.asarray(stats.video_std, np.float32) * 255.0)
     self._audio_mean = np.float32(stats.audio_mean)
     self._audio_scale = np.float32(1.0 / stats.audio_std)
+    self._log_mels: held_source.HeldLogMels | None = None
 
   def frames_needed(self, num_frames: int) -> int:
     """Stored frames spanned by a window of `num_frames` input frames."""
@@ -192,22 +194,40 @@ class Preprocessor:
       starting at the first frame's time.
     """
     num_frames = num_frames or self.spec.num_frames
+    start = self._window_start(len(frames), num_frames, rng)
+    return self._window_frames(frames, start, num_frames), self._window_audio(
+      audio, start, num_frames
+    )
+
+  def _window_start(self, stored_frames: int, num_frames: int, rng) -> int:
+    """The window's first stored frame: random with `rng`, else centred."""
     span = self.frames_needed(num_frames)
-    if span > len(frames):
+    if span > stored_frames:
       raise ValueError(
         f"A window of {num_frames} frames at {self.spec.fps} fps needs {span} stored frames "
-        f"at {self.storage_fps} fps, the clip has {len(frames)}: prepare clips at least "
+        f"at {self.storage_fps} fps, the clip has {stored_frames}: prepare clips at least "
         f"{num_frames / self.spec.fps} s long, or lower input.num_frames."
       )
-    latest_start = len(frames) - span
-    start = int(rng.integers(latest_start + 1)) if rng is not None else latest_start // 2
+    latest_start = stored_frames - span
+    return int(rng.integers(latest_start + 1)) if rng is not None else latest_start // 2
+
+  def _window_frames(self, frames: np.ndarray, start: int, num_frames: int) -> np.ndarray:
     indices = start + np.round(np.arange(num_frames) * self.storage_fps / self.spec.fps)
+    return frames[indices.astype(np.int64)]
+
+  def _window_audio(self, audio: np.ndarray, start: int, num_frames: int) -> np.ndarray:
     sample_rate = self.spec.mel.sample_rate
     waveform = normalization.waveform_at_rate(audio, self.storage_sample_rate, sample_rate)
     first = round(start / self.storage_fps * sample_rate)
     count = round(num_frames / self.spec.fps * sample_rate)
-    waveform = np.pad(waveform[first : first + count], (0, max(0, first + count - len(waveform))))
-    return frames[indices.astype(np.int64)], waveform
+    return np.pad(waveform[first : first + count], (0, max(0, first + count - len(waveform))))
+
+  def keeping_log_mels(self, log_mels: held_source.HeldLogMels) -> Preprocessor:
+    """This preprocessor, keeping the log-mel of each (clip, window) it computes in `log_mels`
+    (for the calls given a `clip_id`)."""
+    keeping = copy.copy(self)
+    keeping._log_mels = log_mels
+    return keeping
 
   def __call__(
     self,
@@ -215,6 +235,7 @@ class Preprocessor:
     audio: np.ndarray,
     rng: np.random.Generator | None = None,
     num_frames: int | None = None,
+    clip_id: Any = None,
   ) -> dict[str, np.ndarray]:
     """One view of a clip: `window`, then spatial crop, log-mel, normalisation, masks.
 
@@ -223,14 +244,25 @@ class Preprocessor:
         one window).
       rng: None for the deterministic eval view (centre crops, no flip, no masks); otherwise
         the source of every random choice.
+      clip_id: what identifies the clip (its stored `id`): with `keeping_log_mels`, a window's
+        log-mel is computed once per clip and start, then taken from memory.
 
     Returns:
       `video` float32 `[num_frames, frame_size, frame_size, 3]` and `audio` float32
       `[audio_frames, n_mels]`, both normalised.
     """
-    frames, waveform = self.window(frames, audio, rng, num_frames)
+    num_frames = num_frames or self.spec.num_frames
+    start = self._window_start(len(frames), num_frames, rng)
+    frames = self._window_frames(frames, start, num_frames)
     video = (self._spatial(frames, rng) - self._video_mean) * self._video_scale
-    log_mel = self.log_mel(waveform)
+
+    def window_log_mel():
+      return self.log_mel(self._window_audio(audio, start, num_frames))
+
+    if self._log_mels is not None and clip_id is not None:
+      log_mel = self._log_mels.get((clip_id, start, num_frames), window_log_mel)
+    else:
+      log_mel = window_log_mel()
     if rng is not None:
       log_mel = spectrogram.spec_augment(
         log_mel,
@@ -303,7 +335,7 @@ class _TrainTransform(grain.transforms.RandomMap):
     self._multi_hot_classes = multi_hot_classes
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    view = self._preprocessor(element["frames"], element["audio"], rng)
+    view = self._preprocessor(element["frames"], element["audio"], rng, clip_id=element["id"])
     output = {
       "video": view["video"],
       "audio": view["audio"],
@@ -311,7 +343,7 @@ class _TrainTransform(grain.transforms.RandomMap):
       "mask": np.bool_(True),
     }
     if self._preprocessor.spec.two_views:
-      second = self._preprocessor(element["frames"], element["audio"], rng)
+      second = self._preprocessor(element["frames"], element["audio"], rng, clip_id=element["id"])
       output["video_view2"] = second["video"]
       output["audio_view2"] = second["audio"]
     return output
@@ -420,11 +452,14 @@ def mixture_train_dataset(
       raise ValueError(
         f"Mixture weights must be positive; component {index} has {component.weight}."
       )
-    source = held_source.held_if_small(
+    source, log_mels = held_source.held_if_small(
       component.source, component.preprocessor.spec.cache_train_gib, log=logging.info
     )
+    preprocessor = component.preprocessor
+    if log_mels is not None:
+      preprocessor = preprocessor.keeping_log_mels(log_mels)
     stream = grain.MapDataset.source(source).shuffle(seed=seed + index).repeat()
-    transform = _TrainTransform(component.preprocessor, multi_hot_classes)
+    transform = _TrainTransform(preprocessor, multi_hot_classes)
     streams.append(stream.random_map(transform, seed=seed + index))
   if len(streams) == 1:
     dataset = streams[0]

@@ -137,9 +137,23 @@ def test_whole_video_element_covers_the_file(tiny_dataset, tiny_video_dir):
   assert element["audio"].shape == (128, 32)  # 4 s of 500-sample hops at 16 kHz, 32 mel bins
 
 
+def test_audio_is_stored_as_raw_bytes(tiny_dataset):
+  """Format 3: as a list of integers (formats 1 and 2), TFDS took 5 ms per clip to write
+  the audio and 0.6 ms to read it back."""
+  features = json.loads((tiny_dataset.directory / "features.json").read_text())
+  stored = features["featuresDict"]["features"]
+  assert stored["audio"]["tensor"] == {
+    "dtype": "int16",
+    "encoding": "bytes",
+    "shape": {"dimensions": ["-1"]},
+  }
+  assert tiny_dataset.format_version == 3
+  assert tiny_dataset.source("train")[0]["audio"].dtype == np.int16
+
+
 class FormatOneClips(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A dataset as `prepare` wrote it before format 2 (no `labels`, no format record),
-  written plainly here."""
+  """A dataset as `prepare` wrote it before format 2 (no `labels`, no format record, audio a
+  list of integers as formats 1 and 2 stored it), written plainly here."""
 
   VERSION = tfds.core.Version("1.0.0")
   code_path = None
