@@ -106,10 +106,11 @@ def get_config() -> config_dict.ConfigDict:
   config.input.worker_buffer_size = 2
   config.input.read_threads = 1
   config.input.read_buffer_size = 4
-  # Each reading process keeps the train split's stored examples in memory once read when the
-  # whole split fits this many GiB (0 = always read from disk): reading and decoding a stored
-  # clip is half the input pipeline's CPU (data/held_source.py). The default's 2,048 clips are
-  # ~230 MiB; a real dataset larger than the budget streams from disk.
+  # Each reading process keeps the train split's stored examples, and the log-mel of each
+  # training window, in memory once read when the whole split fits this many GiB (0 = always
+  # read from disk and compute): reading a stored clip and its log-mel were most of the input
+  # pipeline's CPU (data/held_source.py). The default's 2,048 clips are ~230 MiB; a real
+  # dataset larger than the budget streams from disk.
   config.input.cache_train_gib = 1.0
 
   # The two towers and heads (cmvt_jax/models/cmvt.py: from_config). Input sizes come from
