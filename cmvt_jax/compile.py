@@ -218,26 +218,13 @@ def _abstract(shape, dtype, sharding_) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding_)
 
 
-def _clips(spec, rows: int, sharding_, *, two_views: bool = False) -> dict:
-  """Abstract clip batch: video `[rows, T, S, S, 3]`, audio `[rows, F, M]` float32, label,
-  has_audio."""
-  video, audio = run_lib.example_inputs(spec)
-  batch = {
-    "video": _abstract((rows, *video.shape[1:]), np.float32, sharding_),
-    "audio": _abstract((rows, *audio.shape[1:]), np.float32, sharding_),
-    "label": _abstract((rows,), np.int32, sharding_),
-    "has_audio": _abstract((rows,), np.bool_, sharding_),
-  }
-  if two_views:
-    batch.update(video_view2=batch["video"], audio_view2=batch["audio"])
-  return batch
-
-
 def train_step(run: run_lib.Run, make_train_step: Callable) -> Program:
   """The run's update step on its global batch."""
   batch_size = int(run.config.batch_size)
   views = 2 if run.config.input.two_views else 1
-  batch = _clips(run.spec, batch_size, sharding.batch_sharding(run.mesh), two_views=views == 2)
+  batch = run_lib.abstract_clips(
+    run.spec, batch_size, sharding.batch_sharding(run.mesh), two_views=views == 2
+  )
   return _program(
     "train_step",
     f"global batch {batch_size}" + (" × 2 views" if views == 2 else ""),
@@ -252,7 +239,7 @@ def train_step(run: run_lib.Run, make_train_step: Callable) -> Program:
 def embed_step(run: run_lib.Run) -> Program:
   """Evaluation's and export's clip embedding, at the larger of their batch sizes."""
   rows = max(int(run.config.eval.batch_size), int(run.config.export.batch_size))
-  batch = _clips(run.spec, rows, sharding.batch_sharding(run.mesh))
+  batch = run_lib.abstract_clips(run.spec, rows, sharding.batch_sharding(run.mesh))
   return _program(
     "embed_step",
     f"global batch {rows}",
