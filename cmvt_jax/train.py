@@ -7,6 +7,7 @@ step, preemption, the loop. The mesh, model, optimiser, dataset and checkpoint r
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import importlib.metadata
@@ -550,6 +551,7 @@ class _TrainLoop:
     self.last_report = time.perf_counter()
     self.data_seconds = 0.0
     self.stage_note = ""  # the train line's last loss and rate
+    self.first_batch = None  # fetched while the step compiles
 
   def train(self) -> run_lib.TrainState:
     """Runs the loop; returns the final state (or the state it stopped at for SIGTERM)."""
@@ -592,10 +594,14 @@ class _TrainLoop:
     return self.state
 
   def _compile_step(self) -> None:
-    """Compiles the step from the batch's shapes before the first batch is asked for: the
-    compile (12 s for the default config on a 2-core Xeon) then overlaps the input workers'
-    start-up and first batches (9 s there) instead of following them. The first step finds
-    the program in jit's cache."""
+    """Compiles the step from the batch's shapes while a thread asks for the first batch.
+
+    grain starts its worker processes at the first request, and a worker's start-up (its
+    imports) and first batch took ~6 s for the default config on a 2-core Xeon; compiling
+    the step took 12 s. Done one after the other, the first step waited for both; now the
+    workers start during the compile. The first step finds the program in jit's cache and
+    the batch waiting.
+    """
     batch = run_lib.abstract_clips(
       self.run.spec,
       self.config.batch_size,
@@ -603,11 +609,21 @@ class _TrainLoop:
       two_views=self.config.input.two_views,
       multi_hot_classes=self.run.train_multi_hot_classes,
     )
-    self.train_step.lower(self.state, batch).compile()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="first-batch") as pool:
+      first = pool.submit(next, self.data_iterator)
+      try:
+        self.train_step.lower(self.state, batch).compile()
+      finally:
+        # Never leave the thread inside the iterator: a failed compile closes it next.
+        concurrent.futures.wait([first])
+    self.first_batch = first.result()
 
   def _step(self) -> None:
     started = time.perf_counter()
-    host_batch = next(self.data_iterator)
+    if self.first_batch is not None:
+      host_batch, self.first_batch = self.first_batch, None
+    else:
+      host_batch = next(self.data_iterator)
     inputs = model_inputs(host_batch, two_views=self.config.input.two_views)
     batch = sharding.global_batch(inputs, self.run.mesh)
     wait = time.perf_counter() - started
